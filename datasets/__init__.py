@@ -1,0 +1,18 @@
+"""Raw medical datasets: the catalogue, checked downloads, and splits with lineage fingerprints."""
+
+from datasets.catalogue import DatasetSpec, SplitName, get_dataset_spec, list_datasets
+from datasets.download import download_file, fetch_dataset
+from datasets.errors import DatasetError
+from datasets.medmnist import ImageSplit, load_split
+
+__all__ = [
+    "DatasetError",
+    "DatasetSpec",
+    "ImageSplit",
+    "SplitName",
+    "download_file",
+    "fetch_dataset",
+    "get_dataset_spec",
+    "list_datasets",
+    "load_split",
+]

@@ -1,0 +1,55 @@
+"""``medscreen datasets``: list and fetch catalogue datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from datasets.catalogue import get_dataset_spec, list_datasets
+from datasets.download import fetch_dataset
+from datasets.errors import DatasetError
+
+app = typer.Typer(help="List and fetch the raw datasets of the catalogue.", no_args_is_help=True)
+
+
+@app.command("list")
+def list_command() -> None:
+    """List the catalogue: name, task, positive finding, licence."""
+    table = Table("name", "task", "classes", "positive finding", "licence")
+    for spec in list_datasets():
+        table.add_row(
+            spec.name, spec.task, ", ".join(spec.classes), spec.positive_finding, spec.licence
+        )
+    Console().print(table)
+
+
+@app.command("fetch")
+def fetch_command(
+    name: Annotated[str, typer.Argument(help="Catalogue name, for example pneumoniamnist.")],
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Use the official file in this local directory (also $MEDSCREEN_DATA_DIR)."
+        ),
+    ] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Download cache (default $MEDSCREEN_CACHE_DIR).")
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option(help="Download from this mirror instead of the official URL.")
+    ] = None,
+) -> None:
+    """Download a dataset into the cache with its checksums checked, or verify a local copy."""
+    try:
+        spec = get_dataset_spec(name)
+        path = fetch_dataset(
+            spec, data_dir=data_dir, cache_dir=cache_dir, url=url, show_progress=True
+        )
+    except DatasetError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{spec.name}: {path} (SHA-256 verified)")

@@ -1,0 +1,148 @@
+"""Checked downloads and local-directory lookup for raw dataset files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import requests
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+from datasets.catalogue import DatasetSpec
+from datasets.errors import DatasetError
+
+DATA_DIR_ENV = "MEDSCREEN_DATA_DIR"
+CACHE_DIR_ENV = "MEDSCREEN_CACHE_DIR"
+_CHUNK_BYTES = 1 << 20
+
+
+def default_cache_dir() -> Path:
+    """Return the download cache: ``$MEDSCREEN_CACHE_DIR`` or ``~/.cache/medscreen/datasets``."""
+    configured = os.environ.get(CACHE_DIR_ENV)
+    return Path(configured) if configured else Path.home() / ".cache" / "medscreen" / "datasets"
+
+
+def file_sha256(path: Path) -> str:
+    """Return the SHA-256 hex digest of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_file(
+    url: str, destination: Path, *, md5: str, sha256: str, show_progress: bool = False
+) -> Path:
+    """Download ``url`` to ``destination`` with both checksums checked.
+
+    The bytes go to a temporary file beside the destination, which is renamed into place only
+    after the transfer is complete and both checksums match, so a failed, interrupted or corrupt
+    download leaves nothing behind.
+
+    Args:
+        url: Where to download from (http, https or file URLs that requests understands).
+        destination: The final path of the file.
+        md5: Expected MD5 hex digest (as published by the dataset's authors).
+        sha256: Expected SHA-256 hex digest.
+        show_progress: Show a progress bar on the terminal.
+
+    Returns:
+        The destination path.
+
+    Raises:
+        DatasetError: if the transfer fails or a checksum does not match.
+    """
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_name(f".{destination.name}.{os.getpid()}.part")
+    md5_digest, sha256_digest = hashlib.md5(usedforsecurity=False), hashlib.sha256()
+    try:
+        try:
+            with requests.get(url, stream=True, timeout=(10, 60)) as response:
+                response.raise_for_status()
+                total = int(response.headers.get("Content-Length", 0)) or None
+                with (
+                    partial.open("wb") as stream,
+                    Progress(
+                        "[progress.description]{task.description}",
+                        BarColumn(),
+                        DownloadColumn(),
+                        TransferSpeedColumn(),
+                        disable=not show_progress,
+                        transient=True,
+                    ) as progress,
+                ):
+                    task = progress.add_task(f"downloading {destination.name}", total=total)
+                    for chunk in response.iter_content(_CHUNK_BYTES):
+                        stream.write(chunk)
+                        md5_digest.update(chunk)
+                        sha256_digest.update(chunk)
+                        progress.advance(task, len(chunk))
+                    stream.flush()
+                    os.fsync(stream.fileno())
+        except requests.RequestException as error:
+            raise DatasetError(
+                f"download of {url} failed ({type(error).__name__}: {error}); nothing was kept"
+            ) from error
+        for name, expected, actual in (
+            ("MD5", md5, md5_digest.hexdigest()),
+            ("SHA-256", sha256, sha256_digest.hexdigest()),
+        ):
+            if actual != expected:
+                raise DatasetError(
+                    f"{name} of the file downloaded from {url} is {actual}, expected {expected}: "
+                    "the file is corrupt or not the official one, and was discarded"
+                )
+        os.replace(partial, destination)
+    finally:
+        partial.unlink(missing_ok=True)
+    return destination
+
+
+def verify_local_file(path: Path, spec: DatasetSpec) -> str:
+    """Check a local copy of a dataset file against the catalogue and return its SHA-256.
+
+    Raises:
+        DatasetError: if the file is missing or its SHA-256 is not the catalogue's.
+    """
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file (dataset {spec.name!r} expects {spec.filename})")
+    actual = file_sha256(path)
+    if actual != spec.sha256:
+        raise DatasetError(
+            f"{path}: SHA-256 is {actual}, expected {spec.sha256} for dataset {spec.name!r}"
+        )
+    return actual
+
+
+def fetch_dataset(
+    spec: DatasetSpec,
+    *,
+    data_dir: Path | None = None,
+    cache_dir: Path | None = None,
+    url: str | None = None,
+    show_progress: bool = False,
+) -> Path:
+    """Return a verified local path to a dataset's raw file, downloading it if needed.
+
+    A local directory (``data_dir`` or ``$MEDSCREEN_DATA_DIR``) wins over the cache and is never
+    written to. Otherwise the file is looked up in the cache and downloaded from ``url`` (default:
+    the catalogue's official URL) when missing.
+
+    Raises:
+        DatasetError: if the file is missing, corrupt, or cannot be downloaded.
+    """
+    if data_dir is None and os.environ.get(DATA_DIR_ENV):
+        data_dir = Path(os.environ[DATA_DIR_ENV])
+    if data_dir is not None:
+        path = data_dir / spec.filename
+        verify_local_file(path, spec)
+        return path
+    path = (cache_dir or default_cache_dir()) / spec.filename
+    if path.is_file():
+        verify_local_file(path, spec)
+        return path
+    return download_file(
+        url or spec.url, path, md5=spec.md5, sha256=spec.sha256, show_progress=show_progress
+    )

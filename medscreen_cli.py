@@ -1,0 +1,21 @@
+"""The ``medscreen`` command: one subcommand per job, composed from the three packages."""
+
+import typer
+
+from datasets.cli import app as datasets_app
+from serving.cli import predict_command, serve_command
+from training.cli import export_command, train_command
+
+app = typer.Typer(
+    help="medscreen: train, track, export, register and serve medical screening models.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(datasets_app, name="datasets")
+app.command("train")(train_command)
+app.command("export")(export_command)
+app.command("serve")(serve_command)
+app.command("predict")(predict_command)
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,146 @@
+"""Loading a registered model version from MLflow and running it with onnxruntime."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnxruntime
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from pydantic import ValidationError
+
+from serving.card import CARD_FILENAME, ServedCard
+from serving.errors import ModelLoadError
+from serving.settings import tracking_uri
+
+_REFERENCE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)@(?P<selector>[A-Za-z0-9_.-]+)$")
+
+
+@dataclass(frozen=True)
+class ModelReference:
+    """A registered model named by alias or version: ``NAME@ALIAS`` or ``NAME@VERSION``."""
+
+    name: str
+    selector: str
+
+    @classmethod
+    def parse(cls, text: str) -> ModelReference:
+        """Parse ``NAME@ALIAS_OR_VERSION``.
+
+        Raises:
+            ModelLoadError: if the text is not of that form.
+        """
+        match = _REFERENCE.match(text.strip())
+        if not match:
+            raise ModelLoadError(
+                f"model reference {text!r} is not NAME@ALIAS or NAME@VERSION "
+                "(for example pneumonia-screening@champion or pneumonia-screening@3)"
+            )
+        return cls(match["name"], match["selector"])
+
+    @property
+    def is_version(self) -> bool:
+        """Whether the selector is a version number rather than an alias."""
+        return self.selector.isdigit()
+
+
+class ServedModel:
+    """One registered model version, verified against its card, ready for inference."""
+
+    def __init__(self, card: ServedCard, onnx_path: Path, version: str, alias: str | None) -> None:
+        self.card = card
+        self.version = version
+        self.alias = alias
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = int(os.environ.get("MEDSCREEN_ORT_THREADS", "0"))
+        self.session = onnxruntime.InferenceSession(
+            str(onnx_path), options, providers=["CPUExecutionProvider"]
+        )
+        self.input_shape = tuple(int(dim) for dim in card.input.shape[1:])
+
+    @property
+    def name(self) -> str:
+        """Registered model name."""
+        return self.card.model_name
+
+    @property
+    def threshold(self) -> float:
+        """Threshold of the positive finding."""
+        return self.card.operating_point.threshold
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Return class probabilities for a uint8 batch of the card's input shape."""
+        if images.dtype != np.uint8 or images.shape[1:] != self.input_shape:
+            raise ValueError(f"expected uint8 (N, *{self.input_shape}), got {images.shape}")
+        return self.session.run([self.card.output.name], {self.card.input.name: images})[0]
+
+    def positive_probability(self, probabilities: np.ndarray) -> np.ndarray:
+        """Summed probability of the positive finding's classes."""
+        return probabilities[:, self.card.positive_classes].sum(axis=1)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_served_model(reference: str, *, tracking: str | None = None) -> ServedModel:
+    """Resolve a registered model, download it, check its card and checksum, and load it.
+
+    Args:
+        reference: ``NAME@ALIAS`` or ``NAME@VERSION``.
+        tracking: Tracking/registry URI (default: :func:`tracking_uri`).
+
+    Returns:
+        The loaded model.
+
+    Raises:
+        ModelLoadError: if the model, version or alias is unknown, or the download fails checks.
+    """
+    parsed = ModelReference.parse(reference)
+    uri = tracking or tracking_uri()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        if parsed.is_version:
+            version = client.get_model_version(parsed.name, parsed.selector)
+        else:
+            version = client.get_model_version_by_alias(parsed.name, parsed.selector)
+    except MlflowException as error:
+        raise ModelLoadError(
+            f"no registered model version {reference!r} in {uri}: {error.message}"
+        ) from error
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        model_dir = Path(
+            mlflow.artifacts.download_artifacts(f"models:/{parsed.name}/{version.version}")
+        )
+    except MlflowException as error:
+        raise ModelLoadError(f"cannot download {reference!r}: {error.message}") from error
+    card_path = model_dir / "extra_files" / CARD_FILENAME
+    try:
+        card = ServedCard.model_validate_json(card_path.read_bytes())
+    except (OSError, ValidationError) as error:
+        raise ModelLoadError(
+            f"{reference!r}: model card {card_path} is unusable: {error}"
+        ) from error
+    onnx_path = model_dir / card.onnx.filename
+    if not onnx_path.is_file() or _sha256(onnx_path) != card.onnx.sha256:
+        raise ModelLoadError(
+            f"{reference!r}: {onnx_path.name} is missing or its SHA-256 differs from the card's"
+        )
+    return ServedModel(
+        card,
+        onnx_path,
+        version=str(version.version),
+        alias=None if parsed.is_version else parsed.selector,
+    )

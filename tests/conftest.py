@@ -1,0 +1,156 @@
+"""Shared fixtures: the real data, a temporary MLflow store, one trained and registered model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = Path(
+    os.environ.get("MEDSCREEN_SHARED_DATASETS", PROJECT_ROOT.parent / "shared" / "datasets")
+)
+QUICK_RECIPE = PROJECT_ROOT / "training" / "recipes" / "pneumonia-quick.yaml"
+# Small enough for a few seconds of CPU training, large enough for a meaningful AUC.
+TINY_TRAINING = [
+    "data.max_train_samples=384",
+    "data.max_val_samples=160",
+    "data.max_test_samples=160",
+    "optimisation.max_epochs=2",
+]
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    if not (SHARED_DATASETS / "medmnist" / "pneumoniamnist.npz").is_file():
+        pytest.fail(f"real test data missing: {SHARED_DATASETS} (set MEDSCREEN_SHARED_DATASETS)")
+    return SHARED_DATASETS
+
+
+@pytest.fixture(scope="session")
+def medmnist_dir(shared_datasets: Path) -> Path:
+    return shared_datasets / "medmnist"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every test session gets its own MLflow store and BentoML home."""
+    state = tmp_path_factory.mktemp("state")
+    saved = {
+        key: os.environ.get(key)
+        for key in (
+            "MEDSCREEN_STATE_DIR",
+            "MLFLOW_TRACKING_URI",
+            "MEDSCREEN_DATA_DIR",
+            "BENTOML_HOME",
+        )
+    }
+    os.environ["MEDSCREEN_STATE_DIR"] = str(state)
+    os.environ["BENTOML_HOME"] = str(state / "bentoml")
+    os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("MEDSCREEN_DATA_DIR", None)
+    yield state
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def trained_run(medmnist_dir: Path):
+    from training import load_recipe, train_recipe
+
+    recipe = load_recipe(QUICK_RECIPE, [f"data.data_dir={medmnist_dir}", *TINY_TRAINING])
+    return recipe, train_recipe(recipe, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def registered_model(trained_run):
+    from training import export_and_register
+
+    _, result = trained_run
+    return export_and_register(result.run_id)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def medscreen_command() -> list[str]:
+    return [str(Path(sys.executable).with_name("medscreen"))]
+
+
+@dataclass
+class RunningServer:
+    url: str
+    log_path: Path
+    process: subprocess.Popen
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def served_model(registered_model, tmp_path_factory: pytest.TempPathFactory):
+    """The real BentoML server, started by `medscreen serve` on a free port, by alias."""
+    from mlflow.tracking import MlflowClient
+
+    from serving import tracking_uri
+
+    client = MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
+    client.set_registered_model_alias(
+        registered_model.model_name, "candidate", registered_model.version
+    )
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                *medscreen_command(),
+                "serve",
+                "--model",
+                f"{registered_model.model_name}@candidate",
+                "--port",
+                str(port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=tmp_path_factory.mktemp("cwd"),
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()}")
+            try:
+                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready in 120 s:\n{log_path.read_text()}")
+            time.sleep(0.5)
+        yield RunningServer(url=url, log_path=log_path, process=process)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -1,0 +1,154 @@
+"""The catalogue, checked downloads against a real local HTTP server, and fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datasets import DatasetError, download_file, fetch_dataset, get_dataset_spec, load_split
+from tests.conftest import medscreen_command
+
+PAYLOAD = b"medscreen test payload " * 4096
+PAYLOAD_MD5 = hashlib.md5(PAYLOAD).hexdigest()
+PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path == "/good.bin":
+            body = PAYLOAD
+        elif self.path == "/corrupt.bin":
+            body = PAYLOAD[:-1] + b"X"
+        elif self.path == "/interrupted.bin":
+            # Promise the whole file, send half, and hang up.
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PAYLOAD)))
+            self.end_headers()
+            self.wfile.write(PAYLOAD[: len(PAYLOAD) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        else:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def http_server() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(path.name for path in directory.iterdir()) if directory.exists() else []
+
+
+def test_catalogue_entry_names_source_licence_and_positive_finding():
+    spec = get_dataset_spec("pneumoniamnist")
+    assert spec.url.startswith("https://zenodo.org/records/10519652/files/pneumoniamnist.npz")
+    assert spec.md5 == "28209eda62fecd6e6a2d98b1501bb15f"
+    assert spec.licence == "CC BY 4.0"
+    assert "MedMNIST v2" in spec.citation
+    assert spec.classes == ("normal", "pneumonia")
+    assert spec.positive_finding == "pneumonia"
+    assert spec.positive_classes == (1,)
+
+
+def test_unknown_dataset_is_named():
+    with pytest.raises(DatasetError, match="unknown dataset 'nosuch'"):
+        get_dataset_spec("nosuch")
+
+
+def test_good_download_is_verified_and_renamed_into_place(http_server: str, tmp_path: Path):
+    destination = tmp_path / "cache" / "good.bin"
+    download_file(f"{http_server}/good.bin", destination, md5=PAYLOAD_MD5, sha256=PAYLOAD_SHA256)
+    assert destination.read_bytes() == PAYLOAD
+    assert _leftovers(destination.parent) == ["good.bin"]
+
+
+def test_corrupt_download_leaves_nothing_and_says_why(http_server: str, tmp_path: Path):
+    destination = tmp_path / "cache" / "corrupt.bin"
+    with pytest.raises(DatasetError, match=r"MD5 .* expected .* discarded"):
+        download_file(
+            f"{http_server}/corrupt.bin", destination, md5=PAYLOAD_MD5, sha256=PAYLOAD_SHA256
+        )
+    assert _leftovers(destination.parent) == []
+
+
+def test_interrupted_download_leaves_nothing_and_says_why(http_server: str, tmp_path: Path):
+    destination = tmp_path / "cache" / "interrupted.bin"
+    with pytest.raises(DatasetError, match="failed"):
+        download_file(
+            f"{http_server}/interrupted.bin", destination, md5=PAYLOAD_MD5, sha256=PAYLOAD_SHA256
+        )
+    assert _leftovers(destination.parent) == []
+
+
+def test_missing_file_on_server_is_an_error(http_server: str, tmp_path: Path):
+    with pytest.raises(DatasetError, match="404"):
+        download_file(
+            f"{http_server}/nope.bin", tmp_path / "x", md5=PAYLOAD_MD5, sha256=PAYLOAD_SHA256
+        )
+    assert _leftovers(tmp_path) == []
+
+
+def test_fetch_cli_reports_a_corrupt_mirror_in_one_line(http_server: str, tmp_path: Path):
+    completed = subprocess.run(
+        [
+            *medscreen_command(),
+            "datasets",
+            "fetch",
+            "pneumoniamnist",
+            "--cache-dir",
+            str(tmp_path),
+            "--url",
+            f"{http_server}/good.bin",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 2
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: MD5")
+    assert _leftovers(tmp_path) == []
+
+
+def test_local_directory_is_verified(medmnist_dir: Path, tmp_path: Path):
+    spec = get_dataset_spec("pneumoniamnist")
+    assert fetch_dataset(spec, data_dir=medmnist_dir) == medmnist_dir / spec.filename
+    (tmp_path / spec.filename).write_bytes(b"not the official file")
+    with pytest.raises(DatasetError, match=r"SHA-256 is .* expected"):
+        fetch_dataset(spec, data_dir=tmp_path)
+    with pytest.raises(DatasetError, match="no such file"):
+        fetch_dataset(spec, data_dir=tmp_path / "empty")
+
+
+def test_fingerprint_tracks_file_split_and_rows(medmnist_dir: Path):
+    spec = get_dataset_spec("pneumoniamnist")
+    val = load_split(spec, "val", data_dir=medmnist_dir)
+    assert val.images.shape == (524, 1, 28, 28) and val.images.dtype == np.uint8
+    assert np.bincount(val.labels).tolist() == [135, 389]
+    again = load_split(spec, "val", data_dir=medmnist_dir)
+    test = load_split(spec, "test", data_dir=medmnist_dir)
+    subset = load_split(spec, "val", data_dir=medmnist_dir, max_samples=100, seed=0)
+    assert val.fingerprint == again.fingerprint
+    assert len({val.fingerprint, test.fingerprint, subset.fingerprint}) == 3
+    assert len(subset) == 100 and set(subset.labels.tolist()) == {0, 1}

@@ -1,0 +1,144 @@
+"""A short real training run, tracked in a temporary MLflow store, exported and registered."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnxruntime
+import pytest
+from mlflow.tracking import MlflowClient
+
+from datasets import get_dataset_spec, load_split
+from tests.conftest import QUICK_RECIPE, TINY_TRAINING, medscreen_command
+
+pytestmark = pytest.mark.slow
+
+
+def _client() -> MlflowClient:
+    from training.tracking import configure_tracking
+
+    configure_tracking()
+    return MlflowClient()
+
+
+def test_run_records_recipe_metrics_lineage_and_provenance(trained_run, medmnist_dir: Path):
+    recipe, result = trained_run
+    client = _client()
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["optimisation.max_epochs"] == "2"
+    assert params["model.network"] == "DenseNet"
+    assert params["evaluation.sensitivity_target"] == "0.95"
+    # Per-epoch history, one point per epoch.
+    for name in ("train_loss", "val_loss", "val_auc"):
+        history = client.get_metric_history(result.run_id, name)
+        assert [point.step for point in history] == [0, 1], name
+    metrics = run.data.metrics
+    for name in (
+        "test_auc",
+        "test_sensitivity",
+        "test_specificity",
+        "threshold",
+        "selected_val_auc",
+    ):
+        assert 0.0 <= metrics[name] <= 1.0, name
+    assert metrics["test_auc"] > 0.6  # a real, if tiny, model
+    # The threshold is chosen on validation data for the sensitivity target.
+    assert metrics["selected_val_sensitivity"] >= recipe.evaluation.sensitivity_target
+    # Lineage: every split is an MLflow input carrying its fingerprint.
+    spec = get_dataset_spec("pneumoniamnist")
+    val = load_split(spec, "val", data_dir=medmnist_dir, max_samples=160, seed=0)
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"pneumoniamnist-train", "pneumoniamnist-val", "pneumoniamnist-test"}
+    val_input = inputs["pneumoniamnist-val"]
+    assert val_input.dataset.digest == val.fingerprint[:32]
+    assert {t.key: t.value for t in val_input.tags}["fingerprint_sha256"] == val.fingerprint
+    assert run.data.tags["medscreen.data.val.fingerprint"] == val.fingerprint
+    # Provenance: the commit, package versions and seed.
+    tags = run.data.tags
+    assert len(tags["medscreen.git_commit"]) in (40, len("unknown"))
+    assert tags["medscreen.version.torch"].startswith("2.13")
+    assert tags["medscreen.version.monai"] != "not installed"
+    assert tags["medscreen.seed"] == "0"
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"recipe.yaml", "model", "evaluation", "data"} <= artifacts
+
+
+def test_export_registers_a_version_with_card_and_checked_onnx(
+    registered_model, trained_run, medmnist_dir: Path
+):
+    _, result = trained_run
+    client = _client()
+    version = client.get_model_version(registered_model.model_name, registered_model.version)
+    assert version.run_id == result.run_id
+    assert float(version.tags["medscreen.threshold"]) == pytest.approx(result.threshold, abs=1e-6)
+    card = registered_model.card
+    assert card.positive_finding == "pneumonia" and card.positive_classes == [1]
+    assert card.onnx.parity_max_abs_difference <= 1e-4
+    assert card.provenance.run_id == result.run_id
+    assert (
+        card.training_data.split_fingerprints["val"]
+        == client.get_run(result.run_id).data.tags["medscreen.data.val.fingerprint"]
+    )
+
+    model_dir = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{registered_model.model_name}/{registered_model.version}"
+        )
+    )
+    stored_card = json.loads((model_dir / "extra_files" / "card.json").read_text())
+    assert stored_card["operating_point"]["threshold"] == pytest.approx(result.threshold)
+    assert stored_card["input"]["dtype"] == "uint8"
+    assert (model_dir / "extra_files" / "card.md").read_text().startswith("# Model card")
+
+    # The graph takes raw uint8 images, any batch size, and gives probabilities.
+    session = onnxruntime.InferenceSession(
+        str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    (graph_input,) = session.get_inputs()
+    assert graph_input.type == "tensor(uint8)" and graph_input.shape[1:] == [1, 28, 28]
+    val = load_split(
+        get_dataset_spec("pneumoniamnist"), "val", data_dir=medmnist_dir, max_samples=160, seed=0
+    )
+    for batch in (1, 7):
+        (probabilities,) = session.run(None, {"image": val.images[:batch]})
+        assert probabilities.shape == (batch, 2)
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_failed_parity_registers_nothing(medmnist_dir: Path):
+    from training import ExportError, export_and_register, load_recipe, train_recipe
+
+    # A tolerance no float32 export can meet makes the parity check fail for real.
+    recipe = load_recipe(
+        QUICK_RECIPE,
+        [
+            f"data.data_dir={medmnist_dir}",
+            *TINY_TRAINING,
+            "optimisation.max_epochs=1",
+            "registration.model_name=parity-gate-check",
+            "registration.parity_tolerance=1e-15",
+        ],
+    )
+    result = train_recipe(recipe, show_progress=False)
+    with pytest.raises(ExportError, match=r"parity check failed .* nothing was registered"):
+        export_and_register(result.run_id)
+    assert _client().search_model_versions("name='parity-gate-check'") == []
+
+
+def test_export_cli_names_an_unknown_run():
+    completed = subprocess.run(
+        [*medscreen_command(), "export", "--run-id", "0" * 32],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 2
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "run '00000000000000000000000000000000' not found" in lines[0]

@@ -1,0 +1,160 @@
+"""The model card: the machine-readable contract between training and serving.
+
+Serving reads ``card.json`` beside ``model.onnx`` in the registry and validates the fields it
+needs against ``CARD_SCHEMA``; it never imports this module.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CARD_SCHEMA = "medscreen.model-card/v1"
+CARD_FILENAME = "card.json"
+CARD_MARKDOWN_FILENAME = "card.md"
+
+
+class _Card(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TensorSpec(_Card):
+    """One input or output tensor of the ONNX graph."""
+
+    name: str
+    dtype: str
+    shape: list[int | str]
+    value_range: tuple[float, float]
+    description: str
+
+
+class InputSpec(TensorSpec):
+    """The image input, with what it depicts."""
+
+    modality: str
+    channels: str
+    height: int
+    width: int
+
+
+class OperatingPoint(_Card):
+    """The threshold applied to the positive-finding probability."""
+
+    threshold: float = Field(ge=0, le=1)
+    sensitivity_target: float
+    chosen_on: str = "validation split"
+    rule: str = "positive when the positive-finding probability >= threshold"
+
+
+class TrainingData(_Card):
+    """Where the training data came from, and exactly which rows were used."""
+
+    dataset: str
+    url: str
+    file_sha256: str
+    licence: str
+    citation: str
+    split_fingerprints: dict[str, str]
+    split_rows: dict[str, int]
+
+
+class Provenance(_Card):
+    """The run and code that produced the model."""
+
+    run_id: str
+    experiment_id: str
+    recipe: str
+    git_commit: str
+    git_dirty: str
+    seed: int
+    versions: dict[str, str]
+
+
+class OnnxArtifact(_Card):
+    """The exported graph and its parity check against PyTorch."""
+
+    filename: str = "model.onnx"
+    sha256: str
+    opset: int
+    parity_max_abs_difference: float
+    parity_tolerance: float
+    parity_cases: int
+    parity_decisions_identical: bool
+
+
+class ChangelogEntry(_Card):
+    """One line of the model's history."""
+
+    date: str
+    change: str
+
+
+class ModelCard(_Card):
+    """Everything a hospital, a region and an auditor need to know about one model version."""
+
+    card_schema: str = CARD_SCHEMA
+    model_name: str
+    task: str
+    intended_use: str
+    limitations: list[str]
+    classes: list[str]
+    positive_finding: str
+    positive_classes: list[int]
+    input: InputSpec
+    output: TensorSpec
+    operating_point: OperatingPoint
+    metrics: dict[str, float]
+    training_data: TrainingData
+    provenance: Provenance
+    onnx: OnnxArtifact
+    changelog: list[ChangelogEntry]
+
+    def to_markdown(self) -> str:
+        """Render the card for people."""
+        metrics = "\n".join(f"| {name} | {value:.4f} |" for name, value in self.metrics.items())
+        limitations = "\n".join(f"- {line}" for line in self.limitations) or "- none stated"
+        changes = "\n".join(f"- {entry.date}: {entry.change}" for entry in self.changelog)
+        fingerprints = ", ".join(
+            f"{split} `{value}`" for split, value in self.training_data.split_fingerprints.items()
+        )
+        return f"""# Model card: {self.model_name}
+
+**Task.** {self.task}
+
+**Intended use.** {self.intended_use}
+
+**Limitations.**
+{limitations}
+
+**Classes.** {", ".join(self.classes)}. **Positive finding:** {self.positive_finding}
+(class {", ".join(map(str, self.positive_classes))}).
+
+**Input.** `{self.input.name}`: {self.input.dtype} {self.input.shape}, values
+{self.input.value_range[0]:g} to {self.input.value_range[1]:g}, {self.input.channels},
+{self.input.modality}. {self.input.description}
+
+**Output.** `{self.output.name}`: {self.output.dtype} {self.output.shape}. {self.output.description}
+
+**Operating point.** threshold {self.operating_point.threshold:.6f}, chosen on the
+{self.operating_point.chosen_on} for sensitivity >= {self.operating_point.sensitivity_target:g};
+{self.operating_point.rule}.
+
+| metric | value |
+|---|---|
+{metrics}
+
+**Training data.** {self.training_data.dataset} ({self.training_data.licence}),
+{self.training_data.url}, SHA-256 `{self.training_data.file_sha256}`.
+Split fingerprints: {fingerprints}.
+Cite: {self.training_data.citation}
+
+**Provenance.** MLflow run `{self.provenance.run_id}`, recipe `{self.provenance.recipe}`, commit
+`{self.provenance.git_commit}` (dirty: {self.provenance.git_dirty}), seed {self.provenance.seed}.
+
+**ONNX.** `{self.onnx.filename}` SHA-256 `{self.onnx.sha256}`, opset {self.onnx.opset}; parity
+with PyTorch on {self.onnx.parity_cases} validation images: max abs difference
+{self.onnx.parity_max_abs_difference:.2e} (tolerance {self.onnx.parity_tolerance:g}), decisions
+identical: {self.onnx.parity_decisions_identical}.
+
+## Changelog
+{changes}
+"""

@@ -1,0 +1,75 @@
+"""``medscreen train`` and ``medscreen export``. Heavy imports wait until a command runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def train_command(
+    recipe: Annotated[
+        Path, typer.Argument(help="YAML recipe, for example training/recipes/pneumonia-quick.yaml.")
+    ],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a recipe field: dotted.key=value (repeatable)."),
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show the training progress bar.")] = True,
+) -> None:
+    """Train a recipe, track everything in MLflow, and print the run id."""
+    from datasets import DatasetError
+    from training.recipe import RecipeError, load_recipe
+
+    try:
+        resolved = load_recipe(recipe, overrides or [])
+    except RecipeError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    from rich.console import Console
+    from rich.table import Table
+
+    from training.train import train_recipe
+
+    try:
+        result = train_recipe(resolved, show_progress=progress)
+    except DatasetError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    table = Table("metric", "value", title=f"run {result.run_id} ({resolved.name})")
+    for name in (
+        "selected_val_auc",
+        "threshold",
+        "test_auc",
+        "test_sensitivity",
+        "test_specificity",
+        "test_accuracy",
+    ):
+        table.add_row(name, f"{result.metrics[name]:.4f}")
+    Console(stderr=True).print(table)
+    typer.echo(result.run_id)
+
+
+def export_command(
+    run_id: Annotated[str, typer.Option(help="MLflow run id printed by `medscreen train`.")],
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Local directory with the dataset (default: the recipe's).")
+    ] = None,
+) -> None:
+    """Export a run to ONNX, check parity with PyTorch, and register a new model version."""
+    from datasets import DatasetError
+    from training.export import ExportError, export_and_register
+
+    try:
+        result = export_and_register(run_id, data_dir=data_dir)
+    except (ExportError, DatasetError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(
+        f"parity: max abs difference {result.card.onnx.parity_max_abs_difference:.2e} on "
+        f"{result.card.onnx.parity_cases} validation images; threshold "
+        f"{result.card.operating_point.threshold:.6f}",
+        err=True,
+    )
+    typer.echo(f"{result.model_name} {result.version}")

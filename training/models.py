@@ -1,0 +1,108 @@
+"""MONAI networks wrapped so that all preprocessing lives inside the exported graph."""
+
+from __future__ import annotations
+
+import torch
+from monai.networks import nets
+from torch import nn
+from torch.nn import functional
+
+from training.recipe import ModelSection
+
+
+class ScreeningNetwork(nn.Module):
+    """Raw uint8 images in, class logits out.
+
+    Scaling to [0, 1], intensity normalisation and resizing to the network's input size happen
+    here, so the ONNX export carries them and serving cannot preprocess differently.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        network_input_size: int,
+        intensity_mean: float,
+        intensity_std: float,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.network_input_size = network_input_size
+        self.register_buffer("intensity_mean", torch.tensor(intensity_mean, dtype=torch.float32))
+        self.register_buffer("intensity_std", torch.tensor(intensity_std, dtype=torch.float32))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Return logits of shape (N, classes) for uint8 images of shape (N, C, H, W)."""
+        scaled = images.to(torch.float32) / 255.0
+        normalised = (scaled - self.intensity_mean) / self.intensity_std
+        resized = functional.interpolate(
+            normalised,
+            size=(self.network_input_size, self.network_input_size),
+            mode="bilinear",
+            align_corners=False,
+        )
+        return self.backbone(resized)
+
+
+class ProbabilityModel(nn.Module):
+    """The exported graph: uint8 images in, class probabilities out."""
+
+    def __init__(self, network: ScreeningNetwork) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Return softmax probabilities of shape (N, classes)."""
+        return torch.softmax(self.network(images), dim=1)
+
+
+def build_network(section: ModelSection, in_channels: int, num_classes: int) -> ScreeningNetwork:
+    """Build the MONAI backbone a recipe names, wrapped with its preprocessing.
+
+    Args:
+        section: The recipe's model section.
+        in_channels: Image channels of the dataset.
+        num_classes: Number of output classes.
+
+    Returns:
+        The network, ready to train.
+    """
+    params = dict(section.network_params)
+    if section.network == "DenseNet121":
+        backbone = nets.DenseNet121(
+            spatial_dims=2,
+            in_channels=in_channels,
+            out_channels=num_classes,
+            dropout_prob=section.dropout,
+            **params,
+        )
+    elif section.network == "DenseNet":
+        backbone = nets.DenseNet(
+            spatial_dims=2,
+            in_channels=in_channels,
+            out_channels=num_classes,
+            dropout_prob=section.dropout,
+            **params,
+        )
+    else:
+        params.setdefault("block", "basic")
+        params.setdefault("layers", (2, 2, 2, 2))
+        params.setdefault("block_inplanes", (64, 128, 256, 512))
+        backbone = nets.ResNet(
+            spatial_dims=2, n_input_channels=in_channels, num_classes=num_classes, **params
+        )
+    return ScreeningNetwork(
+        backbone,
+        network_input_size=section.network_input_size,
+        intensity_mean=section.intensity_mean,
+        intensity_std=section.intensity_std,
+    )
+
+
+@torch.no_grad()
+def predict_probabilities(
+    network: ScreeningNetwork, images: torch.Tensor | object, batch_size: int = 256
+) -> torch.Tensor:
+    """Return class probabilities for uint8 images, in batches, in evaluation mode."""
+    model = ProbabilityModel(network).eval()
+    images = torch.as_tensor(images)
+    return torch.cat([model(batch) for batch in images.split(batch_size)])

@@ -1,0 +1,102 @@
+"""MLflow settings and the provenance every run records."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+
+STATE_DIR_ENV = "MEDSCREEN_STATE_DIR"
+TRACKED_PACKAGES = (
+    "medscreen",
+    "torch",
+    "pytorch-lightning",
+    "monai",
+    "torchmetrics",
+    "onnx",
+    "onnxscript",
+    "onnxruntime",
+    "mlflow",
+    "numpy",
+    "scikit-learn",
+)
+
+
+def state_dir() -> Path:
+    """Return the local state directory: ``$MEDSCREEN_STATE_DIR`` or ``./mlruns``."""
+    return Path(os.environ.get(STATE_DIR_ENV, "mlruns")).resolve()
+
+
+def tracking_uri() -> str:
+    """Return ``$MLFLOW_TRACKING_URI`` or the embedded sqlite store in the state directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_dir() / 'mlflow.db'}"
+
+
+def configure_tracking() -> str:
+    """Point MLflow at the configured store and return its URI."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def ensure_experiment(name: str) -> str:
+    """Return the id of experiment ``name``, creating it on first use.
+
+    With the embedded store, artifacts go under the state directory; a tracking server decides
+    its own artifact location.
+    """
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if tracking_uri().startswith("sqlite:"):
+        artifact_location = (state_dir() / "artifacts").as_uri()
+    return mlflow.create_experiment(name, artifact_location=artifact_location)
+
+
+def _git(*args: str) -> str | None:
+    try:
+        completed = subprocess.run(
+            ["git", *args],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return completed.stdout.strip()
+
+
+def provenance() -> dict[str, str]:
+    """Return the code commit, its cleanliness, Python and package versions, as MLflow tags."""
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    tags = {
+        "mlflow.source.git.commit": commit or "unknown",
+        "medscreen.git_commit": commit or "unknown",
+        "medscreen.git_dirty": "unknown" if status is None else str(bool(status)).lower(),
+        "medscreen.python_version": platform.python_version(),
+    }
+    for package in TRACKED_PACKAGES:
+        try:
+            tags[f"medscreen.version.{package}"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            tags[f"medscreen.version.{package}"] = "not installed"
+    return tags
+
+
+def package_versions(tags: dict[str, str]) -> dict[str, str]:
+    """Return ``{package: version}`` from provenance tags."""
+    prefix = "medscreen.version."
+    return {
+        key.removeprefix(prefix): value for key, value in tags.items() if key.startswith(prefix)
+    }

@@ -1,0 +1,198 @@
+"""Training stage: recipe in, MLflow run with model weights, metrics and lineage out."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import yaml
+from monai.utils import set_determinism
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+
+from datasets import ImageSplit
+from training.data import ScreeningDataModule
+from training.evaluation import (
+    choose_threshold,
+    is_positive,
+    operating_point_metrics,
+    positive_scores,
+)
+from training.lit_models import ScreeningClassifier
+from training.models import build_network, predict_probabilities
+from training.recipe import Recipe
+from training.tracking import configure_tracking, ensure_experiment, provenance
+
+WEIGHTS_ARTIFACT = "model/network_state_dict.pt"
+RECIPE_ARTIFACT = "recipe.yaml"
+OPERATING_POINT_ARTIFACT = "evaluation/operating_point.json"
+LINEAGE_ARTIFACT = "data/lineage.json"
+
+
+class EpochMetricsToMlflow(Callback):
+    """Logs each epoch's losses and validation AUC to the active MLflow run, step = epoch."""
+
+    names = ("train_loss", "val_loss", "val_auc")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, _: pl.LightningModule) -> None:
+        """Runs after the epoch's validation, so all metrics of the epoch are known."""
+        metrics = {
+            name: float(trainer.callback_metrics[name])
+            for name in self.names
+            if name in trainer.callback_metrics
+        }
+        mlflow.log_metrics(metrics, step=trainer.current_epoch)
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """What a training run produced."""
+
+    run_id: str
+    threshold: float
+    metrics: dict[str, float]
+
+
+def _log_split(split: ImageSplit) -> None:
+    dataset = mlflow.data.from_numpy(
+        features=split.images,
+        targets=split.labels,
+        source=split.spec.url,
+        name=f"{split.spec.name}-{split.split}",
+        digest=split.fingerprint[:32],
+    )
+    mlflow.log_input(
+        dataset,
+        context={"train": "training", "val": "validation", "test": "testing"}[split.split],
+        tags={"fingerprint_sha256": split.fingerprint, "rows": str(len(split))},
+    )
+    mlflow.set_tag(f"medscreen.data.{split.split}.fingerprint", split.fingerprint)
+
+
+def train_recipe(recipe: Recipe, *, show_progress: bool = True) -> TrainingResult:
+    """Train the recipe's network and record everything about the run in MLflow.
+
+    The checkpoint with the best validation AUC is kept; its threshold is chosen on validation
+    data for the recipe's sensitivity target; test metrics are computed once, at the end.
+
+    Args:
+        recipe: A validated recipe.
+        show_progress: Show Lightning's progress bar.
+
+    Returns:
+        The run id, the chosen threshold and the logged summary metrics.
+    """
+    configure_tracking()
+    set_determinism(seed=recipe.seed)
+    pl.seed_everything(recipe.seed, workers=True, verbose=False)
+    datamodule = ScreeningDataModule(recipe)
+    datamodule.setup()
+    spec = datamodule.spec
+    network = build_network(recipe.model, spec.image_shape[0], len(spec.classes))
+    class_weights = (
+        datamodule.class_weights() if recipe.optimisation.class_weighting == "balanced" else None
+    )
+    module = ScreeningClassifier(network, spec.positive_classes, recipe.optimisation, class_weights)
+
+    experiment_id = ensure_experiment(recipe.experiment)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=recipe.name) as run:
+        mlflow.set_tags(
+            provenance()
+            | {
+                "medscreen.recipe": recipe.name,
+                "medscreen.dataset": spec.name,
+                "medscreen.model_name": recipe.registration.model_name,
+                "medscreen.seed": str(recipe.seed),
+            }
+        )
+        mlflow.log_params(recipe.flat())
+        mlflow.log_text(
+            yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), RECIPE_ARTIFACT
+        )
+        for split in datamodule.splits.values():
+            _log_split(split)
+        mlflow.log_dict(
+            {
+                "dataset": spec.name,
+                "url": spec.url,
+                "file_sha256": spec.sha256,
+                "licence": spec.licence,
+                "citation": spec.citation,
+                "classes": list(spec.classes),
+                "positive_finding": spec.positive_finding,
+                "positive_classes": list(spec.positive_classes),
+                "splits": {
+                    name: {"rows": len(split), "fingerprint_sha256": split.fingerprint}
+                    for name, split in datamodule.splits.items()
+                },
+            },
+            LINEAGE_ARTIFACT,
+        )
+
+        with tempfile.TemporaryDirectory() as checkpoint_dir:
+            best_checkpoint = ModelCheckpoint(
+                dirpath=checkpoint_dir, monitor="val_auc", mode="max", save_top_k=1
+            )
+            trainer = pl.Trainer(
+                max_epochs=recipe.optimisation.max_epochs,
+                accelerator="cpu",
+                deterministic=True,
+                logger=False,
+                callbacks=[best_checkpoint, EpochMetricsToMlflow()],
+                enable_progress_bar=show_progress,
+                enable_model_summary=False,
+                limit_train_batches=recipe.optimisation.limit_train_batches,
+                num_sanity_val_steps=0,
+            )
+            trainer.fit(module, datamodule=datamodule)
+            state = torch.load(best_checkpoint.best_model_path, weights_only=True)["state_dict"]
+            module.load_state_dict(state)
+        best_epoch = int(
+            Path(best_checkpoint.best_model_path).stem.split("epoch=")[1].split("-")[0]
+        )
+
+        val, test = datamodule.splits["val"], datamodule.splits["test"]
+        val_probabilities = predict_probabilities(network, val.images).numpy()
+        test_probabilities = predict_probabilities(network, test.images).numpy()
+        positive = spec.positive_classes
+        val_truth, test_truth = (
+            is_positive(val.labels, positive),
+            is_positive(test.labels, positive),
+        )
+        val_scores = positive_scores(val_probabilities, positive)
+        test_scores = positive_scores(test_probabilities, positive)
+        target = recipe.evaluation.sensitivity_target
+        threshold = choose_threshold(val_truth, val_scores, target)
+        metrics = {
+            "best_epoch": float(best_epoch),
+            "threshold": threshold,
+            **operating_point_metrics(val_truth, val_scores, threshold).as_dict("selected_val"),
+            **operating_point_metrics(test_truth, test_scores, threshold).as_dict("test"),
+            "test_accuracy": float(np.mean(test_probabilities.argmax(axis=1) == test.labels)),
+        }
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict(
+            {
+                "threshold": threshold,
+                "sensitivity_target": target,
+                "chosen_on": "val",
+                "rule": "positive when the positive-finding probability >= threshold",
+                "metrics": metrics,
+            },
+            OPERATING_POINT_ARTIFACT,
+        )
+        with tempfile.TemporaryDirectory() as weights_dir:
+            weights_path = Path(weights_dir) / Path(WEIGHTS_ARTIFACT).name
+            torch.save(network.state_dict(), weights_path)
+            mlflow.log_artifact(str(weights_path), str(Path(WEIGHTS_ARTIFACT).parent))
+        return TrainingResult(run_id=run.info.run_id, threshold=threshold, metrics=metrics)
+
+
+def read_run_json(run_id: str, artifact: str) -> dict:
+    """Read a JSON artifact of a run."""
+    return json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact}"))
