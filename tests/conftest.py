@@ -94,6 +94,17 @@ def medscreen_command() -> list[str]:
     return [str(Path(sys.executable).with_name("medscreen"))]
 
 
+def medscreen_error_line(*args: str) -> str:
+    """Run a `medscreen` command that must fail on bad input; return its one error line."""
+    completed = subprocess.run(
+        [*medscreen_command(), *args], capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 2, completed.stderr
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1, completed.stderr
+    return lines[0]
+
+
 @dataclass
 class RunningServer:
     url: str

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from datasets import DatasetError, download_file, fetch_dataset, get_dataset_spec, load_split
-from tests.conftest import medscreen_command
+from tests.conftest import medscreen_error_line
 
 PAYLOAD = b"medscreen test payload " * 4096
 PAYLOAD_MD5 = hashlib.md5(PAYLOAD).hexdigest()
@@ -110,24 +109,16 @@ def test_missing_file_on_server_is_an_error(http_server: str, tmp_path: Path):
 
 
 def test_fetch_cli_reports_a_corrupt_mirror_in_one_line(http_server: str, tmp_path: Path):
-    completed = subprocess.run(
-        [
-            *medscreen_command(),
-            "datasets",
-            "fetch",
-            "pneumoniamnist",
-            "--cache-dir",
-            str(tmp_path),
-            "--url",
-            f"{http_server}/good.bin",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    line = medscreen_error_line(
+        "datasets",
+        "fetch",
+        "pneumoniamnist",
+        "--cache-dir",
+        str(tmp_path),
+        "--url",
+        f"{http_server}/good.bin",
     )
-    assert completed.returncode == 2
-    lines = completed.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: MD5")
+    assert line.startswith("error: MD5")
     assert _leftovers(tmp_path) == []
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import mlflow
@@ -13,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from datasets import get_dataset_spec, load_split
-from tests.conftest import QUICK_RECIPE, TINY_TRAINING, medscreen_command
+from tests.conftest import QUICK_RECIPE, TINY_TRAINING, medscreen_error_line
 
 pytestmark = pytest.mark.slow
 
@@ -132,13 +131,5 @@ def test_failed_parity_registers_nothing(medmnist_dir: Path):
 
 
 def test_export_cli_names_an_unknown_run():
-    completed = subprocess.run(
-        [*medscreen_command(), "export", "--run-id", "0" * 32],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert completed.returncode == 2
-    lines = completed.stderr.strip().splitlines()
-    assert len(lines) == 1
-    assert "run '00000000000000000000000000000000' not found" in lines[0]
+    line = medscreen_error_line("export", "--run-id", "0" * 32)
+    assert "run '00000000000000000000000000000000' not found" in line

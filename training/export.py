@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,8 @@ class ExportResult:
 def export_onnx(network: torch.nn.Module, image_shape: tuple[int, ...], path: Path) -> None:
     """Write the probability graph (uint8 images in, dynamic batch) to ``path``."""
     example = torch.zeros((2, *image_shape), dtype=torch.uint8)
+    # The exporter warns about every torchvision op it cannot register; none is used here.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     torch.onnx.export(
         ProbabilityModel(network).eval(),
         (example,),

@@ -67,28 +67,21 @@ def build_network(section: ModelSection, in_channels: int, num_classes: int) -> 
         The network, ready to train.
     """
     params = dict(section.network_params)
-    if section.network == "DenseNet121":
-        backbone = nets.DenseNet121(
-            spatial_dims=2,
-            in_channels=in_channels,
-            out_channels=num_classes,
-            dropout_prob=section.dropout,
-            **params,
-        )
-    elif section.network == "DenseNet":
-        backbone = nets.DenseNet(
-            spatial_dims=2,
-            in_channels=in_channels,
-            out_channels=num_classes,
-            dropout_prob=section.dropout,
-            **params,
-        )
-    else:
+    if section.network == "ResNet":
         params.setdefault("block", "basic")
         params.setdefault("layers", (2, 2, 2, 2))
         params.setdefault("block_inplanes", (64, 128, 256, 512))
         backbone = nets.ResNet(
             spatial_dims=2, n_input_channels=in_channels, num_classes=num_classes, **params
+        )
+    else:
+        densenet = nets.DenseNet121 if section.network == "DenseNet121" else nets.DenseNet
+        backbone = densenet(
+            spatial_dims=2,
+            in_channels=in_channels,
+            out_channels=num_classes,
+            dropout_prob=section.dropout,
+            **params,
         )
     return ScreeningNetwork(
         backbone,
