@@ -5,6 +5,7 @@ import typer
 from datasets.cli import app as datasets_app
 from serving.cli import predict_command, serve_command
 from training.cli import export_command, train_command
+from training.models_cli import app as models_app
 
 app = typer.Typer(
     help="medscreen: train, track, export, register and serve medical screening models.",
@@ -12,6 +13,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(datasets_app, name="datasets")
+app.add_typer(models_app, name="models")
 app.command("train")(train_command)
 app.command("export")(export_command)
 app.command("serve")(serve_command)

@@ -26,6 +26,9 @@ TINY_TRAINING = [
     "data.max_val_samples=160",
     "data.max_test_samples=160",
     "optimisation.max_epochs=2",
+    # A two-epoch model on a subset cannot meet the shipped release gate; this one it can.
+    "registration.minimum_metrics={test_auc: 0.6}",
+    "registration.int8_max_auc_drop=0.05",
 ]
 
 

@@ -6,6 +6,8 @@ needs against ``CARD_SCHEMA``; it never imports this module.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 CARD_SCHEMA = "medscreen.model-card/v1"
@@ -70,15 +72,26 @@ class Provenance(_Card):
 
 
 class OnnxArtifact(_Card):
-    """The exported graph and its parity check against PyTorch."""
+    """The exported graph and its parity check against its reference model."""
 
     filename: str = "model.onnx"
     sha256: str
+    size_bytes: int
     opset: int
+    variant: Literal["float32", "int8"] = "float32"
+    parity_reference: str = "PyTorch model of the run"
     parity_max_abs_difference: float
-    parity_tolerance: float
+    parity_tolerance: float | None
     parity_cases: int
     parity_decisions_identical: bool
+
+
+class GateCheck(_Card):
+    """One check of the release gate."""
+
+    check: str
+    passed: bool
+    detail: str
 
 
 class ChangelogEntry(_Card):
@@ -103,14 +116,31 @@ class ModelCard(_Card):
     output: TensorSpec
     operating_point: OperatingPoint
     metrics: dict[str, float]
+    confidence_intervals: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description="95% intervals: AUC by bootstrap, rates by Wilson."
+    )
+    release_gate: list[GateCheck]
     training_data: TrainingData
     provenance: Provenance
     onnx: OnnxArtifact
     changelog: list[ChangelogEntry]
 
+    def _interval(self, metric: str) -> str:
+        if metric not in self.confidence_intervals:
+            return ""
+        low, high = self.confidence_intervals[metric]
+        return f"{low:.4f} to {high:.4f}"
+
     def to_markdown(self) -> str:
         """Render the card for people."""
-        metrics = "\n".join(f"| {name} | {value:.4f} |" for name, value in self.metrics.items())
+        metrics = "\n".join(
+            f"| {name} | {value:.4f} | {self._interval(name)} |"
+            for name, value in self.metrics.items()
+        )
+        gate = "\n".join(
+            f"- {'passed' if check.passed else 'FAILED'}: {check.check} ({check.detail})"
+            for check in self.release_gate
+        )
         limitations = "\n".join(f"- {line}" for line in self.limitations) or "- none stated"
         changes = "\n".join(f"- {entry.date}: {entry.change}" for entry in self.changelog)
         fingerprints = ", ".join(
@@ -138,9 +168,12 @@ class ModelCard(_Card):
 {self.operating_point.chosen_on} for sensitivity >= {self.operating_point.sensitivity_target:g};
 {self.operating_point.rule}.
 
-| metric | value |
-|---|---|
+| metric | value | 95% interval |
+|---|---|---|
 {metrics}
+
+**Release gate.**
+{gate}
 
 **Training data.** {self.training_data.dataset} ({self.training_data.licence}),
 {self.training_data.url}, SHA-256 `{self.training_data.file_sha256}`.
@@ -150,9 +183,10 @@ Cite: {self.training_data.citation}
 **Provenance.** MLflow run `{self.provenance.run_id}`, recipe `{self.provenance.recipe}`, commit
 `{self.provenance.git_commit}` (dirty: {self.provenance.git_dirty}), seed {self.provenance.seed}.
 
-**ONNX.** `{self.onnx.filename}` SHA-256 `{self.onnx.sha256}`, opset {self.onnx.opset}; parity
-with PyTorch on {self.onnx.parity_cases} validation images: max abs difference
-{self.onnx.parity_max_abs_difference:.2e} (tolerance {self.onnx.parity_tolerance:g}), decisions
+**ONNX.** `{self.onnx.filename}` ({self.onnx.variant}, {self.onnx.size_bytes} bytes) SHA-256
+`{self.onnx.sha256}`, opset {self.onnx.opset}; against the {self.onnx.parity_reference} on
+{self.onnx.parity_cases} validation images: max abs difference
+{self.onnx.parity_max_abs_difference:.2e} (tolerance {self.onnx.parity_tolerance}), decisions
 identical: {self.onnx.parity_decisions_identical}.
 
 ## Changelog

@@ -56,10 +56,16 @@ def export_command(
     data_dir: Annotated[
         Path | None, typer.Option(help="Local directory with the dataset (default: the recipe's).")
     ] = None,
+    int8: Annotated[
+        bool, typer.Option(help="Also register an INT8 copy if its AUC holds (own version).")
+    ] = False,
 ) -> None:
-    """Export a run to ONNX, check parity with PyTorch, and register a new model version."""
+    """Export a run to ONNX through the release gate and register a new model version.
+
+    Prints ``NAME VERSION`` of the float model; with --int8, a second line for the INT8 copy.
+    """
     from datasets import DatasetError
-    from training.export import ExportError, export_and_register
+    from training.export import ExportError, export_and_register, export_int8
 
     try:
         result = export_and_register(run_id, data_dir=data_dir)
@@ -73,3 +79,10 @@ def export_command(
         err=True,
     )
     typer.echo(f"{result.model_name} {result.version}")
+    if int8:
+        try:
+            quantised = export_int8(result, data_dir=data_dir)
+        except ExportError as error:
+            typer.echo(f"error: int8: {error}", err=True)
+            raise typer.Exit(3) from None
+        typer.echo(f"{quantised.model_name} {quantised.version}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 
@@ -19,9 +20,11 @@ def is_positive(labels: np.ndarray, positive_classes: tuple[int, ...]) -> np.nda
 
 
 def choose_threshold(truth: np.ndarray, scores: np.ndarray, sensitivity_target: float) -> float:
-    """Return the highest threshold whose sensitivity reaches the target (best specificity).
+    """Return a threshold with the best specificity whose sensitivity reaches the target.
 
-    A case is called positive when its score is at least the threshold.
+    A case is called positive when its score is at least the threshold. The threshold lies
+    midway between the lowest score that must be called positive and the next lower score, so
+    that float rounding (PyTorch against onnxruntime) cannot flip a validation decision.
 
     Args:
         truth: Binary ground truth of validation cases.
@@ -33,10 +36,11 @@ def choose_threshold(truth: np.ndarray, scores: np.ndarray, sensitivity_target: 
     """
     if truth.all() or not truth.any():
         raise ValueError("choosing a threshold needs positive and negative validation cases")
-    _, true_positive_rate, thresholds = roc_curve(truth, scores)
-    reaching = np.flatnonzero(true_positive_rate >= sensitivity_target)
-    threshold = float(thresholds[reaching[0]])
-    return min(threshold, 1.0)
+    _, true_positive_rate, thresholds = roc_curve(truth, scores, drop_intermediate=False)
+    reaching = int(np.flatnonzero(true_positive_rate >= sensitivity_target)[0])
+    lowest_positive = float(min(thresholds[reaching], 1.0))
+    next_lower = float(thresholds[reaching + 1]) if reaching + 1 < len(thresholds) else 0.0
+    return (lowest_positive + next_lower) / 2
 
 
 @dataclass(frozen=True)
@@ -77,3 +81,62 @@ def operating_point_metrics(
         cases=len(truth),
         positives=int(truth.sum()),
     )
+
+
+def proportion_interval(
+    successes: int, trials: int, confidence: float = 0.95
+) -> tuple[float, float]:
+    """Wilson score interval of a proportion (NaN when there are no trials)."""
+    if trials == 0:
+        return float("nan"), float("nan")
+    interval = binomtest(successes, trials).proportion_ci(confidence, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def auc_interval(
+    truth: np.ndarray,
+    scores: np.ndarray,
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the AUC, resampling cases with both classes kept."""
+    rng = np.random.default_rng(seed)
+    positives, negatives = np.flatnonzero(truth), np.flatnonzero(~truth)
+    aucs = np.empty(resamples)
+    for index in range(resamples):
+        rows = np.concatenate(
+            [rng.choice(positives, len(positives)), rng.choice(negatives, len(negatives))]
+        )
+        aucs[index] = roc_auc_score(truth[rows], scores[rows])
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(aucs, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def metric_intervals(
+    truth: np.ndarray, scores: np.ndarray, threshold: float, prefix: str, seed: int = 0
+) -> dict[str, float]:
+    """95% intervals of AUC (bootstrap) and sensitivity, specificity, PPV, NPV (Wilson).
+
+    Returns:
+        ``{prefix}_{metric}_ci_low`` and ``..._ci_high`` for each metric.
+    """
+    decisions = scores >= threshold
+    tp = int((decisions & truth).sum())
+    fp = int((decisions & ~truth).sum())
+    fn = int((~decisions & truth).sum())
+    tn = int((~decisions & ~truth).sum())
+    intervals = {
+        "auc": auc_interval(truth, scores, seed=seed),
+        "sensitivity": proportion_interval(tp, tp + fn),
+        "specificity": proportion_interval(tn, tn + fp),
+        "ppv": proportion_interval(tp, tp + fp),
+        "npv": proportion_interval(tn, tn + fn),
+    }
+    flat = {}
+    for name, (low, high) in intervals.items():
+        flat[f"{prefix}_{name}_ci_low"] = low
+        flat[f"{prefix}_{name}_ci_high"] = high
+    return flat

@@ -1,11 +1,20 @@
-"""Export stage: a run's best weights to a checked ONNX model, its card and a registry version."""
+"""Export stage: a run's best weights through the release gate to a registered ONNX version.
+
+The release gate: the ONNX checker; parity of onnxruntime with PyTorch on the run's whole
+validation split (max abs difference of probabilities, and identical decisions at the
+threshold); and the minimum metrics the recipe states. A failed gate registers nothing and says
+which check failed and by how much. Optionally, an INT8 copy is registered as its own version
+when its validation AUC stays within the recipe's allowance of the float model's.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +28,20 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema
 from mlflow.types import TensorSpec as MlflowTensorSpec
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from datasets import get_dataset_spec, load_split
+from datasets import DatasetSpec, ImageSplit, get_dataset_spec, load_split
 from training.card import (
     CARD_FILENAME,
     CARD_MARKDOWN_FILENAME,
     ChangelogEntry,
+    GateCheck,
     InputSpec,
     ModelCard,
     OnnxArtifact,
@@ -33,7 +50,13 @@ from training.card import (
     TensorSpec,
     TrainingData,
 )
-from training.evaluation import positive_scores
+from training.evaluation import (
+    choose_threshold,
+    is_positive,
+    metric_intervals,
+    operating_point_metrics,
+    positive_scores,
+)
 from training.models import ProbabilityModel, build_network, predict_probabilities
 from training.recipe import Recipe
 from training.tracking import configure_tracking, package_versions
@@ -47,6 +70,8 @@ from training.train import (
 
 ONNX_INPUT, ONNX_OUTPUT = "image", "probabilities"
 REGISTRY_ARTIFACT_NAME = "onnx-model"
+GATE_PASSED_TAG = "medscreen.release_gate"
+_CALIBRATION_IMAGES = 512
 
 
 class ExportError(RuntimeError):
@@ -60,6 +85,58 @@ class ExportResult:
     model_name: str
     version: str
     card: ModelCard
+
+
+@dataclass
+class _RunContext:
+    """What export needs from a training run."""
+
+    run: mlflow.entities.Run
+    recipe: Recipe
+    spec: DatasetSpec
+    operating_point: dict
+    lineage: dict
+    data_dir: Path | None
+
+    def split(self, name: str) -> ImageSplit:
+        limits = {
+            "train": self.recipe.data.max_train_samples,
+            "val": self.recipe.data.max_val_samples,
+            "test": self.recipe.data.max_test_samples,
+        }
+        loaded = load_split(
+            self.spec,
+            name,
+            data_dir=self.data_dir or self.recipe.data.data_dir,
+            max_samples=limits[name],
+            seed=self.recipe.seed,
+        )
+        recorded = self.run.data.tags.get(f"medscreen.data.{name}.fingerprint")
+        if recorded != loaded.fingerprint:
+            raise ExportError(
+                f"{name} data fingerprint {loaded.fingerprint} differs from the run's {recorded}: "
+                "checks must use the data the run used; nothing was registered"
+            )
+        return loaded
+
+
+def _load_run(run_id: str, data_dir: Path | None) -> _RunContext:
+    configure_tracking()
+    try:
+        run = MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException as error:
+        raise ExportError(f"run {run_id!r} not found in {mlflow.get_tracking_uri()}") from error
+    recipe = Recipe.model_validate(
+        yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/{RECIPE_ARTIFACT}"))
+    )
+    return _RunContext(
+        run=run,
+        recipe=recipe,
+        spec=get_dataset_spec(recipe.data.dataset),
+        operating_point=read_run_json(run_id, OPERATING_POINT_ARTIFACT),
+        lineage=read_run_json(run_id, LINEAGE_ARTIFACT),
+        data_dir=data_dir,
+    )
 
 
 def export_onnx(network: torch.nn.Module, image_shape: tuple[int, ...], path: Path) -> None:
@@ -81,7 +158,7 @@ def export_onnx(network: torch.nn.Module, image_shape: tuple[int, ...], path: Pa
 
 
 def onnx_probabilities(path: Path, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Run the exported graph with onnxruntime on the CPU."""
+    """Run an exported graph with onnxruntime on the CPU."""
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     batches = [
         session.run([ONNX_OUTPUT], {ONNX_INPUT: images[start : start + batch_size]})[0]
@@ -90,16 +167,208 @@ def onnx_probabilities(path: Path, images: np.ndarray, batch_size: int = 256) ->
     return np.concatenate(batches)
 
 
+def _check_onnx(path: Path) -> tuple[onnx.ModelProto, GateCheck]:
+    model = onnx.load(str(path))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise ExportError(
+            f"release gate failed: ONNX checker: {error}; nothing was registered"
+        ) from error
+    return model, GateCheck(check="onnx_checker", passed=True, detail="valid ONNX model")
+
+
+def minimum_metric_checks(metrics: dict[str, float], minimums: dict[str, float]) -> list[GateCheck]:
+    """Compare metrics with the recipe's minimums; a metric the run lacks fails its check."""
+    checks = []
+    for name, minimum in minimums.items():
+        value = metrics.get(name)
+        if value is None:
+            checks.append(
+                GateCheck(
+                    check=f"minimum {name}", passed=False, detail=f"the run has no metric {name!r}"
+                )
+            )
+        elif value >= minimum:
+            checks.append(
+                GateCheck(
+                    check=f"minimum {name}", passed=True, detail=f"{value:.4f} >= {minimum:g}"
+                )
+            )
+        else:
+            checks.append(
+                GateCheck(
+                    check=f"minimum {name}",
+                    passed=False,
+                    detail=f"{value:.4f} < {minimum:g} (short by {minimum - value:.4f})",
+                )
+            )
+    return checks
+
+
+def _enforce(checks: list[GateCheck]) -> None:
+    failed = [check for check in checks if not check.passed]
+    if failed:
+        reasons = "; ".join(f"{check.check}: {check.detail}" for check in failed)
+        raise ExportError(f"release gate failed: {reasons}; nothing was registered")
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def export_and_register(run_id: str, *, data_dir: Path | None = None) -> ExportResult:
-    """Export a training run's model to ONNX, check it, and register a new version.
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
-    The parity check runs onnxruntime and PyTorch on the run's own validation images (the
-    fingerprint must match the one the run recorded). If probabilities differ by more than the
-    recipe's tolerance, or any decision at the threshold differs, nothing is registered.
+
+def _split_metrics(metrics: dict[str, float]) -> tuple[dict[str, float], dict[str, tuple]]:
+    """Separate point metrics from ``*_ci_low``/``*_ci_high`` into intervals."""
+    values, intervals = {}, {}
+    for key, value in metrics.items():
+        if not key.startswith(("selected_val_", "test_")):
+            continue
+        if key.endswith("_ci_low"):
+            name = key.removesuffix("_ci_low")
+            intervals[name] = (float(value), float(metrics[f"{name}_ci_high"]))
+        elif not key.endswith("_ci_high"):
+            values[key] = float(value)
+    return values, intervals
+
+
+def _build_card(
+    context: _RunContext,
+    *,
+    threshold: float,
+    metrics: dict[str, float],
+    onnx_artifact: OnnxArtifact,
+    gate: list[GateCheck],
+    change: str,
+) -> ModelCard:
+    spec, recipe, tags = context.spec, context.recipe, context.run.data.tags
+    values, intervals = _split_metrics(metrics)
+    return ModelCard(
+        model_name=recipe.registration.model_name,
+        task=spec.task,
+        intended_use=recipe.registration.intended_use,
+        limitations=recipe.registration.limitations,
+        classes=list(spec.classes),
+        positive_finding=spec.positive_finding,
+        positive_classes=list(spec.positive_classes),
+        input=InputSpec(
+            name=ONNX_INPUT,
+            dtype="uint8",
+            shape=["batch", *spec.image_shape],
+            value_range=(0, 255),
+            description=(
+                "Raw pixel values; scaling, normalisation and resizing to the network's "
+                f"{recipe.model.network_input_size} px happen inside the graph. Larger "
+                "images are centre-cropped and resized to this shape by the service."
+            ),
+            modality=spec.modality,
+            channels="grayscale" if spec.image_shape[0] == 1 else "RGB",
+            height=spec.image_shape[-2],
+            width=spec.image_shape[-1],
+        ),
+        output=TensorSpec(
+            name=ONNX_OUTPUT,
+            dtype="float32",
+            shape=["batch", len(spec.classes)],
+            value_range=(0, 1),
+            description=f"Softmax probability of each class, in order {list(spec.classes)}.",
+        ),
+        operating_point=OperatingPoint(
+            threshold=threshold,
+            sensitivity_target=context.operating_point["sensitivity_target"],
+        ),
+        metrics=values,
+        confidence_intervals=intervals,
+        release_gate=gate,
+        training_data=TrainingData(
+            dataset=spec.name,
+            url=spec.url,
+            file_sha256=spec.sha256,
+            licence=spec.licence,
+            citation=spec.citation,
+            split_fingerprints={
+                name: split["fingerprint_sha256"]
+                for name, split in context.lineage["splits"].items()
+            },
+            split_rows={name: split["rows"] for name, split in context.lineage["splits"].items()},
+        ),
+        provenance=Provenance(
+            run_id=context.run.info.run_id,
+            experiment_id=context.run.info.experiment_id,
+            recipe=recipe.name,
+            git_commit=tags.get("medscreen.git_commit", "unknown"),
+            git_dirty=tags.get("medscreen.git_dirty", "unknown"),
+            seed=recipe.seed,
+            versions=package_versions(tags),
+        ),
+        onnx=onnx_artifact,
+        changelog=[ChangelogEntry(date=_now(), change=change)],
+    )
+
+
+def _register(
+    context: _RunContext, onnx_model: onnx.ModelProto, card: ModelCard, extra_tags: dict[str, str]
+) -> ExportResult:
+    """Log the graph, card and signature to the run and register them as a new version."""
+    spec, run_id = context.spec, context.run.info.run_id
+    signature = ModelSignature(
+        inputs=Schema([MlflowTensorSpec(np.dtype(np.uint8), (-1, *spec.image_shape), ONNX_INPUT)]),
+        outputs=Schema(
+            [MlflowTensorSpec(np.dtype(np.float32), (-1, len(spec.classes)), ONNX_OUTPUT)]
+        ),
+    )
+    with tempfile.TemporaryDirectory() as card_dir, mlflow.start_run(run_id=run_id):
+        card_path = Path(card_dir) / CARD_FILENAME
+        card_path.write_text(card.model_dump_json(indent=2))
+        markdown_path = Path(card_dir) / CARD_MARKDOWN_FILENAME
+        markdown_path.write_text(card.to_markdown())
+        model_info = mlflow.onnx.log_model(
+            onnx_model,
+            name=f"{REGISTRY_ARTIFACT_NAME}-{card.onnx.variant}",
+            signature=signature,
+            registered_model_name=card.model_name,
+            onnx_execution_providers=["CPUExecutionProvider"],
+            save_as_external_data=False,
+            extra_files=[str(card_path), str(markdown_path)],
+            metadata={"medscreen_card_schema": card.card_schema},
+        )
+        mlflow.log_artifact(str(card_path), f"card/{card.onnx.variant}")
+        mlflow.log_artifact(str(markdown_path), f"card/{card.onnx.variant}")
+
+    version = str(model_info.registered_model_version)
+    client = MlflowClient()
+    tags = {
+        GATE_PASSED_TAG: "passed",
+        "medscreen.threshold": f"{card.operating_point.threshold:.6f}",
+        "medscreen.sensitivity_target": str(card.operating_point.sensitivity_target),
+        "medscreen.positive_finding": card.positive_finding,
+        "medscreen.card_schema": card.card_schema,
+        "medscreen.variant": card.onnx.variant,
+        "medscreen.onnx_sha256": card.onnx.sha256,
+        "medscreen.test_auc": f"{card.metrics.get('test_auc', float('nan')):.4f}",
+        "medscreen.run_id": run_id,
+        "medscreen.data.train.fingerprint": card.training_data.split_fingerprints["train"],
+        **extra_tags,
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(card.model_name, version, key, value)
+    client.update_model_version(
+        card.model_name,
+        version,
+        description=(
+            f"{card.task} ({card.onnx.variant}); threshold {card.operating_point.threshold:.4f} "
+            f"for sensitivity >= {card.operating_point.sensitivity_target:g} (validation); "
+            f"test AUC {card.metrics.get('test_auc', float('nan')):.4f}; run {run_id}"
+        ),
+    )
+    return ExportResult(model_name=card.model_name, version=version, card=card)
+
+
+def export_and_register(run_id: str, *, data_dir: Path | None = None) -> ExportResult:
+    """Export a training run's model to ONNX, pass it through the release gate, register it.
 
     Args:
         run_id: The MLflow run of ``medscreen train``.
@@ -109,21 +378,10 @@ def export_and_register(run_id: str, *, data_dir: Path | None = None) -> ExportR
         The registered model name, version and card.
 
     Raises:
-        ExportError: naming the check that failed.
+        ExportError: naming each check that failed, and by how much.
     """
-    configure_tracking()
-    client = MlflowClient()
-    try:
-        run = client.get_run(run_id)
-    except mlflow.exceptions.MlflowException as error:
-        raise ExportError(f"run {run_id!r} not found in {mlflow.get_tracking_uri()}") from error
-    recipe = Recipe.model_validate(
-        yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/{RECIPE_ARTIFACT}"))
-    )
-    operating_point = read_run_json(run_id, OPERATING_POINT_ARTIFACT)
-    lineage = read_run_json(run_id, LINEAGE_ARTIFACT)
-    spec = get_dataset_spec(recipe.data.dataset)
-
+    context = _load_run(run_id, data_dir)
+    spec, recipe = context.spec, context.recipe
     network = build_network(recipe.model, spec.image_shape[0], len(spec.classes))
     with tempfile.TemporaryDirectory() as download_dir:
         weights = mlflow.artifacts.download_artifacts(
@@ -131,166 +389,200 @@ def export_and_register(run_id: str, *, data_dir: Path | None = None) -> ExportR
         )
         network.load_state_dict(torch.load(weights, weights_only=True))
     network.eval()
+    val = context.split("val")
+    threshold = float(context.operating_point["threshold"])
 
-    val = load_split(
-        spec,
-        "val",
-        data_dir=data_dir or recipe.data.data_dir,
-        max_samples=recipe.data.max_val_samples,
-        seed=recipe.seed,
-    )
-    recorded = run.data.tags.get("medscreen.data.val.fingerprint")
-    if recorded != val.fingerprint:
-        raise ExportError(
-            f"validation data fingerprint {val.fingerprint} differs from the run's {recorded}: "
-            "parity must be checked on the data the run was validated on; nothing was registered"
-        )
-
-    threshold = float(operating_point["threshold"])
     with tempfile.TemporaryDirectory() as work_dir:
         onnx_path = Path(work_dir) / "model.onnx"
         export_onnx(network, spec.image_shape, onnx_path)
-        onnx_model = onnx.load(str(onnx_path))
-        try:
-            onnx.checker.check_model(onnx_model, full_check=True)
-        except onnx.checker.ValidationError as error:
-            raise ExportError(f"ONNX checker failed: {error}; nothing was registered") from error
+        onnx_model, checker = _check_onnx(onnx_path)
 
         torch_probabilities = predict_probabilities(network, val.images).numpy()
         runtime_probabilities = onnx_probabilities(onnx_path, val.images)
         difference = float(np.abs(torch_probabilities - runtime_probabilities).max())
         positive = spec.positive_classes
-        torch_decisions = positive_scores(torch_probabilities, positive) >= threshold
-        runtime_decisions = positive_scores(runtime_probabilities, positive) >= threshold
-        differing = int((torch_decisions != runtime_decisions).sum())
+        differing = int(
+            (
+                (positive_scores(torch_probabilities, positive) >= threshold)
+                != (positive_scores(runtime_probabilities, positive) >= threshold)
+            ).sum()
+        )
         tolerance = recipe.registration.parity_tolerance
-        if difference > tolerance or differing:
-            raise ExportError(
-                f"parity check failed on {len(val)} validation images: max abs difference "
-                f"{difference:.3g} (tolerance {tolerance:g}), {differing} decisions differ at "
-                f"threshold {threshold:.6f}; nothing was registered"
-            )
-
-        tags = run.data.tags
-        card = ModelCard(
-            model_name=recipe.registration.model_name,
-            task=spec.task,
-            intended_use=recipe.registration.intended_use,
-            limitations=recipe.registration.limitations,
-            classes=list(spec.classes),
-            positive_finding=spec.positive_finding,
-            positive_classes=list(spec.positive_classes),
-            input=InputSpec(
-                name=ONNX_INPUT,
-                dtype="uint8",
-                shape=["batch", *spec.image_shape],
-                value_range=(0, 255),
-                description=(
-                    "Raw pixel values; scaling, normalisation and resizing to the network's "
-                    f"{recipe.model.network_input_size} px happen inside the graph. Larger "
-                    "images are resized to this shape by the service before inference."
-                ),
-                modality=spec.modality,
-                channels="grayscale" if spec.image_shape[0] == 1 else "RGB",
-                height=spec.image_shape[-2],
-                width=spec.image_shape[-1],
+        gate = [
+            checker,
+            GateCheck(
+                check="parity probabilities",
+                passed=difference <= tolerance,
+                detail=f"max abs difference {difference:.3g} on {len(val)} validation images "
+                f"(tolerance {tolerance:g})",
             ),
-            output=TensorSpec(
-                name=ONNX_OUTPUT,
-                dtype="float32",
-                shape=["batch", len(spec.classes)],
-                value_range=(0, 1),
-                description=f"Softmax probability of each class, in order {list(spec.classes)}.",
+            GateCheck(
+                check="parity decisions",
+                passed=differing == 0,
+                detail=f"{differing} of {len(val)} decisions differ at threshold {threshold:.6f}",
             ),
-            operating_point=OperatingPoint(
-                threshold=threshold, sensitivity_target=operating_point["sensitivity_target"]
-            ),
-            metrics={
-                key: float(value)
-                for key, value in operating_point["metrics"].items()
-                if key.startswith(("selected_val_", "test_"))
-            },
-            training_data=TrainingData(
-                dataset=spec.name,
-                url=spec.url,
-                file_sha256=spec.sha256,
-                licence=spec.licence,
-                citation=spec.citation,
-                split_fingerprints={
-                    name: split["fingerprint_sha256"] for name, split in lineage["splits"].items()
-                },
-                split_rows={name: split["rows"] for name, split in lineage["splits"].items()},
-            ),
-            provenance=Provenance(
-                run_id=run_id,
-                experiment_id=run.info.experiment_id,
-                recipe=recipe.name,
-                git_commit=tags.get("medscreen.git_commit", "unknown"),
-                git_dirty=tags.get("medscreen.git_dirty", "unknown"),
-                seed=recipe.seed,
-                versions=package_versions(tags),
-            ),
-            onnx=OnnxArtifact(
+            *minimum_metric_checks(context.run.data.metrics, recipe.registration.minimum_metrics),
+        ]
+        _enforce(gate)
+        card = _build_card(
+            context,
+            threshold=threshold,
+            metrics=context.operating_point["metrics"],
+            onnx_artifact=OnnxArtifact(
                 sha256=_sha256(onnx_path),
+                size_bytes=onnx_path.stat().st_size,
                 opset=max(entry.version for entry in onnx_model.opset_import if not entry.domain),
                 parity_max_abs_difference=difference,
                 parity_tolerance=tolerance,
                 parity_cases=len(val),
                 parity_decisions_identical=True,
             ),
-            changelog=[
-                ChangelogEntry(
-                    date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                    change=f"Exported from run {run_id} (recipe {recipe.name}).",
-                )
-            ],
+            gate=gate,
+            change=f"Exported from run {run_id} (recipe {recipe.name}).",
         )
-        card_path = Path(work_dir) / CARD_FILENAME
-        card_path.write_text(card.model_dump_json(indent=2))
-        markdown_path = Path(work_dir) / CARD_MARKDOWN_FILENAME
-        markdown_path.write_text(card.to_markdown())
+        return _register(context, onnx_model, card, {})
 
-        signature = ModelSignature(
-            inputs=Schema(
-                [MlflowTensorSpec(np.dtype(np.uint8), (-1, *spec.image_shape), ONNX_INPUT)]
-            ),
-            outputs=Schema(
-                [MlflowTensorSpec(np.dtype(np.float32), (-1, len(spec.classes)), ONNX_OUTPUT)]
-            ),
+
+class _CalibrationImages(CalibrationDataReader):
+    """Feeds training images to onnxruntime's static quantisation calibrator."""
+
+    def __init__(self, images: np.ndarray, batch_size: int = 32) -> None:
+        self._batches = iter(
+            [
+                {ONNX_INPUT: images[start : start + batch_size]}
+                for start in range(0, len(images), batch_size)
+            ]
         )
-        with mlflow.start_run(run_id=run_id):
-            model_info = mlflow.onnx.log_model(
-                onnx_model,
-                name=REGISTRY_ARTIFACT_NAME,
-                signature=signature,
-                registered_model_name=card.model_name,
-                onnx_execution_providers=["CPUExecutionProvider"],
-                save_as_external_data=False,
-                extra_files=[str(card_path), str(markdown_path)],
-                metadata={"medscreen_card_schema": card.card_schema},
-            )
-            mlflow.log_artifact(str(card_path), "card")
-            mlflow.log_artifact(str(markdown_path), "card")
-            mlflow.log_metric("onnx_parity_max_abs_difference", difference)
 
-    version = str(model_info.registered_model_version)
-    for key, value in {
-        "medscreen.threshold": f"{threshold:.6f}",
-        "medscreen.sensitivity_target": str(operating_point["sensitivity_target"]),
-        "medscreen.positive_finding": spec.positive_finding,
-        "medscreen.card_schema": card.card_schema,
-        "medscreen.onnx_sha256": card.onnx.sha256,
-        "medscreen.run_id": run_id,
-        "medscreen.data.train.fingerprint": card.training_data.split_fingerprints["train"],
-    }.items():
-        client.set_model_version_tag(card.model_name, version, key, value)
-    client.update_model_version(
-        card.model_name,
-        version,
-        description=(
-            f"{spec.task}; threshold {threshold:.4f} for sensitivity >= "
-            f"{operating_point['sensitivity_target']:g} (validation); test AUC "
-            f"{card.metrics.get('test_auc', float('nan')):.4f}; run {run_id}"
-        ),
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+@contextlib.contextmanager
+def _quiet_per_channel_warnings() -> Iterator[None]:
+    """Onnxruntime warns on the root logger for each 1-D weight it keeps per-tensor."""
+    root = logging.getLogger()
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "is out-of-range for weight" not in record.getMessage()
+
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def quantise_int8(float_path: Path, calibration_images: np.ndarray, output_path: Path) -> None:
+    """Static INT8 quantisation (QDQ, per-channel weights) calibrated on training images.
+
+    Only the compute-heavy operators are quantised: a quantised softmax would give the
+    positive-finding probability a resolution of 1/255, too coarse for a threshold.
+    """
+    prepared = output_path.with_name("prepared.onnx")
+    quant_pre_process(str(float_path), str(prepared))
+    with _quiet_per_channel_warnings():
+        quantize_static(
+            str(prepared),
+            str(output_path),
+            _CalibrationImages(calibration_images),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["Conv", "Gemm", "MatMul"],
+        )
+
+
+def export_int8(float_result: ExportResult, *, data_dir: Path | None = None) -> ExportResult:
+    """Quantise a registered float version and register the INT8 copy as its own version.
+
+    The INT8 model is registered only if its validation AUC is within the recipe's
+    ``int8_max_auc_drop`` of the float model's. Its threshold is chosen again on validation for
+    the same sensitivity target; its test metrics must meet the recipe's minimums.
+
+    Raises:
+        ExportError: if quantisation fails or the INT8 model fails its gate.
+    """
+    context = _load_run(float_result.card.provenance.run_id, data_dir)
+    spec, recipe = context.spec, context.recipe
+    train, val, test = context.split("train"), context.split("val"), context.split("test")
+    positive = spec.positive_classes
+    float_dir = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{float_result.model_name}/{float_result.version}"
+        )
     )
-    return ExportResult(model_name=card.model_name, version=version, card=card)
+    with tempfile.TemporaryDirectory() as work_dir:
+        int8_path = Path(work_dir) / "model.onnx"
+        rows = np.random.default_rng(recipe.seed).permutation(len(train))[:_CALIBRATION_IMAGES]
+        quantise_int8(float_dir / "model.onnx", train.images[np.sort(rows)], int8_path)
+        onnx_model, checker = _check_onnx(int8_path)
+
+        float_val = onnx_probabilities(float_dir / "model.onnx", val.images)
+        int8_val = onnx_probabilities(int8_path, val.images)
+        val_truth = is_positive(val.labels, positive)
+        float_auc = operating_point_metrics(
+            val_truth, positive_scores(float_val, positive), 0.5
+        ).auc
+        int8_scores = positive_scores(int8_val, positive)
+        int8_auc = operating_point_metrics(val_truth, int8_scores, 0.5).auc
+        allowance = recipe.registration.int8_max_auc_drop
+        drop = float_auc - int8_auc
+        auc_check = GateCheck(
+            check="int8 validation AUC",
+            passed=drop <= allowance,
+            detail=f"{int8_auc:.4f} vs float {float_auc:.4f}: drop {drop:.4f} "
+            f"(allowed {allowance:g})",
+        )
+        _enforce([checker, auc_check])
+
+        target = recipe.evaluation.sensitivity_target
+        threshold = choose_threshold(val_truth, int8_scores, target)
+        test_truth = is_positive(test.labels, positive)
+        test_probabilities = onnx_probabilities(int8_path, test.images)
+        test_scores = positive_scores(test_probabilities, positive)
+        metrics = {
+            **operating_point_metrics(val_truth, int8_scores, threshold).as_dict("selected_val"),
+            **operating_point_metrics(test_truth, test_scores, threshold).as_dict("test"),
+            **metric_intervals(test_truth, test_scores, threshold, "test", seed=recipe.seed),
+            "test_accuracy": float(np.mean(test_probabilities.argmax(axis=1) == test.labels)),
+        }
+        gate = [
+            checker,
+            auc_check,
+            *minimum_metric_checks(metrics, recipe.registration.minimum_metrics),
+        ]
+        _enforce(gate)
+        card = _build_card(
+            context,
+            threshold=threshold,
+            metrics=metrics,
+            onnx_artifact=OnnxArtifact(
+                sha256=_sha256(int8_path),
+                size_bytes=int8_path.stat().st_size,
+                opset=max(entry.version for entry in onnx_model.opset_import if not entry.domain),
+                variant="int8",
+                parity_reference=f"float32 ONNX model (version {float_result.version})",
+                parity_max_abs_difference=float(np.abs(float_val - int8_val).max()),
+                parity_tolerance=None,
+                parity_cases=len(val),
+                parity_decisions_identical=bool(
+                    np.array_equal(
+                        positive_scores(float_val, positive)
+                        >= float_result.card.operating_point.threshold,
+                        int8_scores >= float_result.card.operating_point.threshold,
+                    )
+                ),
+            ),
+            gate=gate,
+            change=(
+                f"INT8 static quantisation of version {float_result.version} "
+                f"(run {context.run.info.run_id}); threshold chosen again on validation."
+            ),
+        )
+        with mlflow.start_run(run_id=context.run.info.run_id):
+            mlflow.log_metrics({"int8_val_auc": int8_auc, "int8_val_auc_drop": drop})
+        return _register(
+            context, onnx_model, card, {"medscreen.float_version": float_result.version}
+        )

@@ -83,6 +83,13 @@ class RegistrationSection(_Strict):
     parity_tolerance: float = Field(
         default=1e-4, gt=0, description="Max abs difference of ONNX and PyTorch probabilities."
     )
+    minimum_metrics: dict[str, float] = Field(
+        default_factory=dict,
+        description="Release gate: run metric name -> the least value a release may have.",
+    )
+    int8_max_auc_drop: float = Field(
+        default=0.005, ge=0, description="An INT8 model may lose at most this much AUC."
+    )
 
 
 class Recipe(_Strict):

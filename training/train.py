@@ -20,6 +20,7 @@ from training.data import ScreeningDataModule
 from training.evaluation import (
     choose_threshold,
     is_positive,
+    metric_intervals,
     operating_point_metrics,
     positive_scores,
 )
@@ -173,6 +174,7 @@ def train_recipe(recipe: Recipe, *, show_progress: bool = True) -> TrainingResul
             "threshold": threshold,
             **operating_point_metrics(val_truth, val_scores, threshold).as_dict("selected_val"),
             **operating_point_metrics(test_truth, test_scores, threshold).as_dict("test"),
+            **metric_intervals(test_truth, test_scores, threshold, "test", seed=recipe.seed),
             "test_accuracy": float(np.mean(test_probabilities.argmax(axis=1) == test.labels)),
         }
         mlflow.log_metrics(metrics)

@@ -1,0 +1,44 @@
+"""Operating point and interval arithmetic on known cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.evaluation import (
+    choose_threshold,
+    metric_intervals,
+    operating_point_metrics,
+    proportion_interval,
+)
+
+
+def test_threshold_reaches_the_target_with_best_specificity_and_a_margin():
+    truth = np.array([0, 0, 0, 1, 0, 1, 1, 1], dtype=bool)
+    scores = np.array([0.1, 0.2, 0.3, 0.35, 0.4, 0.6, 0.7, 0.9])
+    # 75% sensitivity: call 0.6, 0.7, 0.9 positive; the threshold sits between 0.4 and 0.6.
+    assert choose_threshold(truth, scores, 0.75) == pytest.approx(0.5)
+    # 100% sensitivity needs 0.35 called positive: midway to 0.3.
+    threshold = choose_threshold(truth, scores, 1.0)
+    assert threshold == pytest.approx(0.325)
+    metrics = operating_point_metrics(truth, scores, threshold)
+    assert metrics.sensitivity == 1.0 and metrics.specificity == 0.75
+    assert metrics.ppv == pytest.approx(4 / 5) and metrics.npv == 1.0
+
+
+def test_threshold_needs_both_classes():
+    with pytest.raises(ValueError, match="positive and negative"):
+        choose_threshold(np.ones(4, dtype=bool), np.linspace(0, 1, 4), 0.9)
+
+
+def test_intervals_contain_the_estimate():
+    rng = np.random.default_rng(1)
+    truth = rng.random(400) < 0.5
+    scores = np.clip(truth * 0.4 + rng.random(400) * 0.6, 0, 1)
+    point = operating_point_metrics(truth, scores, 0.5)
+    intervals = metric_intervals(truth, scores, 0.5, "test")
+    for name in ("auc", "sensitivity", "specificity", "ppv", "npv"):
+        low, high = intervals[f"test_{name}_ci_low"], intervals[f"test_{name}_ci_high"]
+        assert low < getattr(point, name) < high, name
+    low, high = proportion_interval(45, 50)
+    assert low == pytest.approx(0.7864, abs=1e-3) and high == pytest.approx(0.9565, abs=1e-3)

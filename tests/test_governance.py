@@ -1,0 +1,187 @@
+"""Release gate, approvals and alias history against a real MLflow registry."""
+
+from __future__ import annotations
+
+import datetime
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import QUICK_RECIPE, TINY_TRAINING, medscreen_command, medscreen_error_line
+
+pytestmark = pytest.mark.slow
+
+
+def _client() -> MlflowClient:
+    from training.tracking import configure_tracking
+
+    configure_tracking()
+    return MlflowClient()
+
+
+def _now() -> datetime.datetime:
+    moment = datetime.datetime.now(datetime.UTC)
+    time.sleep(0.01)
+    return moment
+
+
+@pytest.fixture(scope="module")
+def int8_version(registered_model):
+    from training.export import export_int8
+
+    return export_int8(registered_model)
+
+
+@pytest.fixture(scope="module")
+def second_float_version(trained_run):
+    from training import export_and_register
+
+    return export_and_register(trained_run[1].run_id)
+
+
+def test_int8_copy_is_its_own_gated_version(registered_model, int8_version):
+    card = int8_version.card
+    assert int8_version.version != registered_model.version
+    assert card.onnx.variant == "int8"
+    assert card.onnx.parity_reference == f"float32 ONNX model (version {registered_model.version})"
+    assert card.onnx.size_bytes < registered_model.card.onnx.size_bytes
+    auc_check = next(check for check in card.release_gate if check.check == "int8 validation AUC")
+    assert auc_check.passed
+    tags = _client().get_model_version(card.model_name, int8_version.version).tags
+    assert tags["medscreen.variant"] == "int8"
+    assert tags["medscreen.float_version"] == registered_model.version
+    assert tags["medscreen.release_gate"] == "passed"
+    # The threshold is chosen again on validation for the same sensitivity target.
+    assert card.metrics["selected_val_sensitivity"] >= card.operating_point.sensitivity_target
+    # The registered INT8 graph runs and gives probabilities.
+    model_dir = Path(
+        mlflow.artifacts.download_artifacts(f"models:/{card.model_name}/{int8_version.version}")
+    )
+    from training.export import onnx_probabilities
+
+    probabilities = onnx_probabilities(
+        model_dir / "model.onnx", np.zeros((3, 1, 28, 28), dtype=np.uint8)
+    )
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_failed_gates_register_nothing_and_say_by_how_much(medmnist_dir: Path):
+    from training import ExportError, export_and_register, load_recipe, train_recipe
+
+    # A parity tolerance no float32 export can meet, and a metric minimum no model reaches.
+    recipe = load_recipe(
+        QUICK_RECIPE,
+        [
+            f"data.data_dir={medmnist_dir}",
+            *TINY_TRAINING,
+            "optimisation.max_epochs=1",
+            "registration.model_name=gate-check",
+            "registration.parity_tolerance=1e-15",
+            "registration.minimum_metrics={test_auc: 0.9999}",
+        ],
+    )
+    result = train_recipe(recipe, show_progress=False)
+    with pytest.raises(ExportError) as failure:
+        export_and_register(result.run_id)
+    message = str(failure.value)
+    assert message.startswith("release gate failed: ")
+    assert "parity probabilities: max abs difference" in message
+    assert "minimum test_auc: " in message and "< 0.9999 (short by " in message
+    assert message.endswith("nothing was registered")
+    assert "parity decisions" not in message  # that check passed
+    assert _client().search_model_versions("name='gate-check'") == []
+
+
+def test_promotion_needs_an_approver_a_reason_and_a_passed_gate(registered_model):
+    from training.registry import GovernanceError, promote
+
+    name, version = registered_model.model_name, registered_model.version
+    with pytest.raises(GovernanceError, match="--approver"):
+        promote(name, version, alias="champion", approver=None, reason="ok")
+    with pytest.raises(GovernanceError, match="--reason"):
+        promote(name, version, alias="champion", approver="alice", reason="  ")
+    client = _client()
+    assert "champion" not in client.get_registered_model(name).aliases
+    # A version registered around medscreen (no release gate) cannot be promoted.
+    source = client.get_model_version(name, version).source
+    ungated = client.create_model_version(name, source)
+    with pytest.raises(GovernanceError, match="no passed release gate"):
+        promote(name, ungated.version, alias="champion", approver="alice", reason="try")
+    line = medscreen_error_line(
+        "models", "promote", name, version, "--to", "champion", "--reason", "no approver given"
+    )
+    assert "--approver" in line
+
+
+def test_history_answers_which_version_held_an_alias_at_a_time(
+    registered_model, second_float_version
+):
+    import subprocess
+
+    from training.registry import GovernanceError, alias_history, promote, rollback, version_at
+
+    name = registered_model.model_name
+    first, second = registered_model.version, second_float_version.version
+    before = _now()
+    promote(name, first, alias="champion", approver="alice", reason="initial release")
+    after_first = _now()
+    promote(name, second, alias="champion", approver="bob", reason="retrained")
+    after_second = _now()
+    event = rollback(name, alias="champion", approver="carol", reason="regional complaint")
+    after_rollback = _now()
+    assert (event.version, event.previous_version, event.action) == (first, second, "rollback")
+
+    assert version_at(name, "champion", before) is None
+    assert version_at(name, "champion", after_first) == first
+    assert version_at(name, "champion", after_second) == second
+    assert version_at(name, "champion", after_rollback) == first
+    assert str(_client().get_registered_model(name).aliases["champion"]) == first
+    champion_events = [e for e in alias_history(name) if e.alias == "champion"]
+    assert [(e.action, e.version, e.approver) for e in champion_events] == [
+        ("promote", first, "alice"),
+        ("promote", second, "bob"),
+        ("rollback", first, "carol"),
+    ]
+    tags = _client().get_model_version(name, first).tags
+    assert tags["medscreen.approval.champion.approved_by"] == "carol"
+    assert tags["medscreen.approval.champion.approval_reason"] == "regional complaint"
+    with pytest.raises(GovernanceError, match="give the time with its zone"):
+        version_at(name, "champion", after_first.replace(tzinfo=None))
+
+    completed = subprocess.run(
+        [
+            *medscreen_command(),
+            "models",
+            "history",
+            name,
+            "--alias",
+            "champion",
+            "--at",
+            after_second.isoformat(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert completed.stdout.strip().endswith(f"version {second}")
+    shown = subprocess.run(
+        [*medscreen_command(), "models", "show", f"{name}@champion"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert "parity probabilities" in shown.stdout and "test_auc" in shown.stdout
+    listed = subprocess.run(
+        [*medscreen_command(), "models", "list"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert name in listed.stdout

@@ -1,0 +1,225 @@
+"""``medscreen models``: list, show, promote, roll back, and the alias history."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Registered models: approvals, aliases and their history.", no_args_is_help=True
+)
+_SELECTOR = re.compile(r"^(?P<name>[^@/]+)(?:@(?P<alias>[^@/]+)|/(?P<version>\d+))?$")
+console = Console()
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command("list")
+def list_command() -> None:
+    """List registered models with their latest version and aliases."""
+    from mlflow.tracking import MlflowClient
+
+    from training.tracking import configure_tracking
+
+    configure_tracking()
+    table = Table("model", "versions", "aliases", "description")
+    for model in MlflowClient().search_registered_models():
+        versions = MlflowClient().search_model_versions(f"name='{model.name}'")
+        aliases = ", ".join(
+            f"{alias}→{version}" for alias, version in sorted(model.aliases.items())
+        )
+        table.add_row(model.name, str(len(versions)), aliases or "-", model.description or "")
+    console.print(table)
+
+
+@app.command("show")
+def show_command(
+    selector: Annotated[str, typer.Argument(help="NAME, NAME@ALIAS or NAME/VERSION.")],
+) -> None:
+    """Show a model's versions, or one version with its card, gate and approvals."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from training.tracking import configure_tracking
+
+    match = _SELECTOR.match(selector)
+    if not match:
+        _fail(f"{selector!r} is not NAME, NAME@ALIAS or NAME/VERSION")
+    configure_tracking()
+    client = MlflowClient()
+    name = match["name"]
+    try:
+        if match["alias"]:
+            _show_version(client.get_model_version_by_alias(name, match["alias"]))
+        elif match["version"]:
+            _show_version(client.get_model_version(name, match["version"]))
+        else:
+            _show_model(client, client.get_registered_model(name).name)
+    except MlflowException as error:
+        _fail(f"{selector}: {error.message}")
+
+
+def _show_model(client, name: str) -> None:
+    from training.registry import unrecorded_aliases
+
+    table = Table(
+        "version", "aliases", "variant", "gate", "threshold", "test AUC", "run", title=name
+    )
+    versions = client.search_model_versions(f"name='{name}'")
+    for entry in sorted(versions, key=lambda item: int(item.version)):
+        tags = entry.tags
+        table.add_row(
+            entry.version,
+            ", ".join(entry.aliases) or "-",
+            tags.get("medscreen.variant", "?"),
+            tags.get("medscreen.release_gate", "none"),
+            tags.get("medscreen.threshold", "?"),
+            tags.get("medscreen.test_auc", "?"),
+            entry.run_id,
+        )
+    console.print(table)
+    for alias, held in unrecorded_aliases(name).items():
+        console.print(
+            f"[red]warning[/red]: alias {alias}→{held} was set outside medscreen "
+            "(no approval recorded)"
+        )
+
+
+def _show_version(version) -> None:
+    import mlflow
+
+    card_path = mlflow.artifacts.download_artifacts(
+        f"models:/{version.name}/{version.version}/extra_files/card.json"
+    )
+    with open(card_path) as stream:
+        card = json.load(stream)
+    console.print(
+        f"[bold]{version.name}[/bold] version {version.version} "
+        f"(aliases: {', '.join(version.aliases) or 'none'})"
+    )
+    console.print(version.description or "")
+    tags = Table("tag", "value")
+    for key, value in sorted(version.tags.items()):
+        tags.add_row(key, value)
+    console.print(tags)
+    gate = Table("release gate check", "result", "detail")
+    for check in card["release_gate"]:
+        gate.add_row(check["check"], "passed" if check["passed"] else "FAILED", check["detail"])
+    console.print(gate)
+    metrics = Table("metric", "value", "95% interval")
+    for metric, value in card["metrics"].items():
+        interval = card.get("confidence_intervals", {}).get(metric)
+        metrics.add_row(
+            metric, f"{value:.4f}", f"{interval[0]:.4f} to {interval[1]:.4f}" if interval else ""
+        )
+    console.print(metrics)
+
+
+def _approval_command(action: str):
+    def run(function, **kwargs) -> None:
+        from training.registry import GovernanceError
+
+        try:
+            event = function(**kwargs)
+        except GovernanceError as error:
+            _fail(str(error))
+        typer.echo(
+            f"{action}: {kwargs['name']}@{event.alias} -> version {event.version} "
+            f"(was {event.previous_version or 'unset'}), approved by {event.approver} "
+            f"at {event.time}"
+        )
+
+    return run
+
+
+@app.command("promote")
+def promote_command(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Version to promote.")],
+    to: Annotated[str, typer.Option("--to", help="Alias to point at it, e.g. champion.")],
+    approver: Annotated[str | None, typer.Option(help="ID of the approving person.")] = None,
+    reason: Annotated[str | None, typer.Option(help="Why this version is approved.")] = None,
+) -> None:
+    """Point an alias at a version that passed its release gate, recording the approval."""
+    from training.registry import promote
+
+    _approval_command("promoted")(
+        promote, name=name, version=version, alias=to, approver=approver, reason=reason
+    )
+
+
+@app.command("rollback")
+def rollback_command(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    alias: Annotated[str, typer.Option(help="Alias to roll back, e.g. champion.")],
+    approver: Annotated[str | None, typer.Option(help="ID of the approving person.")] = None,
+    reason: Annotated[str | None, typer.Option(help="Why the alias goes back.")] = None,
+) -> None:
+    """Point an alias back at the version it held before its latest change."""
+    from training.registry import rollback
+
+    _approval_command("rolled back")(
+        rollback, name=name, alias=alias, approver=approver, reason=reason
+    )
+
+
+@app.command("history")
+def history_command(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    alias: Annotated[str | None, typer.Option(help="Only this alias.")] = None,
+    at: Annotated[
+        str | None,
+        typer.Option(help="With --alias: which version held it at this ISO time (with zone)."),
+    ] = None,
+) -> None:
+    """Show every recorded alias change; with --alias and --at, the version at that time."""
+    from training.registry import GovernanceError, alias_history, version_at
+
+    try:
+        if at is not None:
+            if alias is None:
+                _fail("--at needs --alias")
+            try:
+                moment = datetime.datetime.fromisoformat(at.replace("Z", "+00:00"))
+            except ValueError:
+                _fail(f"--at: {at!r} is not an ISO 8601 time")
+            held = version_at(name, alias, moment)
+            typer.echo(
+                f"{name}@{alias} at {moment.isoformat()}: "
+                f"{'version ' + held if held else 'no version'}"
+            )
+            return
+        events = alias_history(name)
+    except GovernanceError as error:
+        _fail(str(error))
+    table = Table(
+        "time (UTC)",
+        "action",
+        "alias",
+        "version",
+        "previous",
+        "approver",
+        "reason",
+        title=f"{name}: alias history",
+    )
+    for event in events:
+        if alias is None or event.alias == alias:
+            table.add_row(
+                event.time,
+                event.action,
+                event.alias,
+                event.version,
+                event.previous_version or "-",
+                event.approver,
+                event.reason,
+            )
+    console.print(table)
