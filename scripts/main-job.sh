@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Main job: set up, then train -> track -> export -> register -> serve -> one real prediction.
+# Main job: set up, then train -> track -> export (release gate) -> register -> approve
+# -> serve -> one real prediction.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -14,16 +15,20 @@ PORT=${MEDSCREEN_PORT:-$(.venv/bin/python -c 'import socket; s=socket.socket(); 
 STATE=${MEDSCREEN_STATE_DIR:-mlruns}
 mkdir -p "$STATE"
 
-echo "== 1/4 train $RECIPE (tracked in MLflow: ${MLFLOW_TRACKING_URI:-sqlite:///$STATE/mlflow.db})"
+echo "== 1/5 train $RECIPE (tracked in MLflow: ${MLFLOW_TRACKING_URI:-sqlite:///$STATE/mlflow.db})"
 RUN_ID=$(medscreen train "$RECIPE" | tail -n 1)
 echo "run id: $RUN_ID"
 
-echo "== 2/4 export to ONNX, check parity, register"
+echo "== 2/5 export to ONNX through the release gate, register"
 read -r MODEL_NAME MODEL_VERSION < <(medscreen export --run-id "$RUN_ID" | tail -n 1)
 echo "registered: $MODEL_NAME version $MODEL_VERSION"
 
-echo "== 3/4 serve $MODEL_NAME@$MODEL_VERSION on 127.0.0.1:$PORT (log: $STATE/serve.log)"
-medscreen serve --model "$MODEL_NAME@$MODEL_VERSION" --port "$PORT" >"$STATE/serve.log" 2>&1 &
+echo "== 3/5 approve: $MODEL_NAME version $MODEL_VERSION becomes @champion"
+medscreen models promote "$MODEL_NAME" "$MODEL_VERSION" --to champion \
+  --approver "${MEDSCREEN_APPROVER:-main-job}" --reason "main job demo release of run $RUN_ID"
+
+echo "== 4/5 serve $MODEL_NAME@champion on 127.0.0.1:$PORT (log: $STATE/serve.log)"
+medscreen serve --model "$MODEL_NAME@champion" --port "$PORT" >"$STATE/serve.log" 2>&1 &
 SERVER_PID=$!
 trap 'kill "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null || true' EXIT
 for _ in $(seq 120); do
@@ -32,5 +37,5 @@ for _ in $(seq 120); do
   sleep 1
 done
 
-echo "== 4/4 screen $IMAGE"
+echo "== 5/5 screen $IMAGE"
 medscreen predict "$IMAGE" --url "http://127.0.0.1:$PORT"

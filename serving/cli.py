@@ -19,27 +19,14 @@ def serve_command(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
 ) -> None:
     """Serve a registered model over HTTP with BentoML (POST /v1/screen)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
     from serving.errors import ModelLoadError
-    from serving.model import ModelReference
+    from serving.model import resolve_version
 
     uri = tracking_uri()
     try:
-        reference = ModelReference.parse(model)
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        if reference.is_version:
-            client.get_model_version(reference.name, reference.selector)
-        else:
-            client.get_model_version_by_alias(reference.name, reference.selector)
+        resolve_version(model, tracking=uri)
     except ModelLoadError as error:
         typer.echo(f"error: --model: {error}", err=True)
-        raise typer.Exit(2) from None
-    except MlflowException as error:
-        typer.echo(
-            f"error: --model: {model!r} is not in the registry at {uri} ({error.message})", err=True
-        )
         raise typer.Exit(2) from None
     environment = os.environ | {
         MODEL_ENV: model,

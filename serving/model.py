@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import onnxruntime
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import ValidationError
@@ -19,6 +20,7 @@ from serving.card import CARD_FILENAME, ServedCard
 from serving.errors import ModelLoadError
 from serving.settings import tracking_uri
 
+GATE_TAG = "medscreen.release_gate"
 _REFERENCE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)@(?P<selector>[A-Za-z0-9_.-]+)$")
 
 
@@ -93,18 +95,30 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_served_model(reference: str, *, tracking: str | None = None) -> ServedModel:
-    """Resolve a registered model, download it, check its card and checksum, and load it.
+def _check_governance(reference: str, parsed: ModelReference, version: ModelVersion) -> None:
+    """Serve only versions that passed the release gate, and aliases set by an approval."""
+    if version.tags.get(GATE_TAG) != "passed":
+        raise ModelLoadError(
+            f"{reference!r} (version {version.version}) has no passed release gate; "
+            "register models with `medscreen export`"
+        )
+    if not parsed.is_version and not version.tags.get(
+        f"medscreen.approval.{parsed.selector}.approved_by"
+    ):
+        raise ModelLoadError(
+            f"alias {parsed.selector!r} points at version {version.version} without a recorded "
+            "approval; move aliases with `medscreen models promote`"
+        )
 
-    Args:
-        reference: ``NAME@ALIAS`` or ``NAME@VERSION``.
-        tracking: Tracking/registry URI (default: :func:`tracking_uri`).
 
-    Returns:
-        The loaded model.
+def resolve_version(
+    reference: str, *, tracking: str | None = None
+) -> tuple[ModelReference, ModelVersion]:
+    """Find the registry version a reference names, and check that it may be served.
 
     Raises:
-        ModelLoadError: if the model, version or alias is unknown, or the download fails checks.
+        ModelLoadError: if the reference is malformed or unknown, the version has no passed
+            release gate, or an alias was moved without a recorded approval.
     """
     parsed = ModelReference.parse(reference)
     uri = tracking or tracking_uri()
@@ -118,6 +132,25 @@ def load_served_model(reference: str, *, tracking: str | None = None) -> ServedM
         raise ModelLoadError(
             f"no registered model version {reference!r} in {uri}: {error.message}"
         ) from error
+    _check_governance(reference, parsed, version)
+    return parsed, version
+
+
+def load_served_model(reference: str, *, tracking: str | None = None) -> ServedModel:
+    """Resolve a registered model, download it, check its card and checksum, and load it.
+
+    Args:
+        reference: ``NAME@ALIAS`` or ``NAME@VERSION``.
+        tracking: Tracking/registry URI (default: :func:`tracking_uri`).
+
+    Returns:
+        The loaded model.
+
+    Raises:
+        ModelLoadError: if the model, version or alias is unknown, or the download fails checks.
+    """
+    uri = tracking or tracking_uri()
+    parsed, version = resolve_version(reference, tracking=uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -121,13 +122,14 @@ class RunningServer:
 @pytest.fixture(scope="session")
 def served_model(registered_model, tmp_path_factory: pytest.TempPathFactory):
     """The real BentoML server, started by `medscreen serve` on a free port, by alias."""
-    from mlflow.tracking import MlflowClient
+    from training.registry import promote
 
-    from serving import tracking_uri
-
-    client = MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
-    client.set_registered_model_alias(
-        registered_model.model_name, "candidate", registered_model.version
+    promote(
+        registered_model.model_name,
+        registered_model.version,
+        alias="candidate",
+        approver="ci-serving-tests",
+        reason="serve the test model by alias",
     )
     port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
@@ -162,7 +164,8 @@ def served_model(registered_model, tmp_path_factory: pytest.TempPathFactory):
             time.sleep(0.5)
         yield RunningServer(url=url, log_path=log_path, process=process)
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:

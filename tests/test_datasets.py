@@ -70,6 +70,24 @@ def test_catalogue_entry_names_source_licence_and_positive_finding():
     assert spec.positive_classes == (1,)
 
 
+@pytest.mark.parametrize(
+    ("name", "positive_classes", "shape", "rows"),
+    [
+        ("breastmnist", (0,), (1, 28, 28), 78),  # malignant is class 0
+        ("retinamnist", (2, 3, 4), (3, 28, 28), 120),  # referable: grade 2 or more
+        ("vesselmnist3d", (1,), (1, 28, 28, 28), 191),
+    ],
+)
+def test_every_task_loads_channels_first_with_its_positive_classes(
+    medmnist_dir: Path, name: str, positive_classes: tuple, shape: tuple, rows: int
+):
+    spec = get_dataset_spec(name)
+    assert spec.positive_classes == positive_classes
+    val = load_split(spec, "val", data_dir=medmnist_dir)
+    assert val.images.shape == (rows, *shape) and val.images.dtype == np.uint8
+    assert set(np.unique(val.labels)) <= set(range(len(spec.classes)))
+
+
 def test_unknown_dataset_is_named():
     with pytest.raises(DatasetError, match="unknown dataset 'nosuch'"):
         get_dataset_spec("nosuch")

@@ -185,3 +185,19 @@ def test_history_answers_which_version_held_an_alias_at_a_time(
         check=True,
     )
     assert name in listed.stdout
+
+
+def test_serving_refuses_unapproved_aliases_and_ungated_versions(registered_model):
+    from serving import ModelLoadError, load_served_model
+
+    name = registered_model.model_name
+    client = _client()
+    client.set_registered_model_alias(name, "rogue", registered_model.version)
+    with pytest.raises(ModelLoadError, match="without a recorded approval"):
+        load_served_model(f"{name}@rogue")
+    source = client.get_model_version(name, registered_model.version).source
+    ungated = client.create_model_version(name, source)
+    with pytest.raises(ModelLoadError, match="no passed release gate"):
+        load_served_model(f"{name}@{ungated.version}")
+    loaded = load_served_model(f"{name}@{registered_model.version}")
+    assert loaded.version == registered_model.version

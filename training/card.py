@@ -36,6 +36,7 @@ class InputSpec(TensorSpec):
     channels: str
     height: int
     width: int
+    depth: int | None = None
 
 
 class OperatingPoint(_Card):
@@ -43,6 +44,9 @@ class OperatingPoint(_Card):
 
     threshold: float = Field(ge=0, le=1)
     sensitivity_target: float
+    temperature: float = Field(
+        default=1.0, gt=0, description="Softmax temperature fitted on validation (in the graph)."
+    )
     chosen_on: str = "validation split"
     rule: str = "positive when the positive-finding probability >= threshold"
 

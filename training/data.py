@@ -32,21 +32,27 @@ class ImageSplitDataset(Dataset):
         return image, self.labels[index]
 
 
-def build_augmentation(section: AugmentationSection, seed: int) -> Compose | None:
+def build_augmentation(
+    section: AugmentationSection, spatial_dims: int, seed: int
+) -> Compose | None:
     """Return the MONAI augmentation a recipe asks for, or None when it asks for none."""
     transforms = []
     if section.rotate_degrees or section.scale_fraction or section.translate_pixels:
+        # 2D rotates in-plane; 3D rotates about each axis.
+        rotations = 1 if spatial_dims == 2 else 3
         transforms.append(
             RandAffine(
                 prob=1.0,
-                rotate_range=np.deg2rad(section.rotate_degrees),
-                scale_range=(section.scale_fraction, section.scale_fraction),
-                translate_range=(section.translate_pixels, section.translate_pixels),
+                rotate_range=(np.deg2rad(section.rotate_degrees),) * rotations,
+                scale_range=(section.scale_fraction,) * spatial_dims,
+                translate_range=(section.translate_pixels,) * spatial_dims,
                 padding_mode="zeros",
             )
         )
     if section.horizontal_flip_probability:
-        transforms.append(RandFlip(prob=section.horizontal_flip_probability, spatial_axis=1))
+        transforms.append(
+            RandFlip(prob=section.horizontal_flip_probability, spatial_axis=spatial_dims - 1)
+        )
     if not transforms:
         return None
     return Compose(transforms).set_random_state(seed=seed)
@@ -94,7 +100,8 @@ class ScreeningDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, augmented training batches."""
-        augment = build_augmentation(self.recipe.augmentation, self.recipe.seed)
+        spatial_dims = len(self.spec.image_shape) - 1
+        augment = build_augmentation(self.recipe.augmentation, spatial_dims, self.recipe.seed)
         return self._loader("train", shuffle=True, augment=augment)
 
     def val_dataloader(self) -> DataLoader:

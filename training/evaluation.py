@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, softmax
 from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+from torchmetrics.functional.classification import binary_calibration_error
 
 
 def positive_scores(probabilities: np.ndarray, positive_classes: tuple[int, ...]) -> np.ndarray:
@@ -140,3 +145,63 @@ def metric_intervals(
         flat[f"{prefix}_{name}_ci_low"] = low
         flat[f"{prefix}_{name}_ci_high"] = high
     return flat
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Fit the softmax temperature that minimises the negative log-likelihood (on validation)."""
+
+    def negative_log_likelihood(log_temperature: float) -> float:
+        scaled = logits / np.exp(log_temperature)
+        return float(-np.mean(log_softmax(scaled, axis=1)[np.arange(len(labels)), labels]))
+
+    fitted = minimize_scalar(negative_log_likelihood, bounds=(-3.0, 3.0), method="bounded")
+    return float(np.exp(fitted.x))
+
+
+def calibrated_probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Softmax of temperature-scaled logits: what the exported graph returns."""
+    return softmax(logits / temperature, axis=1)
+
+
+def expected_calibration_error(truth: np.ndarray, scores: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error (L1, equal-width bins) of the positive-finding probability."""
+    return float(
+        binary_calibration_error(
+            torch.as_tensor(scores, dtype=torch.float32),
+            torch.as_tensor(truth, dtype=torch.long),
+            n_bins=bins,
+            norm="l1",
+        )
+    )
+
+
+def screening_report(
+    truth: np.ndarray,
+    scores: np.ndarray,
+    threshold: float,
+    prefix: str,
+    *,
+    seed: int = 0,
+    sites: np.ndarray | None = None,
+) -> dict[str, float]:
+    """All screening metrics of one split: operating point, 95% intervals, calibration.
+
+    With ``sites``, the same metrics are added per site as ``{prefix}_site_{site}_...``.
+    """
+    report = {
+        **operating_point_metrics(truth, scores, threshold).as_dict(prefix),
+        **metric_intervals(truth, scores, threshold, prefix, seed=seed),
+        f"{prefix}_ece": expected_calibration_error(truth, scores),
+    }
+    for site in [] if sites is None else sorted(set(sites.tolist())):
+        rows = sites == site
+        name = re.sub(r"[^A-Za-z0-9_-]", "_", str(site))
+        if truth[rows].all() or not truth[rows].any():
+            report[f"{prefix}_site_{name}_cases"] = float(rows.sum())
+            continue  # AUC and intervals need both classes at the site
+        report.update(
+            screening_report(
+                truth[rows], scores[rows], threshold, f"{prefix}_site_{name}", seed=seed
+            )
+        )
+    return report

@@ -139,13 +139,15 @@ def _load_run(run_id: str, data_dir: Path | None) -> _RunContext:
     )
 
 
-def export_onnx(network: torch.nn.Module, image_shape: tuple[int, ...], path: Path) -> None:
+def export_onnx(
+    network: torch.nn.Module, image_shape: tuple[int, ...], path: Path, temperature: float = 1.0
+) -> None:
     """Write the probability graph (uint8 images in, dynamic batch) to ``path``."""
     example = torch.zeros((2, *image_shape), dtype=torch.uint8)
     # The exporter warns about every torchvision op it cannot register; none is used here.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     torch.onnx.export(
-        ProbabilityModel(network).eval(),
+        ProbabilityModel(network, temperature).eval(),
         (example,),
         str(path),
         input_names=[ONNX_INPUT],
@@ -268,6 +270,7 @@ def _build_card(
             channels="grayscale" if spec.image_shape[0] == 1 else "RGB",
             height=spec.image_shape[-2],
             width=spec.image_shape[-1],
+            depth=spec.image_shape[-3] if len(spec.image_shape) == 4 else None,
         ),
         output=TensorSpec(
             name=ONNX_OUTPUT,
@@ -279,6 +282,7 @@ def _build_card(
         operating_point=OperatingPoint(
             threshold=threshold,
             sensitivity_target=context.operating_point["sensitivity_target"],
+            temperature=context.operating_point.get("temperature", 1.0),
         ),
         metrics=values,
         confidence_intervals=intervals,
@@ -382,7 +386,7 @@ def export_and_register(run_id: str, *, data_dir: Path | None = None) -> ExportR
     """
     context = _load_run(run_id, data_dir)
     spec, recipe = context.spec, context.recipe
-    network = build_network(recipe.model, spec.image_shape[0], len(spec.classes))
+    network = build_network(recipe.model, spec.image_shape, len(spec.classes))
     with tempfile.TemporaryDirectory() as download_dir:
         weights = mlflow.artifacts.download_artifacts(
             f"runs:/{run_id}/{WEIGHTS_ARTIFACT}", dst_path=download_dir
@@ -391,13 +395,14 @@ def export_and_register(run_id: str, *, data_dir: Path | None = None) -> ExportR
     network.eval()
     val = context.split("val")
     threshold = float(context.operating_point["threshold"])
+    temperature = float(context.operating_point.get("temperature", 1.0))
 
     with tempfile.TemporaryDirectory() as work_dir:
         onnx_path = Path(work_dir) / "model.onnx"
-        export_onnx(network, spec.image_shape, onnx_path)
+        export_onnx(network, spec.image_shape, onnx_path, temperature)
         onnx_model, checker = _check_onnx(onnx_path)
 
-        torch_probabilities = predict_probabilities(network, val.images).numpy()
+        torch_probabilities = predict_probabilities(network, val.images, temperature)
         runtime_probabilities = onnx_probabilities(onnx_path, val.images)
         difference = float(np.abs(torch_probabilities - runtime_probabilities).max())
         positive = spec.positive_classes

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from monai.networks import nets
 from torch import nn
 from torch.nn import functional
 
 from training.recipe import ModelSection
+
+_INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
 
 class ScreeningNetwork(nn.Module):
@@ -20,64 +23,73 @@ class ScreeningNetwork(nn.Module):
     def __init__(
         self,
         backbone: nn.Module,
+        spatial_dims: int,
         network_input_size: int,
         intensity_mean: float,
         intensity_std: float,
     ) -> None:
         super().__init__()
         self.backbone = backbone
+        self.spatial_dims = spatial_dims
         self.network_input_size = network_input_size
         self.register_buffer("intensity_mean", torch.tensor(intensity_mean, dtype=torch.float32))
         self.register_buffer("intensity_std", torch.tensor(intensity_std, dtype=torch.float32))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Return logits of shape (N, classes) for uint8 images of shape (N, C, H, W)."""
+        """Return logits of shape (N, classes) for uint8 images of shape (N, C, *spatial)."""
         scaled = images.to(torch.float32) / 255.0
         normalised = (scaled - self.intensity_mean) / self.intensity_std
         resized = functional.interpolate(
             normalised,
-            size=(self.network_input_size, self.network_input_size),
-            mode="bilinear",
+            size=(self.network_input_size,) * self.spatial_dims,
+            mode=_INTERPOLATION[self.spatial_dims],
             align_corners=False,
         )
         return self.backbone(resized)
 
 
 class ProbabilityModel(nn.Module):
-    """The exported graph: uint8 images in, class probabilities out."""
+    """The exported graph: uint8 images in, temperature-scaled class probabilities out."""
 
-    def __init__(self, network: ScreeningNetwork) -> None:
+    def __init__(self, network: ScreeningNetwork, temperature: float = 1.0) -> None:
         super().__init__()
         self.network = network
+        self.register_buffer("temperature", torch.tensor(temperature, dtype=torch.float32))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Return softmax probabilities of shape (N, classes)."""
-        return torch.softmax(self.network(images), dim=1)
+        return torch.softmax(self.network(images) / self.temperature, dim=1)
 
 
-def build_network(section: ModelSection, in_channels: int, num_classes: int) -> ScreeningNetwork:
+def build_network(
+    section: ModelSection, image_shape: tuple[int, ...], num_classes: int
+) -> ScreeningNetwork:
     """Build the MONAI backbone a recipe names, wrapped with its preprocessing.
 
     Args:
         section: The recipe's model section.
-        in_channels: Image channels of the dataset.
+        image_shape: (C, *spatial) of the dataset; 2D or 3D.
         num_classes: Number of output classes.
 
     Returns:
         The network, ready to train.
     """
+    in_channels, spatial_dims = image_shape[0], len(image_shape) - 1
     params = dict(section.network_params)
     if section.network == "ResNet":
         params.setdefault("block", "basic")
         params.setdefault("layers", (2, 2, 2, 2))
         params.setdefault("block_inplanes", (64, 128, 256, 512))
         backbone = nets.ResNet(
-            spatial_dims=2, n_input_channels=in_channels, num_classes=num_classes, **params
+            spatial_dims=spatial_dims,
+            n_input_channels=in_channels,
+            num_classes=num_classes,
+            **params,
         )
     else:
         densenet = nets.DenseNet121 if section.network == "DenseNet121" else nets.DenseNet
         backbone = densenet(
-            spatial_dims=2,
+            spatial_dims=spatial_dims,
             in_channels=in_channels,
             out_channels=num_classes,
             dropout_prob=section.dropout,
@@ -85,6 +97,7 @@ def build_network(section: ModelSection, in_channels: int, num_classes: int) -> 
         )
     return ScreeningNetwork(
         backbone,
+        spatial_dims=spatial_dims,
         network_input_size=section.network_input_size,
         intensity_mean=section.intensity_mean,
         intensity_std=section.intensity_std,
@@ -92,10 +105,23 @@ def build_network(section: ModelSection, in_channels: int, num_classes: int) -> 
 
 
 @torch.no_grad()
-def predict_probabilities(
-    network: ScreeningNetwork, images: torch.Tensor | object, batch_size: int = 256
-) -> torch.Tensor:
-    """Return class probabilities for uint8 images, in batches, in evaluation mode."""
-    model = ProbabilityModel(network).eval()
+def predict_logits(
+    network: ScreeningNetwork, images: np.ndarray | torch.Tensor, batch_size: int = 256
+) -> np.ndarray:
+    """Return class logits for uint8 images, in batches, in evaluation mode."""
+    network.eval()
     images = torch.as_tensor(images)
-    return torch.cat([model(batch) for batch in images.split(batch_size)])
+    return torch.cat([network(batch) for batch in images.split(batch_size)]).numpy()
+
+
+@torch.no_grad()
+def predict_probabilities(
+    network: ScreeningNetwork,
+    images: np.ndarray | torch.Tensor,
+    temperature: float = 1.0,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Return the exported graph's probabilities for uint8 images, in evaluation mode."""
+    model = ProbabilityModel(network, temperature).eval()
+    images = torch.as_tensor(images)
+    return torch.cat([model(batch) for batch in images.split(batch_size)]).numpy()

@@ -12,20 +12,26 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import yaml
+from matplotlib import pyplot
 from monai.utils import set_determinism
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from sklearn.metrics import roc_auc_score
 
 from datasets import ImageSplit
 from training.data import ScreeningDataModule
 from training.evaluation import (
+    calibrated_probabilities,
     choose_threshold,
+    expected_calibration_error,
+    fit_temperature,
     is_positive,
-    metric_intervals,
     operating_point_metrics,
     positive_scores,
+    screening_report,
 )
 from training.lit_models import ScreeningClassifier
-from training.models import build_network, predict_probabilities
+from training.models import ScreeningNetwork, build_network, predict_logits
+from training.plots import confusion_figure, curves_figure, reliability_figure
 from training.recipe import Recipe
 from training.tracking import configure_tracking, ensure_experiment, provenance
 
@@ -94,7 +100,7 @@ def train_recipe(recipe: Recipe, *, show_progress: bool = True) -> TrainingResul
     datamodule = ScreeningDataModule(recipe)
     datamodule.setup()
     spec = datamodule.spec
-    network = build_network(recipe.model, spec.image_shape[0], len(spec.classes))
+    network = build_network(recipe.model, spec.image_shape, len(spec.classes))
     class_weights = (
         datamodule.class_weights() if recipe.optimisation.class_weighting == "balanced" else None
     )
@@ -158,30 +164,14 @@ def train_recipe(recipe: Recipe, *, show_progress: bool = True) -> TrainingResul
         )
 
         val, test = datamodule.splits["val"], datamodule.splits["test"]
-        val_probabilities = predict_probabilities(network, val.images).numpy()
-        test_probabilities = predict_probabilities(network, test.images).numpy()
-        positive = spec.positive_classes
-        val_truth, test_truth = (
-            is_positive(val.labels, positive),
-            is_positive(test.labels, positive),
-        )
-        val_scores = positive_scores(val_probabilities, positive)
-        test_scores = positive_scores(test_probabilities, positive)
-        target = recipe.evaluation.sensitivity_target
-        threshold = choose_threshold(val_truth, val_scores, target)
-        metrics = {
-            "best_epoch": float(best_epoch),
-            "threshold": threshold,
-            **operating_point_metrics(val_truth, val_scores, threshold).as_dict("selected_val"),
-            **operating_point_metrics(test_truth, test_scores, threshold).as_dict("test"),
-            **metric_intervals(test_truth, test_scores, threshold, "test", seed=recipe.seed),
-            "test_accuracy": float(np.mean(test_probabilities.argmax(axis=1) == test.labels)),
-        }
+        metrics, temperature, threshold = _evaluate(network, val, test, recipe)
+        metrics["best_epoch"] = float(best_epoch)
         mlflow.log_metrics(metrics)
         mlflow.log_dict(
             {
                 "threshold": threshold,
-                "sensitivity_target": target,
+                "sensitivity_target": recipe.evaluation.sensitivity_target,
+                "temperature": temperature,
                 "chosen_on": "val",
                 "rule": "positive when the positive-finding probability >= threshold",
                 "metrics": metrics,
@@ -193,6 +183,77 @@ def train_recipe(recipe: Recipe, *, show_progress: bool = True) -> TrainingResul
             torch.save(network.state_dict(), weights_path)
             mlflow.log_artifact(str(weights_path), str(Path(WEIGHTS_ARTIFACT).parent))
         return TrainingResult(run_id=run.info.run_id, threshold=threshold, metrics=metrics)
+
+
+def _evaluate(
+    network: ScreeningNetwork, val: ImageSplit, test: ImageSplit, recipe: Recipe
+) -> tuple[dict[str, float], float, float]:
+    """Calibrate and choose the threshold on validation, then report test once, with plots.
+
+    Returns:
+        The metrics, the fitted temperature and the threshold.
+    """
+    spec = val.spec
+    positive = spec.positive_classes
+    val_logits, test_logits = (
+        predict_logits(network, val.images),
+        predict_logits(network, test.images),
+    )
+    temperature = fit_temperature(val_logits, val.labels)
+    val_probabilities = calibrated_probabilities(val_logits, temperature)
+    test_probabilities = calibrated_probabilities(test_logits, temperature)
+    val_truth, test_truth = is_positive(val.labels, positive), is_positive(test.labels, positive)
+    val_scores = positive_scores(val_probabilities, positive)
+    test_scores = positive_scores(test_probabilities, positive)
+    threshold = choose_threshold(val_truth, val_scores, recipe.evaluation.sensitivity_target)
+    uncalibrated = positive_scores(calibrated_probabilities(test_logits, 1.0), positive)
+    metrics = {
+        "threshold": threshold,
+        "temperature": temperature,
+        **operating_point_metrics(val_truth, val_scores, threshold).as_dict("selected_val"),
+        **screening_report(test_truth, test_scores, threshold, "test", seed=recipe.seed),
+        "test_ece_uncalibrated": expected_calibration_error(test_truth, uncalibrated),
+        "test_accuracy": float(np.mean(test_probabilities.argmax(axis=1) == test.labels)),
+    }
+    if len(spec.classes) > 2:
+        metrics["test_multiclass_auc"] = float(
+            roc_auc_score(
+                test.labels,
+                test_probabilities,
+                multi_class="ovr",
+                average="macro",
+                labels=list(range(len(spec.classes))),
+            )
+        )
+    finding = spec.positive_finding
+    for figure, name in (
+        (
+            curves_figure(val_truth, val_scores, threshold, f"validation: {finding}"),
+            "plots/val_roc_pr.png",
+        ),
+        (
+            curves_figure(test_truth, test_scores, threshold, f"test: {finding}"),
+            "plots/test_roc_pr.png",
+        ),
+        (
+            confusion_figure(
+                test_truth.astype(int),
+                (test_scores >= threshold).astype(int),
+                ["negative", finding],
+                f"test at threshold {threshold:.3f}",
+            ),
+            "plots/test_confusion_at_threshold.png",
+        ),
+        (
+            reliability_figure(
+                test_truth, uncalibrated, test_scores, f"test calibration (T = {temperature:.2f})"
+            ),
+            "plots/test_reliability.png",
+        ),
+    ):
+        mlflow.log_figure(figure, name)
+        pyplot.close(figure)
+    return metrics, temperature, threshold
 
 
 def read_run_json(run_id: str, artifact: str) -> dict:
