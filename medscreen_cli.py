@@ -1,11 +1,17 @@
 """The ``medscreen`` command: one subcommand per job, composed from the three packages."""
 
+import logging
+
 import typer
 
 from datasets.cli import app as datasets_app
 from serving.cli import predict_command, serve_command
-from training.cli import export_command, train_command
+from training.cli import evaluate_command, export_command, train_command
 from training.models_cli import app as models_app
+
+# The embedded store announces its schema migrations on first use; an error must stay one line.
+for noisy in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
 
 app = typer.Typer(
     help="medscreen: train, track, export, register and serve medical screening models.",
@@ -16,6 +22,7 @@ app.add_typer(datasets_app, name="datasets")
 app.add_typer(models_app, name="models")
 app.command("train")(train_command)
 app.command("export")(export_command)
+app.command("evaluate")(evaluate_command)
 app.command("serve")(serve_command)
 app.command("predict")(predict_command)
 

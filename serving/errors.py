@@ -1,14 +1,9 @@
 """Errors the service turns into client (4xx) responses."""
 
-from http import HTTPStatus
+from datasets.images import ImageDecodeError
 
-
-class InputError(ValueError):
-    """An upload the service cannot use. ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> None:
-        super().__init__(message)
-        self.status = status
+# An upload the service cannot use; ``status`` is the HTTP status to answer with.
+InputError = ImageDecodeError
 
 
 class ModelLoadError(RuntimeError):

@@ -66,10 +66,11 @@ def export_command(
     """
     from datasets import DatasetError
     from training.export import ExportError, export_and_register, export_int8
+    from training.runs import RunError
 
     try:
         result = export_and_register(run_id, data_dir=data_dir)
-    except (ExportError, DatasetError) as error:
+    except (RunError, DatasetError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     typer.echo(
@@ -86,3 +87,31 @@ def export_command(
             typer.echo(f"error: int8: {error}", err=True)
             raise typer.Exit(3) from None
         typer.echo(f"{quantised.model_name} {quantised.version}")
+
+
+def evaluate_command(
+    run_id: Annotated[str, typer.Option(help="Training run whose model is evaluated.")],
+    manifest: Annotated[
+        Path, typer.Option(help="CSV of path,label[,patient_id][,site] (paths relative to it).")
+    ],
+) -> None:
+    """Evaluate a trained model on a hospital's own images; log a run linked to the model's."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from datasets import DatasetError
+    from training.evaluate import evaluate_manifest
+    from training.runs import RunError
+
+    try:
+        result = evaluate_manifest(run_id, manifest)
+    except (DatasetError, RunError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    table = Table("metric", "value", "95% interval", title=f"evaluation run {result.run_id}")
+    for name in ("auc", "sensitivity", "specificity", "ppv", "npv"):
+        value = result.metrics[f"eval_{name}"]
+        low, high = result.metrics[f"eval_{name}_ci_low"], result.metrics[f"eval_{name}_ci_high"]
+        table.add_row(name, f"{value:.4f}", f"{low:.4f} to {high:.4f}")
+    Console(stderr=True).print(table)
+    typer.echo(result.run_id)

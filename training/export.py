@@ -23,7 +23,6 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
-import yaml
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema
@@ -36,7 +35,6 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from datasets import DatasetSpec, ImageSplit, get_dataset_spec, load_split
 from training.card import (
     CARD_FILENAME,
     CARD_MARKDOWN_FILENAME,
@@ -57,16 +55,9 @@ from training.evaluation import (
     operating_point_metrics,
     positive_scores,
 )
-from training.models import ProbabilityModel, build_network, predict_probabilities
-from training.recipe import Recipe
-from training.tracking import configure_tracking, package_versions
-from training.train import (
-    LINEAGE_ARTIFACT,
-    OPERATING_POINT_ARTIFACT,
-    RECIPE_ARTIFACT,
-    WEIGHTS_ARTIFACT,
-    read_run_json,
-)
+from training.models import ProbabilityModel, predict_probabilities
+from training.runs import RunContext, RunError, load_run_context
+from training.tracking import package_versions
 
 ONNX_INPUT, ONNX_OUTPUT = "image", "probabilities"
 REGISTRY_ARTIFACT_NAME = "onnx-model"
@@ -74,7 +65,7 @@ GATE_PASSED_TAG = "medscreen.release_gate"
 _CALIBRATION_IMAGES = 512
 
 
-class ExportError(RuntimeError):
+class ExportError(RunError):
     """The model could not be exported or failed a check; nothing was registered."""
 
 
@@ -85,58 +76,6 @@ class ExportResult:
     model_name: str
     version: str
     card: ModelCard
-
-
-@dataclass
-class _RunContext:
-    """What export needs from a training run."""
-
-    run: mlflow.entities.Run
-    recipe: Recipe
-    spec: DatasetSpec
-    operating_point: dict
-    lineage: dict
-    data_dir: Path | None
-
-    def split(self, name: str) -> ImageSplit:
-        limits = {
-            "train": self.recipe.data.max_train_samples,
-            "val": self.recipe.data.max_val_samples,
-            "test": self.recipe.data.max_test_samples,
-        }
-        loaded = load_split(
-            self.spec,
-            name,
-            data_dir=self.data_dir or self.recipe.data.data_dir,
-            max_samples=limits[name],
-            seed=self.recipe.seed,
-        )
-        recorded = self.run.data.tags.get(f"medscreen.data.{name}.fingerprint")
-        if recorded != loaded.fingerprint:
-            raise ExportError(
-                f"{name} data fingerprint {loaded.fingerprint} differs from the run's {recorded}: "
-                "checks must use the data the run used; nothing was registered"
-            )
-        return loaded
-
-
-def _load_run(run_id: str, data_dir: Path | None) -> _RunContext:
-    configure_tracking()
-    try:
-        run = MlflowClient().get_run(run_id)
-    except mlflow.exceptions.MlflowException as error:
-        raise ExportError(f"run {run_id!r} not found in {mlflow.get_tracking_uri()}") from error
-    recipe = Recipe.model_validate(
-        yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/{RECIPE_ARTIFACT}"))
-    )
-    return _RunContext(
-        run=run,
-        recipe=recipe,
-        spec=get_dataset_spec(recipe.data.dataset),
-        operating_point=read_run_json(run_id, OPERATING_POINT_ARTIFACT),
-        lineage=read_run_json(run_id, LINEAGE_ARTIFACT),
-        data_dir=data_dir,
-    )
 
 
 def export_onnx(
@@ -238,7 +177,7 @@ def _split_metrics(metrics: dict[str, float]) -> tuple[dict[str, float], dict[st
 
 
 def _build_card(
-    context: _RunContext,
+    context: RunContext,
     *,
     threshold: float,
     metrics: dict[str, float],
@@ -314,7 +253,7 @@ def _build_card(
 
 
 def _register(
-    context: _RunContext, onnx_model: onnx.ModelProto, card: ModelCard, extra_tags: dict[str, str]
+    context: RunContext, onnx_model: onnx.ModelProto, card: ModelCard, extra_tags: dict[str, str]
 ) -> ExportResult:
     """Log the graph, card and signature to the run and register them as a new version."""
     spec, run_id = context.spec, context.run.info.run_id
@@ -384,15 +323,9 @@ def export_and_register(run_id: str, *, data_dir: Path | None = None) -> ExportR
     Raises:
         ExportError: naming each check that failed, and by how much.
     """
-    context = _load_run(run_id, data_dir)
+    context = load_run_context(run_id, data_dir)
     spec, recipe = context.spec, context.recipe
-    network = build_network(recipe.model, spec.image_shape, len(spec.classes))
-    with tempfile.TemporaryDirectory() as download_dir:
-        weights = mlflow.artifacts.download_artifacts(
-            f"runs:/{run_id}/{WEIGHTS_ARTIFACT}", dst_path=download_dir
-        )
-        network.load_state_dict(torch.load(weights, weights_only=True))
-    network.eval()
+    network = context.network()
     val = context.split("val")
     threshold = float(context.operating_point["threshold"])
     temperature = float(context.operating_point.get("temperature", 1.0))
@@ -509,7 +442,7 @@ def export_int8(float_result: ExportResult, *, data_dir: Path | None = None) -> 
     Raises:
         ExportError: if quantisation fails or the INT8 model fails its gate.
     """
-    context = _load_run(float_result.card.provenance.run_id, data_dir)
+    context = load_run_context(float_result.card.provenance.run_id, data_dir)
     spec, recipe = context.spec, context.recipe
     train, val, test = context.split("train"), context.split("val"), context.split("test")
     positive = spec.positive_classes

@@ -1,0 +1,127 @@
+"""A hospital's own data: manifests, patient-disjoint splits, and linked evaluation runs."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from datasets import (
+    DatasetError,
+    get_dataset_spec,
+    load_manifest,
+    load_split,
+    patient_disjoint_split,
+)
+from tests.conftest import medscreen_error_line
+
+SECRET = "PATIENT-SECRET-"
+
+
+def _write_manifest(
+    folder: Path, medmnist_dir: Path, shared_datasets: Path, rows: int = 40
+) -> Path:
+    test = load_split(get_dataset_spec("pneumoniamnist"), "test", data_dir=medmnist_dir)
+    chosen = np.concatenate(
+        [
+            np.flatnonzero(test.labels == 0)[: rows // 2],
+            np.flatnonzero(test.labels == 1)[: rows // 2],
+        ]
+    )
+    images = folder / "images"
+    images.mkdir()
+    entries = []
+    for number, index in enumerate(chosen):
+        name = f"images/case{number:03d}.png"
+        Image.fromarray(test.images[index, 0]).save(folder / name)
+        entries.append(
+            {
+                "path": name,
+                "label": ["normal", "pneumonia"][test.labels[index]],
+                "patient_id": f"{SECRET}{number // 2:04d}",
+                "site": "north" if number % 2 else "south",
+            }
+        )
+    entries.append(
+        {
+            "path": str(shared_datasets / "dicom" / "nih_chestxray14_dx_1024.dcm"),
+            "label": "0",
+            "patient_id": f"{SECRET}dicom",
+            "site": "south",
+        }
+    )
+    manifest = folder / "manifest.csv"
+    with manifest.open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=["path", "label", "patient_id", "site"])
+        writer.writeheader()
+        writer.writerows(entries)
+    return manifest
+
+
+def test_manifest_reads_pngs_and_dicom_with_sites(tmp_path, medmnist_dir, shared_datasets):
+    manifest = _write_manifest(tmp_path, medmnist_dir, shared_datasets)
+    data = load_manifest(manifest, get_dataset_spec("pneumoniamnist"))
+    assert data.images.shape == (41, 1, 28, 28) and data.images.dtype == np.uint8
+    assert data.labels.tolist().count(1) == 20
+    assert set(data.sites.tolist()) == {"north", "south"}
+    assert SECRET not in data.fingerprint
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "message"),
+    [
+        ({"path": "images/nowhere.png", "label": "normal"}, "No such file"),
+        ({"path": "notes.txt", "label": "normal"}, "not a PNG, JPEG or DICOM"),
+        ({"path": "images/ok.png", "label": "bronchitis"}, "label 'bronchitis' is not one of"),
+        ({"path": "images/ok.png", "label": "7"}, "label '7' is not one of"),
+    ],
+)
+def test_bad_manifest_row_is_named_before_any_work(tmp_path: Path, bad_row: dict, message: str):
+    (tmp_path / "images").mkdir()
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(buffer, format="PNG")
+    (tmp_path / "images" / "ok.png").write_bytes(buffer.getvalue())
+    (tmp_path / "notes.txt").write_text("not an image")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"path,label\nimages/ok.png,normal\n{bad_row['path']},{bad_row['label']}\n")
+    with pytest.raises(DatasetError, match=rf"manifest.csv:3: .*{message}"):
+        load_manifest(manifest, get_dataset_spec("pneumoniamnist"))
+    line = medscreen_error_line("evaluate", "--run-id", "0" * 32, "--manifest", str(manifest))
+    assert "manifest.csv:3" in line or "not found" in line
+
+
+def test_patient_disjoint_split_keeps_each_patient_in_one_split():
+    patients = np.repeat([f"p{number}" for number in range(50)], 3)
+    splits = patient_disjoint_split(patients, val_fraction=0.2, test_fraction=0.2, seed=0)
+    seen = [set(patients[rows]) for rows in splits.values()]
+    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+    assert sorted(np.concatenate(list(splits.values())).tolist()) == list(range(150))
+    assert len(seen[2]) == 10 and len(seen[1]) == 10
+
+
+@pytest.mark.slow
+def test_evaluation_is_a_linked_run_without_patient_identifiers(
+    trained_run, tmp_path, medmnist_dir, shared_datasets
+):
+    from training.evaluate import evaluate_manifest
+
+    _, training = trained_run
+    manifest = _write_manifest(tmp_path, medmnist_dir, shared_datasets)
+    result = evaluate_manifest(training.run_id, manifest)
+    from training.tracking import configure_tracking
+
+    configure_tracking()
+    run = MlflowClient().get_run(result.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == training.run_id
+    assert run.data.tags["medscreen.evaluates_run_id"] == training.run_id
+    metrics = run.data.metrics
+    assert metrics["eval_cases"] == 41 and metrics["eval_positives"] == 20
+    assert metrics["eval_auc_ci_low"] <= metrics["eval_auc"] <= metrics["eval_auc_ci_high"]
+    assert metrics["eval_site_north_cases"] == 20 and metrics["eval_site_south_cases"] == 21
+    recorded = " ".join([*run.data.params.values(), *run.data.tags.values(), *metrics])
+    assert SECRET not in recorded

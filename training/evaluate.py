@@ -1,0 +1,111 @@
+"""Evaluation stage: a trained model on data it has never seen, logged as a linked run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from matplotlib import pyplot
+
+from datasets import DatasetError, load_manifest
+from training.evaluation import is_positive, positive_scores, screening_report
+from training.models import predict_probabilities
+from training.plots import confusion_figure, curves_figure
+from training.runs import load_run_context
+from training.tracking import provenance
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """An evaluation run and its headline metrics."""
+
+    run_id: str
+    evaluated_run_id: str
+    metrics: dict[str, float]
+
+
+def evaluate_manifest(run_id: str, manifest: Path) -> EvaluationResult:
+    """Evaluate a training run's model on a hospital's manifest, at the run's own threshold.
+
+    Every row is read and checked before anything is logged. The evaluation is a new MLflow run
+    in the model's experiment, nested under the training run (``mlflow.parentRunId``) and tagged
+    with it; per-site metrics are added when the manifest has a ``site`` column. Patient IDs are
+    never logged.
+
+    Args:
+        run_id: The training run whose model is evaluated.
+        manifest: CSV of ``path,label[,patient_id][,site]``.
+
+    Returns:
+        The evaluation run id and its metrics.
+
+    Raises:
+        DatasetError: naming the manifest line that is wrong.
+        RunError: if the training run does not exist.
+    """
+    context = load_run_context(run_id)
+    spec = context.spec
+    data = load_manifest(manifest, spec)
+    network = context.network()
+    probabilities = predict_probabilities(network, data.images, context.temperature)
+    truth = is_positive(data.labels, spec.positive_classes)
+    scores = positive_scores(probabilities, spec.positive_classes)
+    threshold = context.threshold
+    if truth.all() or not truth.any():
+        raise DatasetError(f"{manifest}: evaluation needs both positive and negative rows")
+    metrics = screening_report(
+        truth, scores, threshold, "eval", seed=context.recipe.seed, sites=data.sites
+    )
+    with mlflow.start_run(
+        experiment_id=context.run.info.experiment_id,
+        run_name=f"evaluate {context.recipe.name} on {manifest.name}",
+        tags={
+            "mlflow.parentRunId": run_id,
+            "medscreen.evaluates_run_id": run_id,
+            "medscreen.dataset": spec.name,
+            "medscreen.manifest.fingerprint": data.fingerprint,
+            **provenance(),
+        },
+    ) as run:
+        mlflow.log_params(
+            {
+                "manifest": manifest.name,
+                "rows": len(data),
+                "sites": 0 if data.sites is None else len(set(data.sites.tolist())),
+                "threshold": threshold,
+                "temperature": context.temperature,
+            }
+        )
+        dataset = mlflow.data.from_numpy(
+            features=data.images,
+            targets=data.labels,
+            source=str(manifest.resolve()),
+            name=f"manifest-{manifest.stem}",
+            digest=data.fingerprint[:32],
+        )
+        mlflow.log_input(
+            dataset,
+            context="evaluation",
+            tags={"fingerprint_sha256": data.fingerprint, "rows": str(len(data))},
+        )
+        mlflow.log_metrics(metrics)
+        finding = spec.positive_finding
+        for figure, name in (
+            (
+                curves_figure(truth, scores, threshold, f"{manifest.name}: {finding}"),
+                "plots/eval_roc_pr.png",
+            ),
+            (
+                confusion_figure(
+                    truth.astype(int),
+                    (scores >= threshold).astype(int),
+                    ["negative", finding],
+                    f"at threshold {threshold:.3f}",
+                ),
+                "plots/eval_confusion_at_threshold.png",
+            ),
+        ):
+            mlflow.log_figure(figure, name)
+            pyplot.close(figure)
+    return EvaluationResult(run_id=run.info.run_id, evaluated_run_id=run_id, metrics=metrics)
