@@ -1,0 +1,171 @@
+"""ECG beats from WFDB records (MIT-BIH Arrhythmia Database) for arrhythmia monitoring.
+
+Beats are windowed around the annotated R peaks of one lead, with the RR intervals a beat's
+timing is judged by, and mapped to the AAMI EC57 classes. The inter-patient split of de Chazal
+et al. (2004) is named here: DS1 for training (validation held out by record), DS2 for testing;
+a record never crosses splits. Signal conditioning (a 0.5 Hz high-pass) is code shared with the
+service, like the image decoder, so monitoring and training see the same beats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.signal import butter, sosfiltfilt
+
+from datasets.errors import DatasetError
+
+AAMI_CLASSES = ("N", "S", "V", "F", "Q")
+# MIT-BIH beat symbols to AAMI classes; other annotations (rhythm, noise, '!' flutter waves,
+# 'x' non-conducted P waves) are not beats and are skipped.
+AAMI_BY_SYMBOL = {
+    **dict.fromkeys(("N", "L", "R", "e", "j"), "N"),
+    **dict.fromkeys(("A", "a", "J", "S"), "S"),
+    **dict.fromkeys(("V", "E"), "V"),
+    "F": "F",
+    **dict.fromkeys(("/", "f", "Q"), "Q"),
+}
+# de Chazal et al., IEEE TBME 51(7), 2004; the paced records 102, 104, 107, 217 are in neither.
+DS1_RECORDS = (
+    "101", "106", "108", "109", "112", "114", "115", "116", "118", "119", "122", "124",
+    "201", "203", "205", "207", "208", "209", "215", "220", "223", "230",
+)  # fmt: skip
+DS2_RECORDS = (
+    "100", "103", "105", "111", "113", "117", "121", "123", "200", "202", "210", "212",
+    "213", "214", "219", "221", "222", "228", "231", "232", "233", "234",
+)  # fmt: skip
+SAMPLING_RATE_HZ = 360
+WINDOW_BEFORE, WINDOW_AFTER = 90, 166  # samples around the R peak: 0.25 s before, 0.46 s after
+LOCAL_RR_BEATS = 10
+
+
+@dataclass(frozen=True)
+class BeatSet:
+    """Beats of some records.
+
+    Attributes:
+        windows: float32 (N, 1, WINDOW_BEFORE + WINDOW_AFTER), high-passed signal in mV.
+        rr_seconds: float32 (N, 4): previous RR, next RR, mean of the previous
+            ``LOCAL_RR_BEATS`` RRs, and the record's mean RR.
+        labels: int64 AAMI class index (N,).
+        records: Record name of each beat (N,).
+        fingerprint: SHA-256 over each record's files and the record list.
+    """
+
+    windows: np.ndarray
+    rr_seconds: np.ndarray
+    labels: np.ndarray
+    records: np.ndarray
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, rows: np.ndarray) -> BeatSet:
+        """The beats at ``rows`` (the fingerprint stays that of the source records)."""
+        return BeatSet(
+            self.windows[rows],
+            self.rr_seconds[rows],
+            self.labels[rows],
+            self.records[rows],
+            self.fingerprint,
+        )
+
+
+def high_pass(signal: np.ndarray, sampling_rate: float) -> np.ndarray:
+    """Remove baseline wander: zero-phase 0.5 Hz Butterworth high-pass."""
+    sections = butter(2, 0.5, btype="highpass", fs=sampling_rate, output="sos")
+    return sosfiltfilt(sections, signal).astype(np.float32)
+
+
+def rr_intervals(peaks: np.ndarray, sampling_rate: float) -> np.ndarray:
+    """The four RR features (seconds) of each beat from its R-peak sample positions."""
+    intervals = np.diff(peaks) / sampling_rate
+    previous = np.concatenate([[intervals[0]], intervals])
+    following = np.concatenate([intervals, [intervals[-1]]])
+    cumulative = np.concatenate([[0.0], np.cumsum(previous)])
+    counts = np.minimum(np.arange(1, len(previous) + 1), LOCAL_RR_BEATS)
+    ends = np.arange(1, len(previous) + 1)
+    local = (cumulative[ends] - cumulative[ends - counts]) / counts
+    record_mean = np.full(len(previous), intervals.mean())
+    return np.stack([previous, following, local, record_mean], axis=1).astype(np.float32)
+
+
+def beat_windows(signal: np.ndarray, peaks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cut a window around each peak; return the windows and which peaks had a full window."""
+    inside = (peaks - WINDOW_BEFORE >= 0) & (peaks + WINDOW_AFTER <= len(signal))
+    offsets = np.arange(-WINDOW_BEFORE, WINDOW_AFTER)
+    windows = signal[peaks[inside, None] + offsets][:, None, :]
+    return windows.astype(np.float32), inside
+
+
+def _record_digest(records_dir: Path, record: str) -> str:
+    digest = hashlib.sha256()
+    for suffix in (".hea", ".dat", ".atr"):
+        path = records_dir / f"{record}{suffix}"
+        try:
+            digest.update(path.read_bytes())
+        except OSError as error:
+            raise DatasetError(f"{path}: {error.strerror or 'cannot read'}") from error
+    return digest.hexdigest()
+
+
+def load_beats(
+    records_dir: Path, records: tuple[str, ...] | list[str], lead: str = "MLII"
+) -> BeatSet:
+    """Read the annotated beats of the given records from a directory of WFDB files.
+
+    Args:
+        records_dir: Directory with ``<record>.hea``, ``.dat`` and ``.atr`` files.
+        records: Record names, for example :data:`DS1_RECORDS`.
+        lead: Signal name to use (MIT-BIH: ``MLII`` in all but a few records' first channel).
+
+    Returns:
+        All beats of an AAMI class, in record order.
+
+    Raises:
+        DatasetError: naming the record file that is missing, corrupt or lacks the lead.
+    """
+    import wfdb  # imported here: the catalogue and image paths do not need it
+
+    parts, digest = [], hashlib.sha256()
+    for record in records:
+        path = records_dir / record
+        digest.update(f"{record}:{_record_digest(records_dir, record)}\n".encode())
+        try:
+            header = wfdb.rdheader(str(path))
+            if lead not in header.sig_name:
+                raise DatasetError(f"{path}.hea: no lead {lead!r} (has {header.sig_name})")
+            signal_record = wfdb.rdrecord(str(path), channel_names=[lead])
+            annotation = wfdb.rdann(str(path), "atr")
+        except DatasetError:
+            raise
+        except Exception as error:  # wfdb raises many kinds on a corrupt record
+            raise DatasetError(
+                f"{path}: unreadable WFDB record ({type(error).__name__}: {error})"
+            ) from error
+        signal = signal_record.p_signal[:, 0]
+        if not np.isfinite(signal).all():
+            raise DatasetError(f"{path}.dat: the {lead} signal has missing samples")
+        rate = float(signal_record.fs)
+        keep = np.array([symbol in AAMI_BY_SYMBOL for symbol in annotation.symbol])
+        peaks = np.asarray(annotation.sample)[keep]
+        symbols = np.asarray(annotation.symbol)[keep]
+        if len(peaks) < 2:
+            raise DatasetError(f"{path}.atr: fewer than two annotated beats")
+        rr = rr_intervals(peaks, rate)
+        windows, inside = beat_windows(high_pass(signal, rate), peaks)
+        labels = np.array([AAMI_CLASSES.index(AAMI_BY_SYMBOL[s]) for s in symbols[inside]])
+        parts.append((windows, rr[inside], labels, np.full(len(labels), record)))
+    if not parts:
+        raise DatasetError("no records given")
+    return BeatSet(
+        windows=np.concatenate([part[0] for part in parts]),
+        rr_seconds=np.concatenate([part[1] for part in parts]),
+        labels=np.concatenate([part[2] for part in parts]).astype(np.int64),
+        records=np.concatenate([part[3] for part in parts]),
+        fingerprint=digest.hexdigest(),
+    )

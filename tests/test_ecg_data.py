@@ -1,0 +1,70 @@
+"""WFDB beats of the MIT-BIH Arrhythmia Database: AAMI classes, RR features, bad records."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datasets import DatasetError
+from datasets.ecg import (
+    AAMI_CLASSES,
+    DS1_RECORDS,
+    DS2_RECORDS,
+    WINDOW_AFTER,
+    WINDOW_BEFORE,
+    load_beats,
+    rr_intervals,
+)
+
+
+@pytest.fixture(scope="module")
+def mitdb(shared_datasets: Path) -> Path:
+    return shared_datasets / "mitdb"
+
+
+def test_ds1_beats_match_the_published_aami_counts(mitdb: Path):
+    beats = load_beats(mitdb, DS1_RECORDS)
+    counts = dict(zip(AAMI_CLASSES, np.bincount(beats.labels, minlength=5).tolist(), strict=True))
+    # de Chazal et al. 2004, Table I (DS1): N 45866, S 944, V 3788, F 415, Q 8; a few beats
+    # closer to a record's edge than the window are dropped here.
+    assert counts["S"] == 944 and counts["V"] == 3788 and counts["Q"] == 8
+    assert 45800 <= counts["N"] <= 45866 and 410 <= counts["F"] <= 415
+    assert beats.windows.shape == (len(beats), 1, WINDOW_BEFORE + WINDOW_AFTER)
+    assert beats.windows.dtype == np.float32 and np.isfinite(beats.windows).all()
+    assert set(beats.records.tolist()) == set(DS1_RECORDS)
+    assert not set(DS1_RECORDS) & set(DS2_RECORDS)
+
+
+def test_record_114_uses_its_second_channel_for_mlii(mitdb: Path):
+    beats = load_beats(mitdb, ["114"])
+    assert len(beats) > 1800
+    # The R peak sits at the window's centre point: the MLII lead is upright there.
+    assert np.median(beats.windows[beats.labels == 0, 0, WINDOW_BEFORE]) > 0
+
+
+def test_rr_features_on_known_peaks():
+    peaks = np.array([0, 360, 720, 900, 1440])  # 1 s, 1 s, 0.5 s (premature), 1.5 s
+    rr = rr_intervals(peaks, 360.0)
+    np.testing.assert_allclose(rr[3], [0.5, 1.5, (1 + 1 + 1 + 0.5) / 4, 1.0])
+    np.testing.assert_allclose(rr[0, :2], [1.0, 1.0])
+
+
+def test_fingerprint_changes_with_the_records(mitdb: Path):
+    first, again = load_beats(mitdb, ["101"]), load_beats(mitdb, ["101"])
+    assert first.fingerprint == again.fingerprint
+    assert load_beats(mitdb, ["106"]).fingerprint != first.fingerprint
+
+
+def test_bad_records_are_named(mitdb: Path, tmp_path: Path):
+    for suffix in (".hea", ".dat", ".atr"):
+        shutil.copy(mitdb / f"101{suffix}", tmp_path / f"101{suffix}")
+    (tmp_path / "101.dat").write_bytes((mitdb / "101.dat").read_bytes()[:1000])
+    with pytest.raises(DatasetError, match=r"101: unreadable WFDB record"):
+        load_beats(tmp_path, ["101"])
+    with pytest.raises(DatasetError, match=r"999\.hea: No such file"):
+        load_beats(tmp_path, ["999"])
+    with pytest.raises(DatasetError, match=r"101\.hea: no lead 'V9'"):
+        load_beats(mitdb, ["101"], lead="V9")
