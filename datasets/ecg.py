@@ -48,6 +48,8 @@ class BeatSet:
 
     Attributes:
         windows: float32 (N, 1, WINDOW_BEFORE + WINDOW_AFTER), high-passed signal in mV.
+        templates: float32, same shape: the median beat of each beat's record, the patient's
+            own typical beat that a beat's shape is compared with.
         rr_seconds: float32 (N, 4): previous RR, next RR, mean of the previous
             ``LOCAL_RR_BEATS`` RRs, and the record's mean RR.
         labels: int64 AAMI class index (N,).
@@ -56,6 +58,7 @@ class BeatSet:
     """
 
     windows: np.ndarray
+    templates: np.ndarray
     rr_seconds: np.ndarray
     labels: np.ndarray
     records: np.ndarray
@@ -67,11 +70,12 @@ class BeatSet:
     def subset(self, rows: np.ndarray) -> BeatSet:
         """The beats at ``rows`` (the fingerprint stays that of the source records)."""
         return BeatSet(
-            self.windows[rows],
-            self.rr_seconds[rows],
-            self.labels[rows],
-            self.records[rows],
-            self.fingerprint,
+            windows=self.windows[rows],
+            templates=self.templates[rows],
+            rr_seconds=self.rr_seconds[rows],
+            labels=self.labels[rows],
+            records=self.records[rows],
+            fingerprint=self.fingerprint,
         )
 
 
@@ -159,13 +163,19 @@ def load_beats(
         rr = rr_intervals(peaks, rate)
         windows, inside = beat_windows(high_pass(signal, rate), peaks)
         labels = np.array([AAMI_CLASSES.index(AAMI_BY_SYMBOL[s]) for s in symbols[inside]])
-        parts.append((windows, rr[inside], labels, np.full(len(labels), record)))
+        template = np.median(windows, axis=0, keepdims=True)
+        templates = np.repeat(template, len(windows), axis=0)
+        parts.append((windows, templates, rr[inside], labels, np.full(len(labels), record)))
     if not parts:
         raise DatasetError("no records given")
+    windows, templates, rr_seconds, labels, record_names = (
+        np.concatenate([part[index] for part in parts]) for index in range(5)
+    )
     return BeatSet(
-        windows=np.concatenate([part[0] for part in parts]),
-        rr_seconds=np.concatenate([part[1] for part in parts]),
-        labels=np.concatenate([part[2] for part in parts]).astype(np.int64),
-        records=np.concatenate([part[3] for part in parts]),
+        windows=windows,
+        templates=templates.astype(np.float32),
+        rr_seconds=rr_seconds,
+        labels=labels.astype(np.int64),
+        records=record_names,
         fingerprint=digest.hexdigest(),
     )

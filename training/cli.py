@@ -30,22 +30,31 @@ def train_command(
     from rich.console import Console
     from rich.table import Table
 
-    from training.train import train_recipe
+    from training.recipe import EcgRecipe
 
     try:
-        result = train_recipe(resolved, show_progress=progress)
+        if isinstance(resolved, EcgRecipe):
+            from training.ecg import train_ecg
+
+            result = train_ecg(resolved, show_progress=progress)
+            shown = [f"val_{name}_{rate}" for name in ("S", "V") for rate in ("sensitivity", "ppv")]
+        else:
+            from training.train import train_recipe
+
+            result = train_recipe(resolved, show_progress=progress)
+            shown = [
+                "selected_val_auc",
+                "threshold",
+                "test_auc",
+                "test_sensitivity",
+                "test_specificity",
+                "test_accuracy",
+            ]
     except DatasetError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     table = Table("metric", "value", title=f"run {result.run_id} ({resolved.name})")
-    for name in (
-        "selected_val_auc",
-        "threshold",
-        "test_auc",
-        "test_sensitivity",
-        "test_specificity",
-        "test_accuracy",
-    ):
+    for name in shown:
         table.add_row(name, f"{result.metrics[name]:.4f}")
     Console(stderr=True).print(table)
     typer.echo(result.run_id)
@@ -92,26 +101,55 @@ def export_command(
 def evaluate_command(
     run_id: Annotated[str, typer.Option(help="Training run whose model is evaluated.")],
     manifest: Annotated[
-        Path, typer.Option(help="CSV of path,label[,patient_id][,site] (paths relative to it).")
-    ],
+        Path | None,
+        typer.Option(help="Images: CSV of path,label[,patient_id][,site] (paths relative to it)."),
+    ] = None,
+    records_dir: Annotated[
+        Path | None, typer.Option(help="ECG: directory of WFDB records.")
+    ] = None,
+    records: Annotated[
+        str | None, typer.Option(help="ECG: comma-separated record names, e.g. 100,103,105.")
+    ] = None,
 ) -> None:
-    """Evaluate a trained model on a hospital's own images; log a run linked to the model's."""
+    """Evaluate a trained model on data it has never seen; log a run linked to the model's."""
     from rich.console import Console
     from rich.table import Table
 
     from datasets import DatasetError
-    from training.evaluate import evaluate_manifest
     from training.runs import RunError
 
+    if (manifest is None) == (records_dir is None):
+        typer.echo(
+            "error: give either --manifest (images) or --records-dir and --records (ECG)", err=True
+        )
+        raise typer.Exit(2)
+    table = Table("metric", "value", "95% interval")
     try:
-        result = evaluate_manifest(run_id, manifest)
+        if manifest is not None:
+            from training.evaluate import evaluate_manifest
+
+            result = evaluate_manifest(run_id, manifest)
+            for name in ("auc", "sensitivity", "specificity", "ppv", "npv"):
+                low = result.metrics[f"eval_{name}_ci_low"]
+                high = result.metrics[f"eval_{name}_ci_high"]
+                table.add_row(
+                    name, f"{result.metrics[f'eval_{name}']:.4f}", f"{low:.4f} to {high:.4f}"
+                )
+        else:
+            from training.ecg import evaluate_ecg_records
+
+            if not records:
+                typer.echo("error: --records: give the record names to evaluate", err=True)
+                raise typer.Exit(2)
+            result = evaluate_ecg_records(run_id, records_dir, records.split(","))
+            for name in ("S", "V"):
+                for rate in ("sensitivity", "ppv"):
+                    table.add_row(
+                        f"{name} {rate}", f"{result.metrics[f'eval_{name}_{rate}']:.4f}", ""
+                    )
     except (DatasetError, RunError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
-    table = Table("metric", "value", "95% interval", title=f"evaluation run {result.run_id}")
-    for name in ("auc", "sensitivity", "specificity", "ppv", "npv"):
-        value = result.metrics[f"eval_{name}"]
-        low, high = result.metrics[f"eval_{name}_ci_low"], result.metrics[f"eval_{name}_ci_high"]
-        table.add_row(name, f"{value:.4f}", f"{low:.4f} to {high:.4f}")
+    table.title = f"evaluation run {result.run_id}"
     Console(stderr=True).print(table)
     typer.echo(result.run_id)

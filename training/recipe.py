@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class RecipeError(ValueError):
@@ -93,8 +93,9 @@ class RegistrationSection(_Strict):
 
 
 class Recipe(_Strict):
-    """A complete, validated training recipe."""
+    """A complete, validated recipe for an image screening task."""
 
+    kind: Literal["image-screening"] = "image-screening"
     name: str
     description: str = ""
     seed: int = 0
@@ -109,6 +110,61 @@ class Recipe(_Strict):
     def flat(self) -> dict[str, Any]:
         """Return the recipe as dotted keys, the form MLflow params take."""
         return _flatten(self.model_dump(mode="json"))
+
+
+class EcgDataSection(_Strict):
+    """Which WFDB records train and validate, split by record (never by beat)."""
+
+    records_dir: Path | None = Field(
+        default=None, description="Directory of WFDB records (else $MEDSCREEN_ECG_DIR)."
+    )
+    train_records: list[str] = Field(min_length=1)
+    val_records: list[str] = Field(min_length=1)
+    lead: str = "MLII"
+    batch_size: int = Field(default=256, gt=0)
+    max_normal_beats_per_record: int | None = Field(
+        default=None,
+        gt=0,
+        description="Training only: keep at most this many N beats of each record (all others).",
+    )
+
+    @model_validator(mode="after")
+    def _records_do_not_cross(self) -> EcgDataSection:
+        shared = sorted(set(self.train_records) & set(self.val_records))
+        if shared:
+            raise ValueError(f"records {shared} are in both train_records and val_records")
+        return self
+
+
+class EcgModelSection(_Strict):
+    """The 1D MONAI network on beat shape, joined with the beat's timing features."""
+
+    init_features: int = Field(default=16, gt=0)
+    growth_rate: int = Field(default=12, gt=0)
+    block_config: list[int] = Field(default_factory=lambda: [3, 3, 3], min_length=1)
+    embedding_features: int = Field(default=32, gt=0)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+
+
+class EcgRecipe(_Strict):
+    """A complete, validated recipe for ECG arrhythmia monitoring (AAMI beat classes)."""
+
+    kind: Literal["ecg-monitoring"]
+    name: str
+    description: str = ""
+    seed: int = 0
+    experiment: str
+    data: EcgDataSection
+    model: EcgModelSection = Field(default_factory=EcgModelSection)
+    optimisation: OptimisationSection = Field(default_factory=OptimisationSection)
+    registration: RegistrationSection
+
+    def flat(self) -> dict[str, Any]:
+        """Return the recipe as dotted keys, the form MLflow params take."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+AnyRecipe = Recipe | EcgRecipe
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -142,13 +198,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw_value) if raw_value else None
 
 
-def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(
+    tree: dict[str, Any], overrides: list[str], recipe_class: type[BaseModel] = Recipe
+) -> dict[str, Any]:
     """Set each ``dotted.key=value`` in a recipe tree; the key must name a field of the recipe.
 
     Raises:
         RecipeError: if an override is malformed or names no field.
     """
-    known = Recipe.model_fields
+    known = recipe_class.model_fields
     for text in overrides:
         path, value = parse_override(text)
         node, model_fields = tree, known
@@ -173,7 +231,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: Path, overrides: list[str] | None = None) -> AnyRecipe:
     """Read, override and validate a recipe.
 
     Args:
@@ -194,8 +252,9 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{path}: not valid YAML ({error})") from error
     if not isinstance(tree, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping of fields")
-    tree = apply_overrides(tree, overrides or [])
+    recipe_class = EcgRecipe if tree.get("kind") == "ecg-monitoring" else Recipe
+    tree = apply_overrides(tree, overrides or [], recipe_class)
     try:
-        return Recipe.model_validate(tree)
+        return recipe_class.model_validate(tree)
     except ValidationError as error:
         raise RecipeError(_describe(error, str(path))) from error

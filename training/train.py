@@ -42,9 +42,11 @@ LINEAGE_ARTIFACT = "data/lineage.json"
 
 
 class EpochMetricsToMlflow(Callback):
-    """Logs each epoch's losses and validation AUC to the active MLflow run, step = epoch."""
+    """Logs each epoch's losses and validation metric to the active MLflow run, step = epoch."""
 
-    names = ("train_loss", "val_loss", "val_auc")
+    def __init__(self, names: tuple[str, ...] = ("train_loss", "val_loss", "val_auc")) -> None:
+        super().__init__()
+        self.names = names
 
     def on_train_epoch_end(self, trainer: pl.Trainer, _: pl.LightningModule) -> None:
         """Runs after the epoch's validation, so all metrics of the epoch are known."""

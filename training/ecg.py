@@ -1,0 +1,374 @@
+"""ECG arrhythmia monitoring: AAMI beat classes from beat shape and the patient's own rhythm.
+
+A beat is judged against the patient, not against other patients: the network sees the beat,
+its difference from the record's median beat, and its RR intervals relative to the record's
+local and overall rhythm. Supraventricular (S) beats are told apart mostly by their timing.
+Models are selected on validation records of DS1 only; DS2 is for evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import yaml
+from matplotlib import pyplot
+from monai.networks import nets
+from monai.utils import set_determinism
+from pytorch_lightning.callbacks import ModelCheckpoint
+from sklearn.metrics import confusion_matrix
+from torch import nn
+from torch.nn import functional
+from torch.utils.data import DataLoader, TensorDataset
+
+from datasets import DatasetError
+from datasets.ecg import AAMI_CLASSES, SAMPLING_RATE_HZ, BeatSet, load_beats
+from training.plots import confusion_figure
+from training.recipe import EcgModelSection, EcgRecipe
+from training.runs import RunError
+from training.tracking import configure_tracking, ensure_experiment, provenance
+from training.train import RECIPE_ARTIFACT, WEIGHTS_ARTIFACT, EpochMetricsToMlflow
+
+ECG_DIR_ENV = "MEDSCREEN_ECG_DIR"
+MAX_CLASS_WEIGHT = 50.0  # Q has 8 beats in DS1: an uncapped inverse frequency swamps the loss
+
+
+class EcgBeatNetwork(nn.Module):
+    """Beat, record template and RR intervals in; AAMI class logits out.
+
+    Inputs are what the service can compute from a raw signal: high-passed windows in mV and RR
+    intervals in seconds. Centring, the difference from the template and the RR ratios are
+    computed here, inside the exported graph.
+    """
+
+    def __init__(self, section: EcgModelSection) -> None:
+        super().__init__()
+        self.morphology = nets.DenseNet(
+            spatial_dims=1,
+            in_channels=2,
+            out_channels=section.embedding_features,
+            init_features=section.init_features,
+            growth_rate=section.growth_rate,
+            block_config=tuple(section.block_config),
+            dropout_prob=section.dropout,
+        )
+        self.head = nn.Sequential(
+            nn.Linear(section.embedding_features + 4, 32),
+            nn.ReLU(),
+            nn.Dropout(section.dropout),
+            nn.Linear(32, len(AAMI_CLASSES)),
+        )
+
+    def forward(
+        self, beats: torch.Tensor, templates: torch.Tensor, rr: torch.Tensor
+    ) -> torch.Tensor:
+        """Return logits (N, 5) for beats and templates (N, 1, L) and RR seconds (N, 4)."""
+        beats = beats - beats.mean(dim=2, keepdim=True)
+        templates = templates - templates.mean(dim=2, keepdim=True)
+        shape = torch.cat([beats, beats - templates], dim=1)
+        previous, following, local, overall = rr.unbind(dim=1)
+        timing = (
+            torch.stack(
+                [previous / local, following / previous, previous / overall, local / overall], dim=1
+            )
+            - 1.0
+        )
+        return self.head(torch.cat([self.morphology(shape), timing], dim=1))
+
+
+def aami_report(truth: np.ndarray, predicted: np.ndarray, prefix: str) -> dict[str, float]:
+    """Sensitivity and positive predictivity of each AAMI class (EC57 style), and accuracy."""
+    matrix = confusion_matrix(truth, predicted, labels=list(range(len(AAMI_CLASSES))))
+    report = {f"{prefix}_accuracy": float(np.trace(matrix) / max(matrix.sum(), 1))}
+    for index, name in enumerate(AAMI_CLASSES):
+        true_positive = matrix[index, index]
+        actual, called = matrix[index].sum(), matrix[:, index].sum()
+        report[f"{prefix}_{name}_beats"] = float(actual)
+        report[f"{prefix}_{name}_sensitivity"] = float(true_positive / actual) if actual else np.nan
+        report[f"{prefix}_{name}_ppv"] = float(true_positive / called) if called else np.nan
+    return report
+
+
+def per_record_report(beats: BeatSet, predicted: np.ndarray) -> dict[str, dict[str, float]]:
+    """The AAMI report of each record: where a model fails, patient by patient."""
+    return {
+        str(record): aami_report(beats.labels[rows], predicted[rows], "record")
+        for record in dict.fromkeys(beats.records.tolist())
+        for rows in [beats.records == record]
+    }
+
+
+class BeatClassifier(pl.LightningModule):
+    """Class-weighted cross-entropy on beats; validation reports S and V F1 for selection."""
+
+    def __init__(
+        self,
+        network: EcgBeatNetwork,
+        learning_rate: float,
+        weight_decay: float,
+        max_epochs: int,
+        class_weights: torch.Tensor | None,
+    ) -> None:
+        super().__init__()
+        self.network = network
+        self.learning_rate, self.weight_decay, self.max_epochs = (
+            learning_rate,
+            weight_decay,
+            max_epochs,
+        )
+        self.register_buffer("class_weights", class_weights)
+        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(
+        self, beats: torch.Tensor, templates: torch.Tensor, rr: torch.Tensor
+    ) -> torch.Tensor:
+        """Return logits."""
+        return self.network(beats, templates, rr)
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], _: int) -> torch.Tensor:
+        """One optimisation step."""
+        *inputs, labels = batch
+        loss = functional.cross_entropy(self(*inputs), labels, weight=self.class_weights)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], _: int) -> None:
+        """Collect validation predictions."""
+        *inputs, labels = batch
+        logits = self(*inputs)
+        self.log(
+            "val_loss",
+            functional.cross_entropy(logits, labels, weight=self.class_weights),
+            on_epoch=True,
+            prog_bar=True,
+        )
+        self._val_outputs.append((logits.argmax(dim=1), labels))
+
+    def on_validation_epoch_end(self) -> None:
+        """F1 of S and V beats on the validation records: the selection metric."""
+        predicted = torch.cat([p for p, _ in self._val_outputs]).cpu().numpy()
+        truth = torch.cat([t for _, t in self._val_outputs]).cpu().numpy()
+        self._val_outputs.clear()
+        report = aami_report(truth, predicted, "val")
+        scores = []
+        for name in ("S", "V"):
+            sensitivity = np.nan_to_num(report[f"val_{name}_sensitivity"])
+            ppv = np.nan_to_num(report[f"val_{name}_ppv"])
+            scores.append(2 * sensitivity * ppv / (sensitivity + ppv) if sensitivity + ppv else 0)
+        self.log("val_sv_f1", float(np.mean(scores)), prog_bar=True)
+
+    def configure_optimizers(self) -> dict:
+        """AdamW with cosine annealing."""
+        optimiser = torch.optim.AdamW(
+            self.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
+        )
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=self.max_epochs)
+        return {"optimizer": optimiser, "lr_scheduler": schedule}
+
+
+def _records_dir(recipe: EcgRecipe) -> Path:
+    configured = recipe.data.records_dir or os.environ.get(ECG_DIR_ENV)
+    if not configured:
+        raise DatasetError(f"set data.records_dir or ${ECG_DIR_ENV} to a directory of WFDB records")
+    return Path(configured)
+
+
+def _limit_normal_beats(beats: BeatSet, limit: int | None, seed: int) -> BeatSet:
+    """Keep every ectopic beat but at most ``limit`` normal (N) beats of each record."""
+    if limit is None:
+        return beats
+    rng = np.random.default_rng(seed)
+    keep = []
+    for record in dict.fromkeys(beats.records.tolist()):
+        rows = beats.records == record
+        normal = np.flatnonzero(rows & (beats.labels == 0))
+        keep.append(rng.permutation(normal)[:limit])
+        keep.append(np.flatnonzero(rows & (beats.labels != 0)))
+    return beats.subset(np.sort(np.concatenate(keep)))
+
+
+def _tensors(beats: BeatSet) -> TensorDataset:
+    return TensorDataset(
+        torch.from_numpy(beats.windows),
+        torch.from_numpy(beats.templates),
+        torch.from_numpy(beats.rr_seconds),
+        torch.from_numpy(beats.labels),
+    )
+
+
+@torch.no_grad()
+def predict_beats(network: EcgBeatNetwork, beats: BeatSet, batch_size: int = 2048) -> np.ndarray:
+    """Class probabilities of each beat."""
+    network.eval()
+    outputs = [
+        torch.softmax(network(windows, templates, rr), dim=1)
+        for windows, templates, rr, _ in DataLoader(_tensors(beats), batch_size=batch_size)
+    ]
+    return torch.cat(outputs).numpy()
+
+
+def _log_evaluation(beats: BeatSet, probabilities: np.ndarray, prefix: str) -> dict[str, float]:
+    predicted = probabilities.argmax(axis=1)
+    metrics = aami_report(beats.labels, predicted, prefix)
+    mlflow.log_metrics({key: value for key, value in metrics.items() if np.isfinite(value)})
+    mlflow.log_dict(per_record_report(beats, predicted), f"evaluation/{prefix}_per_record.json")
+    figure = confusion_figure(
+        beats.labels, predicted, list(AAMI_CLASSES), f"{prefix}: AAMI beat classes"
+    )
+    mlflow.log_figure(figure, f"plots/{prefix}_confusion.png")
+    pyplot.close(figure)
+    return metrics
+
+
+@dataclass(frozen=True)
+class EcgTrainingResult:
+    """What an ECG training run produced."""
+
+    run_id: str
+    metrics: dict[str, float]
+
+
+def train_ecg(recipe: EcgRecipe, *, show_progress: bool = True) -> EcgTrainingResult:
+    """Train the beat classifier on the recipe's records and record everything in MLflow.
+
+    Raises:
+        DatasetError: naming a record that is missing or corrupt, before training starts.
+    """
+    configure_tracking()
+    set_determinism(seed=recipe.seed)
+    pl.seed_everything(recipe.seed, workers=True, verbose=False)
+    records_dir = _records_dir(recipe)
+    train = _limit_normal_beats(
+        load_beats(records_dir, recipe.data.train_records, recipe.data.lead),
+        recipe.data.max_normal_beats_per_record,
+        recipe.seed,
+    )
+    val = load_beats(records_dir, recipe.data.val_records, recipe.data.lead)
+    counts = np.bincount(train.labels, minlength=len(AAMI_CLASSES))
+    class_weights = None
+    if recipe.optimisation.class_weighting == "balanced":
+        weights = counts.sum() / (len(counts) * np.maximum(counts, 1))
+        class_weights = torch.tensor(np.minimum(weights, MAX_CLASS_WEIGHT), dtype=torch.float32)
+    network = EcgBeatNetwork(recipe.model)
+    module = BeatClassifier(
+        network,
+        recipe.optimisation.learning_rate,
+        recipe.optimisation.weight_decay,
+        recipe.optimisation.max_epochs,
+        class_weights,
+    )
+    generator = torch.Generator().manual_seed(recipe.seed)
+    train_loader = DataLoader(
+        _tensors(train), batch_size=recipe.data.batch_size, shuffle=True, generator=generator
+    )
+    val_loader = DataLoader(_tensors(val), batch_size=2048)
+
+    with mlflow.start_run(
+        experiment_id=ensure_experiment(recipe.experiment), run_name=recipe.name
+    ) as run:
+        mlflow.set_tags(
+            provenance()
+            | {
+                "medscreen.recipe": recipe.name,
+                "medscreen.dataset": "mitdb",
+                "medscreen.model_name": recipe.registration.model_name,
+                "medscreen.seed": str(recipe.seed),
+                "medscreen.data.train.fingerprint": train.fingerprint,
+                "medscreen.data.val.fingerprint": val.fingerprint,
+            }
+        )
+        mlflow.log_params(recipe.flat())
+        mlflow.log_text(
+            yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), RECIPE_ARTIFACT
+        )
+        mlflow.log_dict(
+            {
+                "database": "MIT-BIH Arrhythmia Database 1.0.0 (PhysioNet)",
+                "sampling_rate_hz": SAMPLING_RATE_HZ,
+                "lead": recipe.data.lead,
+                "classes": list(AAMI_CLASSES),
+                "train_records": recipe.data.train_records,
+                "val_records": recipe.data.val_records,
+                "train_beats_per_class": dict(zip(AAMI_CLASSES, counts.tolist(), strict=True)),
+                "fingerprints": {"train": train.fingerprint, "val": val.fingerprint},
+            },
+            "data/lineage.json",
+        )
+        with tempfile.TemporaryDirectory() as checkpoint_dir:
+            best = ModelCheckpoint(
+                dirpath=checkpoint_dir, monitor="val_sv_f1", mode="max", save_top_k=1
+            )
+            trainer = pl.Trainer(
+                max_epochs=recipe.optimisation.max_epochs,
+                accelerator="cpu",
+                deterministic=True,
+                logger=False,
+                callbacks=[
+                    best,
+                    EpochMetricsToMlflow(names=("train_loss", "val_loss", "val_sv_f1")),
+                ],
+                enable_progress_bar=show_progress,
+                enable_model_summary=False,
+                limit_train_batches=recipe.optimisation.limit_train_batches,
+                num_sanity_val_steps=0,
+            )
+            trainer.fit(module, train_loader, val_loader)
+            state = torch.load(best.best_model_path, weights_only=True)["state_dict"]
+            module.load_state_dict(state)
+        metrics = _log_evaluation(val, predict_beats(network, val), "val")
+        with tempfile.TemporaryDirectory() as weights_dir:
+            weights_path = Path(weights_dir) / Path(WEIGHTS_ARTIFACT).name
+            torch.save(network.state_dict(), weights_path)
+            mlflow.log_artifact(str(weights_path), str(Path(WEIGHTS_ARTIFACT).parent))
+        return EcgTrainingResult(run_id=run.info.run_id, metrics=metrics)
+
+
+def evaluate_ecg_records(run_id: str, records_dir: Path, records: list[str]) -> EcgTrainingResult:
+    """Evaluate an ECG run's model on any records (DS2 elsewhere), as a linked MLflow run.
+
+    Raises:
+        RunError: if the run does not exist or is not an ECG run.
+        DatasetError: naming a record that is missing or corrupt.
+    """
+    configure_tracking()
+    client = mlflow.tracking.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException as error:
+        raise RunError(f"run {run_id!r} not found in {mlflow.get_tracking_uri()}") from error
+    tree = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/{RECIPE_ARTIFACT}"))
+    if tree.get("kind") != "ecg-monitoring":
+        raise RunError(f"run {run_id} is not an ECG monitoring run; use --manifest for images")
+    recipe = EcgRecipe.model_validate(tree)
+    seen = set(recipe.data.train_records) | set(recipe.data.val_records)
+    if seen & set(records):
+        raise DatasetError(
+            f"records {sorted(seen & set(records))} were used to train or select "
+            f"run {run_id}; evaluate on records it has never seen"
+        )
+    beats = load_beats(records_dir, records, recipe.data.lead)
+    network = EcgBeatNetwork(recipe.model)
+    with tempfile.TemporaryDirectory() as download_dir:
+        weights = mlflow.artifacts.download_artifacts(
+            f"runs:/{run_id}/{WEIGHTS_ARTIFACT}", dst_path=download_dir
+        )
+        network.load_state_dict(torch.load(weights, weights_only=True))
+    with mlflow.start_run(
+        experiment_id=run.info.experiment_id,
+        run_name=f"evaluate {recipe.name} on {len(records)} records",
+        tags={
+            "mlflow.parentRunId": run_id,
+            "medscreen.evaluates_run_id": run_id,
+            "medscreen.data.eval.fingerprint": beats.fingerprint,
+            **provenance(),
+        },
+    ) as evaluation:
+        mlflow.log_params({"records": ",".join(records), "lead": recipe.data.lead})
+        metrics = _log_evaluation(beats, predict_beats(network, beats), "eval")
+    return EcgTrainingResult(run_id=evaluation.info.run_id, metrics=metrics)
