@@ -51,7 +51,8 @@ def main(
         rows["int8"] = export_int8(float_result, data_dir=data_dir)
     except ExportError as error:
         Console().print(f"[red]INT8 not registered[/red]: {error}")
-    images = np.random.default_rng(0).integers(0, 256, (32, 1, 28, 28), dtype=np.uint8)
+    shape = tuple(int(dim) for dim in float_result.card.input.shape[1:])
+    images = np.random.default_rng(0).integers(0, 256, (32, *shape), dtype=np.uint8)
     table = Table(title=f"float32 vs INT8 ONNX, onnxruntime CPU ({os.cpu_count()} cores)")
     for column in (
         "variant",

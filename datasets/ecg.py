@@ -3,8 +3,8 @@
 Beats are windowed around the annotated R peaks of one lead, with the RR intervals a beat's
 timing is judged by, and mapped to the AAMI EC57 classes. The inter-patient split of de Chazal
 et al. (2004) is named here: DS1 for training (validation held out by record), DS2 for testing;
-a record never crosses splits. Signal conditioning (a 0.5 Hz high-pass) is code shared with the
-service, like the image decoder, so monitoring and training see the same beats.
+a record never crosses splits. Signal conditioning (a 0.5 Hz high-pass) lives here, outside
+torch, so that the monitoring service can reuse it and see the beats training saw.
 """
 
 from __future__ import annotations

@@ -91,12 +91,17 @@ def _read_dicom(data: bytes) -> np.ndarray:
         )
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric.startswith("MONOCHROME"):
-        displayed = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset)
+        try:
+            displayed = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset)
+        except (ValueError, TypeError, KeyError, IndexError) as error:
+            raise ImageDecodeError(
+                f"the DICOM display settings (modality or VOI LUT, window) are invalid ({error})",
+                HTTPStatus.UNPROCESSABLE_ENTITY,
+            ) from error
         scaled = _scale_to_uint8(np.asarray(displayed))
         return 255 - scaled if photometric == "MONOCHROME1" else scaled
     if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422"):
-        if photometric != "RGB":
-            pixels = pydicom.pixels.convert_color_space(pixels, photometric, "RGB")
+        # pydicom's pixel_array already converts YBR colour to RGB.
         return _scale_to_uint8(np.asarray(pixels))
     raise ImageDecodeError(
         f"DICOM photometric interpretation {photometric} is not supported",
@@ -116,14 +121,14 @@ def _read_picture(data: bytes) -> tuple[np.ndarray, str]:
             picture.load()
             if picture.mode in ("I", "I;16", "I;16B", "F"):
                 return _scale_to_uint8(np.asarray(picture)), image_format
-            return np.asarray(
-                picture.convert("RGB" if picture.mode in ("RGBA", "P", "CMYK") else picture.mode)
-            ), image_format
+            # Bilevel, palette and alpha modes become plain grayscale or RGB.
+            grayscale = picture.mode in ("1", "L", "LA")
+            return np.asarray(picture.convert("L" if grayscale else "RGB")), image_format
     except (UnidentifiedImageError, Image.DecompressionBombError) as error:
         raise ImageDecodeError(
             "the upload is not a PNG, JPEG or DICOM image", HTTPStatus.UNSUPPORTED_MEDIA_TYPE
         ) from error
-    except OSError as error:
+    except (OSError, SyntaxError) as error:
         raise ImageDecodeError(f"the image file is truncated or corrupt ({error})") from error
 
 

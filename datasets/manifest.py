@@ -1,8 +1,9 @@
 """A hospital's own images: a CSV manifest of files and labels, with patients and sites.
 
 Columns: ``path`` (relative to the manifest's folder, or absolute) and ``label`` (a class name
-or index) are required; ``patient_id`` and ``site`` are optional. Patient IDs are used only to
-keep a patient's images in one split: they are never logged, fingerprinted or returned.
+of the task, never an index) are required; ``patient_id`` and ``site`` are optional. Patient
+IDs group a patient's images (splits, bootstrap); they are never logged, fingerprinted or
+returned.
 """
 
 from __future__ import annotations
@@ -48,13 +49,10 @@ class ManifestData:
 
 
 def _label_index(text: str, spec: DatasetSpec) -> int | None:
-    lowered = text.strip().lower()
+    # Names only: a bare "1" means malignant in one hospital and benign in BreastMNIST.
     names = [name.lower() for name in spec.classes]
-    if lowered in names:
-        return names.index(lowered)
-    if lowered.isdigit() and int(lowered) < len(spec.classes):
-        return int(lowered)
-    return None
+    lowered = text.strip().lower()
+    return names.index(lowered) if lowered in names else None
 
 
 def load_manifest(path: Path, spec: DatasetSpec) -> ManifestData:
@@ -81,8 +79,7 @@ def load_manifest(path: Path, spec: DatasetSpec) -> ManifestData:
         label = _label_index(row["label"] or "", spec)
         if label is None:
             raise DatasetError(
-                f"{path}:{line}: label {row['label']!r} is not one of {list(spec.classes)} "
-                f"or an index below {len(spec.classes)}"
+                f"{path}:{line}: label {row['label']!r} is not one of {list(spec.classes)}"
             )
         image_path = Path(row["path"] or "")
         if not image_path.is_absolute():

@@ -18,6 +18,7 @@ class ServedInput(BaseModel):
     shape: list[int | str]
     height: int = Field(gt=0)
     width: int = Field(gt=0)
+    depth: int | None = None
     channels: str
 
 
@@ -72,4 +73,6 @@ class ServedCard(BaseModel):
             )
         if self.input.dtype != "uint8" or self.input.channels not in ("grayscale", "RGB"):
             raise ValueError("only uint8 grayscale or RGB image inputs are supported")
+        if self.input.depth is not None:
+            raise ValueError("3D (volume) inputs are not served yet")
         return self

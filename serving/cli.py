@@ -20,11 +20,13 @@ def serve_command(
 ) -> None:
     """Serve a registered model over HTTP with BentoML (POST /v1/screen)."""
     from serving.errors import ModelLoadError
-    from serving.model import resolve_version
+    from serving.model import load_served_model
 
     uri = tracking_uri()
     try:
-        resolve_version(model, tracking=uri)
+        # The same checks the service makes at start-up (registry, approvals, card, checksum),
+        # so a bad reference is one line here rather than a traceback from BentoML.
+        load_served_model(model, tracking=uri)
     except ModelLoadError as error:
         typer.echo(f"error: --model: {error}", err=True)
         raise typer.Exit(2) from None
@@ -66,6 +68,10 @@ def predict_command(
         except requests.RequestException as error:
             typer.echo(f"error: {url}: {error}", err=True)
             raise typer.Exit(1) from None
-    typer.echo(json.dumps(response.json(), indent=2))
+    try:
+        typer.echo(json.dumps(response.json(), indent=2))
+    except ValueError:
+        typer.echo(f"error: {url} answered {response.status_code} without JSON", err=True)
+        raise typer.Exit(1) from None
     if not response.ok:
         raise typer.Exit(1)

@@ -55,6 +55,7 @@ def isolated_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             "MEDSCREEN_STATE_DIR",
             "MLFLOW_TRACKING_URI",
             "MEDSCREEN_DATA_DIR",
+            "MEDSCREEN_ECG_DIR",
             "BENTOML_HOME",
         )
     }
@@ -64,6 +65,7 @@ def isolated_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("MEDSCREEN_DATA_DIR", None)
+    os.environ.pop("MEDSCREEN_ECG_DIR", None)
     yield state
     for key, value in saved.items():
         if value is None:

@@ -50,7 +50,7 @@ def _write_manifest(
     entries.append(
         {
             "path": str(shared_datasets / "dicom" / "nih_chestxray14_dx_1024.dcm"),
-            "label": "0",
+            "label": "normal",
             "patient_id": f"{SECRET}dicom",
             "site": "south",
         }
@@ -78,7 +78,8 @@ def test_manifest_reads_pngs_and_dicom_with_sites(tmp_path, medmnist_dir, shared
         ({"path": "images/nowhere.png", "label": "normal"}, "No such file"),
         ({"path": "notes.txt", "label": "normal"}, "not a PNG, JPEG or DICOM"),
         ({"path": "images/ok.png", "label": "bronchitis"}, "label 'bronchitis' is not one of"),
-        ({"path": "images/ok.png", "label": "7"}, "label '7' is not one of"),
+        # Indices are refused: "1" is malignant in one hospital and benign in BreastMNIST.
+        ({"path": "images/ok.png", "label": "1"}, "label '1' is not one of"),
     ],
 )
 def test_bad_manifest_row_is_named_before_any_work(tmp_path: Path, bad_row: dict, message: str):
@@ -91,8 +92,17 @@ def test_bad_manifest_row_is_named_before_any_work(tmp_path: Path, bad_row: dict
     manifest.write_text(f"path,label\nimages/ok.png,normal\n{bad_row['path']},{bad_row['label']}\n")
     with pytest.raises(DatasetError, match=rf"manifest.csv:3: .*{message}"):
         load_manifest(manifest, get_dataset_spec("pneumoniamnist"))
-    line = medscreen_error_line("evaluate", "--run-id", "0" * 32, "--manifest", str(manifest))
-    assert "manifest.csv:3" in line or "not found" in line
+
+
+@pytest.mark.slow
+def test_evaluate_cli_names_the_bad_manifest_line(trained_run, tmp_path: Path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label\nnotes.txt,normal\n")
+    line = medscreen_error_line(
+        "evaluate", "--run-id", trained_run[1].run_id, "--manifest", str(manifest)
+    )
+    assert "manifest.csv:2" in line and "not a PNG, JPEG or DICOM" in line
 
 
 def test_patient_disjoint_split_keeps_each_patient_in_one_split():

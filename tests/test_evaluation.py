@@ -42,3 +42,18 @@ def test_intervals_contain_the_estimate():
         assert low < getattr(point, name) < high, name
     low, high = proportion_interval(45, 50)
     assert low == pytest.approx(0.7864, abs=1e-3) and high == pytest.approx(0.9565, abs=1e-3)
+
+
+def test_patient_bootstrap_is_wider_than_treating_images_as_independent():
+    rng = np.random.default_rng(3)
+    # 40 patients with 10 near-identical images each: 40 independent cases, not 400.
+    patient_truth = rng.random(40) < 0.5
+    patient_scores = np.clip(patient_truth * 0.3 + rng.random(40) * 0.7, 0, 1)
+    truth = np.repeat(patient_truth, 10)
+    scores = np.repeat(patient_scores, 10) + rng.normal(0, 1e-3, 400)
+    groups = np.repeat(np.arange(40).astype(str), 10)
+    independent = metric_intervals(truth, scores, 0.5, "t")
+    clustered = metric_intervals(truth, scores, 0.5, "t", groups=groups)
+    for name in ("auc", "sensitivity", "specificity"):
+        width = clustered[f"t_{name}_ci_high"] - clustered[f"t_{name}_ci_low"]
+        assert width > 1.8 * (independent[f"t_{name}_ci_high"] - independent[f"t_{name}_ci_low"])

@@ -74,7 +74,7 @@ def export_command(
     Prints ``NAME VERSION`` of the float model; with --int8, a second line for the INT8 copy.
     """
     from datasets import DatasetError
-    from training.export import ExportError, export_and_register, export_int8
+    from training.export import export_and_register, export_int8
     from training.runs import RunError
 
     try:
@@ -92,7 +92,7 @@ def export_command(
     if int8:
         try:
             quantised = export_int8(result, data_dir=data_dir)
-        except ExportError as error:
+        except (RunError, DatasetError) as error:
             typer.echo(f"error: int8: {error}", err=True)
             raise typer.Exit(3) from None
         typer.echo(f"{quantised.model_name} {quantised.version}")

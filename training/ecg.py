@@ -31,7 +31,7 @@ from datasets import DatasetError
 from datasets.ecg import AAMI_CLASSES, SAMPLING_RATE_HZ, BeatSet, load_beats
 from training.plots import confusion_figure
 from training.recipe import EcgModelSection, EcgRecipe
-from training.runs import RunError
+from training.runs import RunError, read_run_recipe
 from training.tracking import configure_tracking, ensure_experiment, provenance
 from training.train import RECIPE_ARTIFACT, WEIGHTS_ARTIFACT, EpochMetricsToMlflow
 
@@ -342,7 +342,7 @@ def evaluate_ecg_records(run_id: str, records_dir: Path, records: list[str]) -> 
         run = client.get_run(run_id)
     except mlflow.exceptions.MlflowException as error:
         raise RunError(f"run {run_id!r} not found in {mlflow.get_tracking_uri()}") from error
-    tree = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/{RECIPE_ARTIFACT}"))
+    tree = read_run_recipe(run_id)
     if tree.get("kind") != "ecg-monitoring":
         raise RunError(f"run {run_id} is not an ECG monitoring run; use --manifest for images")
     recipe = EcgRecipe.model_validate(tree)

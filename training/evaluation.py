@@ -120,26 +120,87 @@ def auc_interval(
     return float(low), float(high)
 
 
-def metric_intervals(
-    truth: np.ndarray, scores: np.ndarray, threshold: float, prefix: str, seed: int = 0
-) -> dict[str, float]:
-    """95% intervals of AUC (bootstrap) and sensitivity, specificity, PPV, NPV (Wilson).
-
-    Returns:
-        ``{prefix}_{metric}_ci_low`` and ``..._ci_high`` for each metric.
-    """
-    decisions = scores >= threshold
+def _rates(truth: np.ndarray, decisions: np.ndarray) -> dict[str, float]:
     tp = int((decisions & truth).sum())
     fp = int((decisions & ~truth).sum())
     fn = int((~decisions & truth).sum())
     tn = int((~decisions & ~truth).sum())
-    intervals = {
-        "auc": auc_interval(truth, scores, seed=seed),
-        "sensitivity": proportion_interval(tp, tp + fn),
-        "specificity": proportion_interval(tn, tn + fp),
-        "ppv": proportion_interval(tp, tp + fp),
-        "npv": proportion_interval(tn, tn + fn),
+    return {
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "ppv": _ratio(tp, tp + fp),
+        "npv": _ratio(tn, tn + fn),
     }
+
+
+def _cluster_bootstrap(
+    truth: np.ndarray,
+    scores: np.ndarray,
+    threshold: float,
+    groups: np.ndarray,
+    *,
+    resamples: int,
+    seed: int,
+    confidence: float,
+) -> dict[str, tuple[float, float]]:
+    """Percentile intervals resampling whole groups (patients), not single images."""
+    rng = np.random.default_rng(seed)
+    names, members = np.unique(groups, return_inverse=True)
+    rows_of = [np.flatnonzero(members == index) for index in range(len(names))]
+    samples: dict[str, list[float]] = {
+        m: [] for m in ("auc", "sensitivity", "specificity", "ppv", "npv")
+    }
+    for _ in range(resamples):
+        rows = np.concatenate([rows_of[i] for i in rng.integers(0, len(names), len(names))])
+        sample_truth, sample_scores = truth[rows], scores[rows]
+        if sample_truth.all() or not sample_truth.any():
+            continue
+        samples["auc"].append(roc_auc_score(sample_truth, sample_scores))
+        for name, value in _rates(sample_truth, sample_scores >= threshold).items():
+            samples[name].append(value)
+    tail = (1 - confidence) / 2 * 100
+    return {
+        name: tuple(float(v) for v in np.nanpercentile(values, [tail, 100 - tail]))
+        if values
+        else (float("nan"), float("nan"))
+        for name, values in samples.items()
+    }
+
+
+def metric_intervals(
+    truth: np.ndarray,
+    scores: np.ndarray,
+    threshold: float,
+    prefix: str,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+) -> dict[str, float]:
+    """95% intervals of AUC, sensitivity, specificity, PPV and NPV.
+
+    Without ``groups``, cases are independent: AUC by stratified bootstrap, rates by Wilson.
+    With ``groups`` (patient of each image), every interval comes from a bootstrap over
+    patients, since images of one patient are not independent.
+
+    Returns:
+        ``{prefix}_{metric}_ci_low`` and ``..._ci_high`` for each metric.
+    """
+    if groups is not None:
+        intervals = _cluster_bootstrap(
+            truth, scores, threshold, groups, resamples=1000, seed=seed, confidence=0.95
+        )
+    else:
+        decisions = scores >= threshold
+        tp = int((decisions & truth).sum())
+        fp = int((decisions & ~truth).sum())
+        fn = int((~decisions & truth).sum())
+        tn = int((~decisions & ~truth).sum())
+        intervals = {
+            "auc": auc_interval(truth, scores, seed=seed),
+            "sensitivity": proportion_interval(tp, tp + fn),
+            "specificity": proportion_interval(tn, tn + fp),
+            "ppv": proportion_interval(tp, tp + fp),
+            "npv": proportion_interval(tn, tn + fn),
+        }
     flat = {}
     for name, (low, high) in intervals.items():
         flat[f"{prefix}_{name}_ci_low"] = low
@@ -183,14 +244,16 @@ def screening_report(
     *,
     seed: int = 0,
     sites: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
 ) -> dict[str, float]:
     """All screening metrics of one split: operating point, 95% intervals, calibration.
 
-    With ``sites``, the same metrics are added per site as ``{prefix}_site_{site}_...``.
+    With ``sites``, the same metrics are added per site as ``{prefix}_site_{site}_...``; with
+    ``groups`` (patients), intervals resample patients.
     """
     report = {
         **operating_point_metrics(truth, scores, threshold).as_dict(prefix),
-        **metric_intervals(truth, scores, threshold, prefix, seed=seed),
+        **metric_intervals(truth, scores, threshold, prefix, seed=seed, groups=groups),
         f"{prefix}_ece": expected_calibration_error(truth, scores),
     }
     for site in [] if sites is None else sorted(set(sites.tolist())):

@@ -446,12 +446,13 @@ def export_int8(float_result: ExportResult, *, data_dir: Path | None = None) -> 
     spec, recipe = context.spec, context.recipe
     train, val, test = context.split("train"), context.split("val"), context.split("test")
     positive = spec.positive_classes
-    float_dir = Path(
-        mlflow.artifacts.download_artifacts(
-            f"models:/{float_result.model_name}/{float_result.version}"
-        )
-    )
     with tempfile.TemporaryDirectory() as work_dir:
+        float_dir = Path(
+            mlflow.artifacts.download_artifacts(
+                f"models:/{float_result.model_name}/{float_result.version}",
+                dst_path=str(Path(work_dir) / "float"),
+            )
+        )
         int8_path = Path(work_dir) / "model.onnx"
         rows = np.random.default_rng(recipe.seed).permutation(len(train))[:_CALIBRATION_IMAGES]
         quantise_int8(float_dir / "model.onnx", train.images[np.sort(rows)], int8_path)

@@ -195,7 +195,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, separator, raw_value = text.partition("=")
     if not separator or not key.strip():
         raise RecipeError(f"override {text!r}: expected KEY=VALUE with a dotted KEY")
-    return key.strip().split("."), yaml.safe_load(raw_value) if raw_value else None
+    try:
+        value = yaml.safe_load(raw_value) if raw_value else None
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or "not valid YAML"
+        raise RecipeError(f"override {text!r}: the value is {problem}") from error
+    return key.strip().split("."), value
 
 
 def apply_overrides(

@@ -8,6 +8,7 @@ Tags are keyed by time and a random suffix, so concurrent writers never overwrit
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import re
@@ -131,6 +132,14 @@ def _move_alias(
     # History first: an alias never moves without its record.
     _record(client, name, event)
     client.set_registered_model_alias(name, alias, str(version.version))
+    if previous is not None and str(previous) != str(version.version):
+        # The approval went with the alias: the old version may not be served under it again
+        # unless someone approves it again.
+        for field in ("approved_by", "approval_reason", "approved_at"):
+            with contextlib.suppress(MlflowException):
+                client.delete_model_version_tag(
+                    name, str(previous), f"medscreen.approval.{alias}.{field}"
+                )
     for field, value in (
         ("approved_by", approver),
         ("approval_reason", reason),

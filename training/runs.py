@@ -82,9 +82,26 @@ class RunContext:
         if recorded != loaded.fingerprint:
             raise RunError(
                 f"{name} data fingerprint {loaded.fingerprint} differs from the run's {recorded}: "
-                "checks must use the data the run used; nothing was registered"
+                "checks must use exactly the data the run used"
             )
         return loaded
+
+
+def read_run_recipe(run_id: str) -> dict:
+    """The resolved recipe a training run logged.
+
+    Raises:
+        RunError: if the run has no recipe (it is not a training run).
+    """
+    try:
+        tree = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/{RECIPE_ARTIFACT}"))
+    except (mlflow.exceptions.MlflowException, OSError) as error:
+        raise RunError(
+            f"run {run_id} has no {RECIPE_ARTIFACT}: it is not a training run"
+        ) from error
+    if not isinstance(tree, dict):
+        raise RunError(f"run {run_id}: {RECIPE_ARTIFACT} is not a recipe")
+    return tree
 
 
 def load_run_context(run_id: str, data_dir: Path | None = None) -> RunContext:
@@ -98,9 +115,13 @@ def load_run_context(run_id: str, data_dir: Path | None = None) -> RunContext:
         run = MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException as error:
         raise RunError(f"run {run_id!r} not found in {mlflow.get_tracking_uri()}") from error
-    recipe = Recipe.model_validate(
-        yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/{RECIPE_ARTIFACT}"))
-    )
+    tree = read_run_recipe(run_id)
+    if tree.get("kind", "image-screening") != "image-screening":
+        raise RunError(
+            f"run {run_id} is a {tree['kind']} run: this step takes image screening runs "
+            "(ECG runs are evaluated with --records-dir and --records)"
+        )
+    recipe = Recipe.model_validate(tree)
     return RunContext(
         run=run,
         recipe=recipe,
