@@ -148,6 +148,9 @@ def test_history_answers_which_version_held_an_alias_at_a_time(
     ]
     tags = _client().get_model_version(name, first).tags
     assert tags["medscreen.approval.champion.approved_by"] == "carol"
+    # The approval left with the alias: the second version cannot be re-pointed unapproved.
+    second_tags = _client().get_model_version(name, second).tags
+    assert "medscreen.approval.champion.approved_by" not in second_tags
     assert tags["medscreen.approval.champion.approval_reason"] == "regional complaint"
     with pytest.raises(GovernanceError, match="give the time with its zone"):
         version_at(name, "champion", after_first.replace(tzinfo=None))
