@@ -33,7 +33,12 @@ from training.plots import confusion_figure
 from training.recipe import EcgModelSection, EcgRecipe
 from training.runs import RunError, read_run_recipe
 from training.tracking import configure_tracking, ensure_experiment, provenance
-from training.train import RECIPE_ARTIFACT, WEIGHTS_ARTIFACT, EpochMetricsToMlflow
+from training.train import (
+    RECIPE_ARTIFACT,
+    WEIGHTS_ARTIFACT,
+    EpochMetricsToMlflow,
+    build_trainer,
+)
 
 ECG_DIR_ENV = "MEDSCREEN_ECG_DIR"
 MAX_CLASS_WEIGHT = 50.0  # Q has 8 beats in DS1: an uncapped inverse frequency swamps the loss
@@ -304,19 +309,10 @@ def train_ecg(recipe: EcgRecipe, *, show_progress: bool = True) -> EcgTrainingRe
             best = ModelCheckpoint(
                 dirpath=checkpoint_dir, monitor="val_sv_f1", mode="max", save_top_k=1
             )
-            trainer = pl.Trainer(
-                max_epochs=recipe.optimisation.max_epochs,
-                accelerator="cpu",
-                deterministic=True,
-                logger=False,
-                callbacks=[
-                    best,
-                    EpochMetricsToMlflow(names=("train_loss", "val_loss", "val_sv_f1")),
-                ],
-                enable_progress_bar=show_progress,
-                enable_model_summary=False,
-                limit_train_batches=recipe.optimisation.limit_train_batches,
-                num_sanity_val_steps=0,
+            trainer = build_trainer(
+                recipe.optimisation,
+                [best, EpochMetricsToMlflow(names=("train_loss", "val_loss", "val_sv_f1"))],
+                show_progress=show_progress,
             )
             trainer.fit(module, train_loader, val_loader)
             state = torch.load(best.best_model_path, weights_only=True)["state_dict"]

@@ -120,11 +120,18 @@ def auc_interval(
     return float(low), float(high)
 
 
+def _counts(truth: np.ndarray, decisions: np.ndarray) -> tuple[int, int, int, int]:
+    """True positives, false positives, false negatives, true negatives."""
+    return (
+        int((decisions & truth).sum()),
+        int((decisions & ~truth).sum()),
+        int((~decisions & truth).sum()),
+        int((~decisions & ~truth).sum()),
+    )
+
+
 def _rates(truth: np.ndarray, decisions: np.ndarray) -> dict[str, float]:
-    tp = int((decisions & truth).sum())
-    fp = int((decisions & ~truth).sum())
-    fn = int((~decisions & truth).sum())
-    tn = int((~decisions & ~truth).sum())
+    tp, fp, fn, tn = _counts(truth, decisions)
     return {
         "sensitivity": _ratio(tp, tp + fn),
         "specificity": _ratio(tn, tn + fp),
@@ -189,11 +196,7 @@ def metric_intervals(
             truth, scores, threshold, groups, resamples=1000, seed=seed, confidence=0.95
         )
     else:
-        decisions = scores >= threshold
-        tp = int((decisions & truth).sum())
-        fp = int((decisions & ~truth).sum())
-        fn = int((~decisions & truth).sum())
-        tn = int((~decisions & ~truth).sum())
+        tp, fp, fn, tn = _counts(truth, scores >= threshold)
         intervals = {
             "auc": auc_interval(truth, scores, seed=seed),
             "sensitivity": proportion_interval(tp, tp + fn),

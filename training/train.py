@@ -32,7 +32,7 @@ from training.evaluation import (
 from training.lit_models import ScreeningClassifier
 from training.models import ScreeningNetwork, build_network, predict_logits
 from training.plots import confusion_figure, curves_figure, reliability_figure
-from training.recipe import Recipe
+from training.recipe import OptimisationSection, Recipe
 from training.tracking import configure_tracking, ensure_experiment, provenance
 
 WEIGHTS_ARTIFACT = "model/network_state_dict.pt"
@@ -56,6 +56,23 @@ class EpochMetricsToMlflow(Callback):
             if name in trainer.callback_metrics
         }
         mlflow.log_metrics(metrics, step=trainer.current_epoch)
+
+
+def build_trainer(
+    optimisation: OptimisationSection, callbacks: list[Callback], *, show_progress: bool
+) -> pl.Trainer:
+    """A deterministic CPU trainer that logs through callbacks only (no Lightning logger)."""
+    return pl.Trainer(
+        max_epochs=optimisation.max_epochs,
+        accelerator="cpu",
+        deterministic=True,
+        logger=False,
+        callbacks=callbacks,
+        enable_progress_bar=show_progress,
+        enable_model_summary=False,
+        limit_train_batches=optimisation.limit_train_batches,
+        num_sanity_val_steps=0,
+    )
 
 
 @dataclass(frozen=True)
@@ -147,16 +164,10 @@ def train_recipe(recipe: Recipe, *, show_progress: bool = True) -> TrainingResul
             best_checkpoint = ModelCheckpoint(
                 dirpath=checkpoint_dir, monitor="val_auc", mode="max", save_top_k=1
             )
-            trainer = pl.Trainer(
-                max_epochs=recipe.optimisation.max_epochs,
-                accelerator="cpu",
-                deterministic=True,
-                logger=False,
-                callbacks=[best_checkpoint, EpochMetricsToMlflow()],
-                enable_progress_bar=show_progress,
-                enable_model_summary=False,
-                limit_train_batches=recipe.optimisation.limit_train_batches,
-                num_sanity_val_steps=0,
+            trainer = build_trainer(
+                recipe.optimisation,
+                [best_checkpoint, EpochMetricsToMlflow()],
+                show_progress=show_progress,
             )
             trainer.fit(module, datamodule=datamodule)
             state = torch.load(best_checkpoint.best_model_path, weights_only=True)["state_dict"]
