@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import ValidationError
 
+from datasets.download import file_sha256
 from serving.card import CARD_FILENAME, ServedCard
 from serving.errors import ModelLoadError
 from serving.settings import tracking_uri
@@ -85,14 +85,6 @@ class ServedModel:
     def positive_probability(self, probabilities: np.ndarray) -> np.ndarray:
         """Summed probability of the positive finding's classes."""
         return probabilities[:, self.card.positive_classes].sum(axis=1)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_governance(reference: str, parsed: ModelReference, version: ModelVersion) -> None:
@@ -167,7 +159,7 @@ def load_served_model(reference: str, *, tracking: str | None = None) -> ServedM
             f"{reference!r}: model card {card_path} is unusable: {error}"
         ) from error
     onnx_path = model_dir / card.onnx.filename
-    if not onnx_path.is_file() or _sha256(onnx_path) != card.onnx.sha256:
+    if not onnx_path.is_file() or file_sha256(onnx_path) != card.onnx.sha256:
         raise ModelLoadError(
             f"{reference!r}: {onnx_path.name} is missing or its SHA-256 differs from the card's"
         )

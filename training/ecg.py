@@ -18,7 +18,6 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import yaml
-from matplotlib import pyplot
 from monai.networks import nets
 from monai.utils import set_determinism
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -29,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from datasets import DatasetError
 from datasets.ecg import AAMI_CLASSES, SAMPLING_RATE_HZ, BeatSet, load_beats
-from training.plots import confusion_figure
+from training.plots import confusion_figure, log_figures
 from training.recipe import EcgModelSection, EcgRecipe
 from training.runs import RunError, read_run_recipe
 from training.tracking import configure_tracking, ensure_experiment, provenance
@@ -223,11 +222,13 @@ def _log_evaluation(beats: BeatSet, probabilities: np.ndarray, prefix: str) -> d
     metrics = aami_report(beats.labels, predicted, prefix)
     mlflow.log_metrics({key: value for key, value in metrics.items() if np.isfinite(value)})
     mlflow.log_dict(per_record_report(beats, predicted), f"evaluation/{prefix}_per_record.json")
-    figure = confusion_figure(
-        beats.labels, predicted, list(AAMI_CLASSES), f"{prefix}: AAMI beat classes"
+    log_figures(
+        {
+            f"plots/{prefix}_confusion.png": confusion_figure(
+                beats.labels, predicted, list(AAMI_CLASSES), f"{prefix}: AAMI beat classes"
+            )
+        }
     )
-    mlflow.log_figure(figure, f"plots/{prefix}_confusion.png")
-    pyplot.close(figure)
     return metrics
 
 

@@ -6,12 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-from matplotlib import pyplot
 
 from datasets import DatasetError, load_manifest
 from training.evaluation import is_positive, positive_scores, screening_report
 from training.models import predict_probabilities
-from training.plots import confusion_figure, curves_figure
+from training.plots import log_figures, screening_figures
 from training.runs import load_run_context
 from training.tracking import provenance
 
@@ -90,22 +89,9 @@ def evaluate_manifest(run_id: str, manifest: Path) -> EvaluationResult:
             tags={"fingerprint_sha256": data.fingerprint, "rows": str(len(data))},
         )
         mlflow.log_metrics(metrics)
-        finding = spec.positive_finding
-        for figure, name in (
-            (
-                curves_figure(truth, scores, threshold, f"{manifest.name}: {finding}"),
-                "plots/eval_roc_pr.png",
-            ),
-            (
-                confusion_figure(
-                    truth.astype(int),
-                    (scores >= threshold).astype(int),
-                    ["negative", finding],
-                    f"at threshold {threshold:.3f}",
-                ),
-                "plots/eval_confusion_at_threshold.png",
-            ),
-        ):
-            mlflow.log_figure(figure, name)
-            pyplot.close(figure)
+        log_figures(
+            screening_figures(
+                "eval", truth, scores, threshold, spec.positive_finding, manifest.name
+            )
+        )
     return EvaluationResult(run_id=run.info.run_id, evaluated_run_id=run_id, metrics=metrics)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from datasets.download import file_sha256
 from training.card import (
     CARD_FILENAME,
     CARD_MARKDOWN_FILENAME,
@@ -152,10 +152,6 @@ def _enforce(checks: list[GateCheck]) -> None:
     if failed:
         reasons = "; ".join(f"{check.check}: {check.detail}" for check in failed)
         raise ExportError(f"release gate failed: {reasons}; nothing was registered")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _now() -> str:
@@ -367,7 +363,7 @@ def export_and_register(run_id: str, *, data_dir: Path | None = None) -> ExportR
             threshold=threshold,
             metrics=context.operating_point["metrics"],
             onnx_artifact=OnnxArtifact(
-                sha256=_sha256(onnx_path),
+                sha256=file_sha256(onnx_path),
                 size_bytes=onnx_path.stat().st_size,
                 opset=max(entry.version for entry in onnx_model.opset_import if not entry.domain),
                 parity_max_abs_difference=difference,
@@ -498,7 +494,7 @@ def export_int8(float_result: ExportResult, *, data_dir: Path | None = None) -> 
             threshold=threshold,
             metrics=metrics,
             onnx_artifact=OnnxArtifact(
-                sha256=_sha256(int8_path),
+                sha256=file_sha256(int8_path),
                 size_bytes=int8_path.stat().st_size,
                 opset=max(entry.version for entry in onnx_model.opset_import if not entry.domain),
                 variant="int8",

@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display: figures are only written to files
 
+import mlflow
 import numpy as np
 from matplotlib import pyplot
 from matplotlib.figure import Figure
@@ -66,3 +67,27 @@ def reliability_figure(
     axis.legend(loc="upper left")
     figure.tight_layout()
     return figure
+
+
+def screening_figures(
+    prefix: str, truth: np.ndarray, scores: np.ndarray, threshold: float, finding: str, title: str
+) -> dict[str, Figure]:
+    """ROC/PR curves and the confusion matrix at the threshold, keyed by artifact path."""
+    return {
+        f"plots/{prefix}_roc_pr.png": curves_figure(
+            truth, scores, threshold, f"{title}: {finding}"
+        ),
+        f"plots/{prefix}_confusion_at_threshold.png": confusion_figure(
+            truth.astype(int),
+            (scores >= threshold).astype(int),
+            ["negative", finding],
+            f"{title} at threshold {threshold:.3f}",
+        ),
+    }
+
+
+def log_figures(figures: dict[str, Figure]) -> None:
+    """Log each figure to the active MLflow run as a PNG, then free it."""
+    for path, figure in figures.items():
+        mlflow.log_figure(figure, path)
+        pyplot.close(figure)

@@ -12,7 +12,6 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import yaml
-from matplotlib import pyplot
 from monai.utils import set_determinism
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from sklearn.metrics import roc_auc_score
@@ -31,7 +30,7 @@ from training.evaluation import (
 )
 from training.lit_models import ScreeningClassifier
 from training.models import ScreeningNetwork, build_network, predict_logits
-from training.plots import confusion_figure, curves_figure, reliability_figure
+from training.plots import curves_figure, log_figures, reliability_figure, screening_figures
 from training.recipe import OptimisationSection, Recipe
 from training.tracking import configure_tracking, ensure_experiment, provenance
 
@@ -239,33 +238,17 @@ def _evaluate(
             )
         )
     finding = spec.positive_finding
-    for figure, name in (
-        (
-            curves_figure(val_truth, val_scores, threshold, f"validation: {finding}"),
-            "plots/val_roc_pr.png",
-        ),
-        (
-            curves_figure(test_truth, test_scores, threshold, f"test: {finding}"),
-            "plots/test_roc_pr.png",
-        ),
-        (
-            confusion_figure(
-                test_truth.astype(int),
-                (test_scores >= threshold).astype(int),
-                ["negative", finding],
-                f"test at threshold {threshold:.3f}",
+    log_figures(
+        {
+            "plots/val_roc_pr.png": curves_figure(
+                val_truth, val_scores, threshold, f"validation: {finding}"
             ),
-            "plots/test_confusion_at_threshold.png",
-        ),
-        (
-            reliability_figure(
+            **screening_figures("test", test_truth, test_scores, threshold, finding, "test"),
+            "plots/test_reliability.png": reliability_figure(
                 test_truth, uncalibrated, test_scores, f"test calibration (T = {temperature:.2f})"
             ),
-            "plots/test_reliability.png",
-        ),
-    ):
-        mlflow.log_figure(figure, name)
-        pyplot.close(figure)
+        }
+    )
     return metrics, temperature, threshold
 
 
