@@ -5,6 +5,7 @@ import logging
 import typer
 
 from datasets.cli import app as datasets_app
+from serving.audit_cli import audit_app, keys_app
 from serving.cli import predict_command, serve_command
 from training.cli import evaluate_command, export_command, train_command
 from training.models_cli import app as models_app
@@ -20,6 +21,8 @@ app = typer.Typer(
 )
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(models_app, name="models")
+app.add_typer(keys_app, name="keys")
+app.add_typer(audit_app, name="audit")
 app.command("train")(train_command)
 app.command("export")(export_command)
 app.command("evaluate")(evaluate_command)

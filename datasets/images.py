@@ -2,7 +2,9 @@
 
 The service (uploads) and evaluation on a hospital's own data (manifests) both use this code,
 so the pixels a model sees cannot differ between them. Only pixel values and the tags needed to
-display them are read from DICOM; no tag is logged or returned.
+display them are read from DICOM; no tag is logged or returned. Volumes (:mod:`datasets.volumes`),
+JSON arrays (:mod:`datasets.arrays`) and ECG waveforms (:mod:`datasets.waveforms`) share the
+error type and result defined here.
 """
 
 from __future__ import annotations
@@ -15,15 +17,20 @@ import numpy as np
 import pydicom
 from PIL import Image, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.uid import UID
 
 
 class ImageDecodeError(ValueError):
-    """A file that cannot be used as an image. ``status`` classifies the problem as HTTP does."""
+    """An input that cannot be used. ``status`` classifies the problem as HTTP does."""
 
     def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> None:
         super().__init__(message)
         self.status = status
+
+
+# The same error for every kind of input (images, volumes, arrays, waveforms).
+InputDecodeError = ImageDecodeError
 
 
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
@@ -35,18 +42,35 @@ class DecodedImage:
     """A file reduced to what the model needs.
 
     Attributes:
-        pixels: uint8 array of shape (C, H, W) at the model's input size.
-        source_format: ``png``, ``jpeg`` or ``dicom``.
-        source_shape: Height and width before resizing.
+        pixels: uint8 array of shape (C, H, W), or (C, D, H, W) for a volume, at the model's
+            input size.
+        source_format: ``png``, ``jpeg``, ``dicom``, ``nifti`` or ``array``.
+        source_shape: Spatial shape before resizing: (H, W), or (D, H, W) for a volume.
     """
 
     pixels: np.ndarray
     source_format: str
-    source_shape: tuple[int, int]
+    source_shape: tuple[int, ...]
 
 
-def _is_dicom(data: bytes) -> bool:
+def is_dicom(data: bytes) -> bool:
+    """Whether ``data`` starts like a DICOM Part 10 file (``DICM`` after the 128-byte preamble)."""
     return data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == b"DICM"
+
+
+def check_upload_size(data: bytes) -> None:
+    """Reject an empty upload (400) or one over :data:`MAX_UPLOAD_BYTES` (413).
+
+    Raises:
+        ImageDecodeError: if the upload is empty or too large.
+    """
+    if not data:
+        raise ImageDecodeError("the uploaded file is empty")
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise ImageDecodeError(
+            f"the upload is {len(data)} bytes; the limit is {MAX_UPLOAD_BYTES}",
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        )
 
 
 def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
@@ -60,35 +84,69 @@ def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
     return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
 
 
-def _read_dicom(data: bytes) -> np.ndarray:
-    """Return the displayed grayscale or RGB pixels of a single-frame DICOM image."""
+def read_dicom_dataset(data: bytes, *, tags: list[str] | None = None) -> pydicom.Dataset:
+    """Parse DICOM bytes, keeping only ``tags`` (all when None) so that no other tag is read.
+
+    Raises:
+        ImageDecodeError: (400) if the bytes are not a readable DICOM file.
+    """
     try:
-        dataset = pydicom.dcmread(io.BytesIO(data))
+        return pydicom.dcmread(io.BytesIO(data), specific_tags=tags)
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError) as error:
         raise ImageDecodeError(f"unreadable DICOM file ({type(error).__name__})") from error
-    if "PixelData" not in dataset:
+
+
+def _check_decodable(syntax: UID | None) -> None:
+    """Answer 415 for a transfer syntax this installation has no pixel decoder for."""
+    if syntax is None:
+        return  # pydicom then reports what is missing when decoding
+    syntax = UID(syntax)
+    name = syntax.name if syntax.name != str(syntax) else "unknown"
+    try:
+        available = get_decoder(syntax).is_available
+    except NotImplementedError:
+        available = False
+    if not available:
         raise ImageDecodeError(
-            "the DICOM file has no pixel data (is it a waveform or structured report?)",
+            f"DICOM transfer syntax {syntax} ({name}) cannot be decoded by this service; "
+            "re-send the image uncompressed (Explicit VR Little Endian) or as RLE Lossless",
+            HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+        )
+
+
+def _read_dicom(data: bytes) -> np.ndarray:
+    """Return the displayed grayscale or RGB pixels of a single-frame DICOM image."""
+    dataset = read_dicom_dataset(data)
+    if "PixelData" not in dataset:
+        if "WaveformSequence" in dataset:
+            raise ImageDecodeError(
+                "the DICOM file has no pixel data: it is a waveform (such as an ECG); "
+                "send ECG waveforms to POST /v1/monitor/dicom",
+                HTTPStatus.UNPROCESSABLE_ENTITY,
+            )
+        raise ImageDecodeError(
+            "the DICOM file has no pixel data (is it a structured report or presentation "
+            "state?); send a DICOM image",
             HTTPStatus.UNPROCESSABLE_ENTITY,
         )
-    syntax = dataset.file_meta.get("TransferSyntaxUID")
-    try:
-        pixels = dataset.pixel_array
-    except NotImplementedError as error:
-        raise ImageDecodeError(
-            f"DICOM transfer syntax {getattr(syntax, 'name', syntax)} cannot be decoded here; "
-            "send it uncompressed, RLE or baseline JPEG",
-            HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-        ) from error
-    except (ValueError, AttributeError, EOFError, RuntimeError) as error:
-        raise ImageDecodeError(
-            f"the DICOM pixel data cannot be decoded ({error})", HTTPStatus.UNPROCESSABLE_ENTITY
-        ) from error
     if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
         raise ImageDecodeError(
             "multi-frame DICOM is not accepted by this model; send one frame",
             HTTPStatus.UNPROCESSABLE_ENTITY,
         )
+    _check_decodable(dataset.file_meta.get("TransferSyntaxUID"))
+    try:
+        pixels = dataset.pixel_array
+    except Image.DecompressionBombError as error:
+        raise ImageDecodeError(
+            "the compressed DICOM image is too large to decode",
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        ) from error
+    except (ValueError, AttributeError, EOFError, RuntimeError, NotImplementedError) as error:
+        # Truncated or corrupt pixel data; pydicom's message says which (no tag values in it).
+        raise ImageDecodeError(
+            f"the DICOM pixel data cannot be decoded ({error})", HTTPStatus.UNPROCESSABLE_ENTITY
+        ) from error
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric.startswith("MONOCHROME"):
         try:
@@ -132,8 +190,23 @@ def _read_picture(data: bytes) -> tuple[np.ndarray, str]:
         raise ImageDecodeError(f"the image file is truncated or corrupt ({error})") from error
 
 
-def _fit(pixels: np.ndarray, channels: int, height: int, width: int) -> np.ndarray:
-    """Match channels, centre-crop to the target aspect ratio, resize; return (C, H, W)."""
+def fit_picture(pixels: np.ndarray, channels: int, height: int, width: int) -> np.ndarray:
+    """Fit a 2D picture to a model's input, as every upload is fitted.
+
+    Matches the channels, centre-crops to the target aspect ratio and resizes (bicubic).
+
+    Args:
+        pixels: uint8 (H, W) grayscale, or (H, W, 2|3|4) grayscale+alpha, RGB or RGBA.
+        channels: 1 (grayscale) or 3 (RGB).
+        height: Model input height.
+        width: Model input width.
+
+    Returns:
+        uint8 (channels, height, width).
+
+    Raises:
+        ImageDecodeError: if ``pixels`` is not a 2D picture.
+    """
     mode = "L" if channels == 1 else "RGB"
     if pixels.ndim == 2:
         picture = Image.fromarray(pixels, mode="L")
@@ -175,21 +248,15 @@ def decode_image(data: bytes, *, channels: int, height: int, width: int) -> Deco
     Raises:
         ImageDecodeError: with a message for the integrator and the HTTP status to answer with.
     """
-    if not data:
-        raise ImageDecodeError("the uploaded file is empty")
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise ImageDecodeError(
-            f"the upload is {len(data)} bytes; the limit is {MAX_UPLOAD_BYTES}",
-            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-        )
-    if _is_dicom(data):
+    check_upload_size(data)
+    if is_dicom(data):
         pixels, source_format = _read_dicom(data), "dicom"
     else:
         pixels, source_format = _read_picture(data)
     if pixels.ndim < 2 or min(pixels.shape[:2]) < 1:
         raise ImageDecodeError("the image has no pixels", HTTPStatus.UNPROCESSABLE_ENTITY)
     return DecodedImage(
-        pixels=_fit(pixels, channels, height, width),
+        pixels=fit_picture(pixels, channels, height, width),
         source_format=source_format,
         source_shape=(int(pixels.shape[0]), int(pixels.shape[1])),
     )

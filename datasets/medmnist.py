@@ -6,6 +6,7 @@ import hashlib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,28 +14,36 @@ from datasets.catalogue import DatasetSpec, SplitName
 from datasets.download import fetch_dataset, file_sha256
 from datasets.errors import DatasetError
 
+if TYPE_CHECKING:
+    from datasets.manifest import ManifestSpec
+
 
 @dataclass(frozen=True)
 class ImageSplit:
     """One split of an image dataset, as loaded.
 
     Attributes:
-        spec: The catalogue entry it came from.
+        spec: The catalogue entry (or manifest task) it came from.
         split: ``train``, ``val`` or ``test``.
         images: uint8 array of shape (N, C, H, W) (2D) or (N, C, D, H, W) (3D).
         labels: int64 array of shape (N,).
-        indices: Row indices into the official split (all rows unless subsampled).
-        source: Path of the raw file the split was read from.
+        indices: Row indices into the official split, or into the manifest's rows.
+        source: Path of the raw file (or manifest) the split was read from.
         fingerprint: SHA-256 over the raw file's SHA-256, the split name and the row indices.
+        sites: Site of each row (manifests with a site column), else None.
+        groups: Anonymous patient number of each row (manifests), else None: images of one
+            patient are resampled together in bootstrap intervals.
     """
 
-    spec: DatasetSpec
+    spec: DatasetSpec | ManifestSpec
     split: SplitName
     images: np.ndarray
     labels: np.ndarray
     indices: np.ndarray
     source: Path
     fingerprint: str
+    sites: np.ndarray | None = None
+    groups: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -15,20 +15,40 @@ PORT=${MEDSCREEN_PORT:-$(.venv/bin/python -c 'import socket; s=socket.socket(); 
 STATE=${MEDSCREEN_STATE_DIR:-mlruns}
 mkdir -p "$STATE"
 
-echo "== 1/5 train $RECIPE (tracked in MLflow: ${MLFLOW_TRACKING_URI:-sqlite:///$STATE/mlflow.db})"
+ECG_DIR=${MEDSCREEN_ECG_DIR:-../shared/datasets/mitdb}
+ECG_WAVEFORM=${MEDSCREEN_DEMO_WAVEFORM:-../shared/datasets/dicom/pydicom_waveform_ecg.dcm}
+export MEDSCREEN_STATE_DIR="$STATE"
+
+echo "== 1/8 train $RECIPE (tracked in MLflow: ${MLFLOW_TRACKING_URI:-sqlite:///$STATE/mlflow.db})"
 RUN_ID=$(medscreen train "$RECIPE" | tail -n 1)
 echo "run id: $RUN_ID"
 
-echo "== 2/5 export to ONNX through the release gate, register"
+echo "== 2/8 export to ONNX through the release gate, register"
 read -r MODEL_NAME MODEL_VERSION < <(medscreen export --run-id "$RUN_ID" | tail -n 1)
 echo "registered: $MODEL_NAME version $MODEL_VERSION"
 
-echo "== 3/5 approve: $MODEL_NAME version $MODEL_VERSION becomes @champion"
+echo "== 3/8 approve: $MODEL_NAME version $MODEL_VERSION becomes @champion"
 medscreen models promote "$MODEL_NAME" "$MODEL_VERSION" --to champion \
   --approver "${MEDSCREEN_APPROVER:-main-job}" --reason "main job demo release of run $RUN_ID"
 
-echo "== 4/5 serve $MODEL_NAME@champion on 127.0.0.1:$PORT (log: $STATE/serve.log)"
-medscreen serve --model "$MODEL_NAME@champion" --port "$PORT" >"$STATE/serve.log" 2>&1 &
+if [ -f "$ECG_DIR/101.hea" ]; then
+  echo "== 4/8 ECG monitoring: train on MIT-BIH DS1 ($ECG_DIR), export, approve"
+  ECG_RUN_ID=$(medscreen train training/recipes/ecg-full.yaml \
+    --set "data.records_dir=$ECG_DIR" | tail -n 1)
+  read -r ECG_NAME ECG_VERSION < <(medscreen export --run-id "$ECG_RUN_ID" | tail -n 1)
+  medscreen models promote "$ECG_NAME" "$ECG_VERSION" --to champion \
+    --approver "${MEDSCREEN_APPROVER:-main-job}" --reason "main job demo release of run $ECG_RUN_ID"
+else
+  echo "== 4/8 ECG monitoring skipped: no WFDB records in $ECG_DIR (set MEDSCREEN_ECG_DIR)"
+fi
+
+echo "== 5/8 an API key for a demo hospital (stored hashed in $STATE/serving/)"
+API_KEY=$(medscreen keys create --hospital "Demo Hospital" --region demo --model '*' 2>/dev/null \
+  | grep -o 'msk_[A-Za-z0-9_-]*' | head -n 1)
+export MEDSCREEN_API_KEY="$API_KEY"
+
+echo "== 6/8 serve every @champion model on 127.0.0.1:$PORT (log: $STATE/serve.log)"
+medscreen serve --port "$PORT" >"$STATE/serve.log" 2>&1 &
 SERVER_PID=$!
 trap 'kill "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null || true' EXIT
 for _ in $(seq 120); do
@@ -37,5 +57,13 @@ for _ in $(seq 120); do
   sleep 1
 done
 
-echo "== 5/5 screen $IMAGE"
-medscreen predict "$IMAGE" --url "http://127.0.0.1:$PORT"
+echo "== 7/8 screen $IMAGE"
+medscreen predict "$IMAGE" --url "http://127.0.0.1:$PORT" --model "$MODEL_NAME"
+if [ -n "${ECG_NAME:-}" ]; then
+  echo "== 7/8 monitor the DICOM ECG waveform $ECG_WAVEFORM (summary)"
+  medscreen predict "$ECG_WAVEFORM" --monitor --url "http://127.0.0.1:$PORT" \
+    | .venv/bin/python -c 'import json, sys; a = json.load(sys.stdin); a.pop("beats"); print(json.dumps(a, indent=2))'
+fi
+
+echo "== 8/8 verify the hash-chained prediction log"
+medscreen audit verify

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from datasets.ecg import SAMPLING_RATE_HZ, WINDOW_AFTER, WINDOW_BEFORE
+
 SUPPORTED_CARD_SCHEMAS = ("medscreen.model-card/v1",)
 CARD_FILENAME = "card.json"
 
@@ -20,6 +22,27 @@ class ServedInput(BaseModel):
     width: int = Field(gt=0)
     depth: int | None = None
     channels: str
+
+
+class ServedTensor(BaseModel):
+    """One named graph input of an ECG model."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    dtype: str
+
+
+class ServedSignal(BaseModel):
+    """The ECG input the service must produce from a raw single-lead signal."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    sampling_rate_hz: float = Field(gt=0)
+    lead: str
+    window_before_samples: int = Field(gt=0)
+    window_after_samples: int = Field(gt=0)
+    tensors: list[ServedTensor] = Field(min_length=3, max_length=3)
 
 
 class ServedOutput(BaseModel):
@@ -54,13 +77,15 @@ class ServedCard(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     card_schema: str
+    kind: str = "image-screening"
     model_name: str
     task: str
     intended_use: str
     classes: list[str]
     positive_finding: str
     positive_classes: list[int] = Field(min_length=1)
-    input: ServedInput
+    input: ServedInput | None = None
+    signal: ServedSignal | None = None
     output: ServedOutput
     operating_point: ServedOperatingPoint
     onnx: ServedOnnx
@@ -71,8 +96,36 @@ class ServedCard(BaseModel):
             raise ValueError(
                 f"card schema {self.card_schema!r} is not one of {SUPPORTED_CARD_SCHEMAS}"
             )
-        if self.input.dtype != "uint8" or self.input.channels not in ("grayscale", "RGB"):
-            raise ValueError("only uint8 grayscale or RGB image inputs are supported")
-        if self.input.depth is not None:
-            raise ValueError("3D (volume) inputs are not served yet")
+        if self.kind == "image-screening":
+            if self.input is None:
+                raise ValueError("an image-screening card needs an 'input' section")
+            if self.input.dtype != "uint8" or self.input.channels not in ("grayscale", "RGB"):
+                raise ValueError("only uint8 grayscale or RGB image inputs are supported")
+            if self.input.depth is not None and self.input.channels != "grayscale":
+                raise ValueError("only single-channel volumes are supported")
+        elif self.kind == "ecg-monitoring":
+            if self.signal is None:
+                raise ValueError("an ecg-monitoring card needs a 'signal' section")
+            if self.signal.sampling_rate_hz != SAMPLING_RATE_HZ or (
+                self.signal.window_before_samples,
+                self.signal.window_after_samples,
+            ) != (WINDOW_BEFORE, WINDOW_AFTER):
+                raise ValueError(
+                    f"the card's beats ({self.signal.sampling_rate_hz:g} Hz, window "
+                    f"{self.signal.window_before_samples}+{self.signal.window_after_samples}) "
+                    f"differ from this service's beat extraction ({SAMPLING_RATE_HZ} Hz, "
+                    f"{WINDOW_BEFORE}+{WINDOW_AFTER}); upgrade the service"
+                )
+        else:
+            raise ValueError(f"model kind {self.kind!r} is not served")
         return self
+
+    @property
+    def is_monitoring(self) -> bool:
+        """Whether the model takes ECG beats (``POST /v1/monitor``) rather than images."""
+        return self.kind == "ecg-monitoring"
+
+    @property
+    def is_volume(self) -> bool:
+        """Whether the model takes 3D volumes (NIfTI or arrays) rather than 2D images."""
+        return self.input is not None and self.input.depth is not None

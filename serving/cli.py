@@ -10,28 +10,47 @@ from typing import Annotated
 
 import typer
 
-from serving.settings import MODEL_ENV, state_dir, tracking_uri
+from serving.settings import MODELS_ENV, state_dir, tracking_uri
 
 
 def serve_command(
-    model: Annotated[str, typer.Option(help="Registered model: NAME@ALIAS or NAME@VERSION.")],
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Registered model to serve, NAME@ALIAS or NAME@VERSION; repeat for several "
+            "(default: every model with a 'champion' alias)."
+        ),
+    ] = None,
     port: Annotated[int, typer.Option(help="TCP port.")] = 3000,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    reload_seconds: Annotated[
+        float, typer.Option(help="How often aliases are checked for a new version (0: never).")
+    ] = 5.0,
+    workers: Annotated[int, typer.Option(min=1, help="Server worker processes.")] = 1,
 ) -> None:
-    """Serve a registered model over HTTP with BentoML (POST /v1/screen)."""
+    """Serve registered models over HTTP with BentoML (/v1/screen, /v1/monitor, /v1/models)."""
     from serving.errors import ModelLoadError
     from serving.model import load_served_model
+    from serving.pool import default_references
 
     uri = tracking_uri()
     try:
+        references = model or default_references(uri)
+        if not references:
+            raise ModelLoadError(
+                "no registered model has a 'champion' alias; name one with --model NAME@ALIAS"
+            )
         # The same checks the service makes at start-up (registry, approvals, card, checksum),
         # so a bad reference is one line here rather than a traceback from BentoML.
-        load_served_model(model, tracking=uri)
+        for reference in references:
+            load_served_model(reference, tracking=uri)
     except ModelLoadError as error:
         typer.echo(f"error: --model: {error}", err=True)
         raise typer.Exit(2) from None
     environment = os.environ | {
-        MODEL_ENV: model,
+        MODELS_ENV: ",".join(references),
+        "MEDSCREEN_RELOAD_SECONDS": str(reload_seconds),
+        "MEDSCREEN_WORKERS": str(workers),
         "MLFLOW_TRACKING_URI": uri,
         "BENTOML_HOME": os.environ.get("BENTOML_HOME", str(state_dir() / "bentoml")),
         "BENTOML_DO_NOT_TRACK": "true",
@@ -51,20 +70,40 @@ def serve_command(
 
 
 def predict_command(
-    image: Annotated[Path, typer.Argument(help="PNG, JPEG or DICOM file to screen.")],
+    upload: Annotated[
+        Path, typer.Argument(help="Image (PNG, JPEG, DICOM, NIfTI) or DICOM ECG waveform.")
+    ],
     url: Annotated[
         str, typer.Option(help="Base URL of a running service.")
     ] = "http://127.0.0.1:3000",
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="MEDSCREEN_API_KEY", help="API key from `medscreen keys create`."),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model name, when the service serves several.")
+    ] = None,
+    monitor: Annotated[
+        bool, typer.Option(help="Send a DICOM ECG waveform to /v1/monitor/dicom.")
+    ] = False,
 ) -> None:
-    """Send one image to a running service and print its JSON answer."""
+    """Send one file to a running service and print its JSON answer."""
     import requests
 
-    if not image.is_file():
-        typer.echo(f"error: {image}: no such file", err=True)
+    if not upload.is_file():
+        typer.echo(f"error: {upload}: no such file", err=True)
         raise typer.Exit(2)
-    with image.open("rb") as stream:
+    route = "/v1/monitor/dicom" if monitor else "/v1/screen"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with upload.open("rb") as stream:
         try:
-            response = requests.post(f"{url}/v1/screen", files={"file": stream}, timeout=60)
+            response = requests.post(
+                f"{url}{route}",
+                files={"file": (upload.name, stream)},
+                data={"model": model} if model else {},
+                headers=headers,
+                timeout=60,
+            )
         except requests.RequestException as error:
             typer.echo(f"error: {url}: {error}", err=True)
             raise typer.Exit(1) from None

@@ -1,5 +1,7 @@
 """Errors the service turns into client (4xx) responses."""
 
+from http import HTTPStatus
+
 from datasets.images import ImageDecodeError
 
 # An upload the service cannot use; ``status`` is the HTTP status to answer with.
@@ -8,3 +10,14 @@ InputError = ImageDecodeError
 
 class ModelLoadError(RuntimeError):
     """A registered model could not be found, downloaded or verified. The message says why."""
+
+
+class RequestError(ValueError):
+    """A client mistake outside the upload itself (which model, which route, the body's form).
+
+    ``status`` is the HTTP status to answer with (4xx).
+    """
+
+    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> None:
+        super().__init__(message)
+        self.status = status

@@ -1,5 +1,43 @@
-"""Uploads to model inputs: the shared decoder of the datasets package (no torch inside)."""
+"""Requests to model inputs: the shared decoders of the datasets package (no torch inside).
 
-from datasets.images import MAX_UPLOAD_BYTES, DecodedImage, ImageDecodeError, decode_image
+The service imports decoders only from here, so that it decodes exactly as training's manifest
+evaluation does.
+"""
 
-__all__ = ["MAX_UPLOAD_BYTES", "DecodedImage", "ImageDecodeError", "decode_image"]
+from datasets.arrays import MAX_ARRAY_ELEMENTS, decode_array
+from datasets.images import (
+    MAX_UPLOAD_BYTES,
+    DecodedImage,
+    ImageDecodeError,
+    InputDecodeError,
+    decode_image,
+    is_dicom,
+)
+from datasets.volumes import decode_volume, is_nifti
+from datasets.waveforms import (
+    EcgBeats,
+    EcgSignal,
+    beats_for_model,
+    canonical_lead,
+    ecg_from_dicom,
+    ecg_from_json,
+)
+
+__all__ = [
+    "MAX_ARRAY_ELEMENTS",
+    "MAX_UPLOAD_BYTES",
+    "DecodedImage",
+    "EcgBeats",
+    "EcgSignal",
+    "ImageDecodeError",
+    "InputDecodeError",
+    "beats_for_model",
+    "canonical_lead",
+    "decode_array",
+    "decode_image",
+    "decode_volume",
+    "ecg_from_dicom",
+    "ecg_from_json",
+    "is_dicom",
+    "is_nifti",
+]

@@ -6,6 +6,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -64,7 +65,19 @@ class ServedModel:
         self.session = onnxruntime.InferenceSession(
             str(onnx_path), options, providers=["CPUExecutionProvider"]
         )
-        self.input_shape = tuple(int(dim) for dim in card.input.shape[1:])
+        if card.input is not None:
+            self.input_names: tuple[str, ...] = (card.input.name,)
+            self.input_shape: tuple[int, ...] = tuple(int(dim) for dim in card.input.shape[1:])
+        else:
+            assert card.signal is not None
+            self.input_names = tuple(tensor.name for tensor in card.signal.tensors)
+            self.input_shape = ()
+        graph_inputs = {graph_input.name for graph_input in self.session.get_inputs()}
+        if graph_inputs != set(self.input_names):
+            raise ModelLoadError(
+                f"{card.model_name} version {version}: the graph's inputs {sorted(graph_inputs)} "
+                f"differ from its card's {list(self.input_names)}"
+            )
 
     @property
     def name(self) -> str:
@@ -76,15 +89,39 @@ class ServedModel:
         """Threshold of the positive finding."""
         return self.card.operating_point.threshold
 
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Return class probabilities for named input batches (all with the same first axis)."""
+        return self.session.run([self.card.output.name], feeds)[0]
+
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """Return class probabilities for a uint8 batch of the card's input shape."""
+        """Return class probabilities for a uint8 batch of the card's image shape."""
         if images.dtype != np.uint8 or images.shape[1:] != self.input_shape:
             raise ValueError(f"expected uint8 (N, *{self.input_shape}), got {images.shape}")
-        return self.session.run([self.card.output.name], {self.card.input.name: images})[0]
+        return self.run({self.input_names[0]: images})
 
     def positive_probability(self, probabilities: np.ndarray) -> np.ndarray:
         """Summed probability of the positive finding's classes."""
         return probabilities[:, self.card.positive_classes].sum(axis=1)
+
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /v1/models`` shows of this model: identity, operating point and card."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "alias": self.alias,
+            "kind": self.card.kind,
+            "task": self.card.task,
+            "intended_use": self.card.intended_use,
+            "positive_finding": self.card.positive_finding,
+            "threshold": self.threshold,
+            "sensitivity_target": self.card.operating_point.sensitivity_target,
+            "routes": (
+                ["/v1/monitor", "/v1/monitor/dicom"]
+                if self.card.is_monitoring
+                else ["/v1/screen", "/v1/screen/array"]
+            ),
+            "card": self.card.model_dump(mode="json"),
+        }
 
 
 def _check_governance(reference: str, parsed: ModelReference, version: ModelVersion) -> None:

@@ -1,27 +1,65 @@
-"""The BentoML service hospitals call: ``POST /v1/screen`` with a multipart ``file``.
+"""The BentoML service hospitals call: every registered task behind one authenticated API.
 
-Started by ``medscreen serve``, which sets ``MEDSCREEN_MODEL`` (``NAME@ALIAS_OR_VERSION``) and the
-tracking URI. BentoML's ``/readyz``, ``/livez`` and ``/metrics`` stay on.
+Routes (mounted on the BentoML server, which keeps ``/readyz``, ``/livez`` and ``/metrics``):
+
+- ``GET /v1/models``: the models this key may use, each with its card.
+- ``POST /v1/screen``: multipart ``file`` (PNG, JPEG, DICOM, or NIfTI for 3D models), optional
+  form field ``model``.
+- ``POST /v1/screen/array``: JSON ``{"array": [...], "model": ...}`` of raw uint8 pixel values.
+- ``POST /v1/monitor``: JSON ``{"samples": [...], "sampling_rate_hz": ..., "lead": ...}`` ECG.
+- ``POST /v1/monitor/dicom``: multipart ``file`` with a DICOM ECG waveform, optional ``lead``.
+
+Every request needs ``Authorization: Bearer <key>`` (``medscreen keys create``). Every answer
+names the model version and threshold behind it, and every request, answered or refused, is
+written to the hash-chained prediction log before the response leaves. Requests are parsed here
+rather than by BentoML's typed IO so that every client mistake gets a 4xx in one JSON form.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import logging
 import os
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any
 
 import bentoml
 import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
-from serving.errors import InputError
-from serving.inputs import MAX_UPLOAD_BYTES, decode_image
-from serving.middleware import UploadContractMiddleware
-from serving.model import ServedModel, load_served_model
-from serving.settings import MODEL_ENV
+from serving.api_keys import ApiKey, AuthError, KeyStore, KeyStoreError
+from serving.batching import MicroBatcher
+from serving.errors import InputError, RequestError
+from serving.inputs import (
+    MAX_UPLOAD_BYTES,
+    DecodedImage,
+    EcgSignal,
+    beats_for_model,
+    canonical_lead,
+    decode_array,
+    decode_image,
+    decode_volume,
+    ecg_from_dicom,
+    ecg_from_json,
+    is_nifti,
+)
+from serving.monitoring import monitoring_answer
+from serving.pool import ModelPool, Served, default_references
+from serving.prediction_log import PredictionLog, PredictionLogError, PredictionRecord
+from serving.settings import (
+    MODELS_ENV,
+    key_store_path,
+    prediction_log_path,
+    tracking_uri,
+)
 
 logger = logging.getLogger("medscreen.serving")
 
@@ -40,79 +78,313 @@ def _configure_logging() -> None:
 
 _configure_logging()
 
+# Decoding a small upload takes microseconds; a large one (a 1024 px DICOM, a volume) goes to a
+# thread so that the event loop keeps accepting requests.
+_INLINE_DECODE_BYTES = 64 * 1024
+_MULTIPART = "multipart/form-data"
 
-SCREEN_ROUTE = "/v1/screen"
+api = FastAPI(
+    title="medscreen",
+    description="Screening and monitoring models, trained once and shared by every region.",
+    docs_url="/docs",
+    openapi_url="/openapi.json",
+)
+
+
+@dataclass
+class _Exchange:
+    """What one request has established so far, for its answer and its log record."""
+
+    route: str
+    request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    started: float = field(default_factory=time.perf_counter)
+    key: ApiKey | None = None
+    served: Served | None = None
+    input_sha256: str | None = None
+    input_format: str | None = None
+
+    def latency_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
 
 
 def error_body(request_id: str, status: HTTPStatus, message: str) -> dict[str, Any]:
-    """The JSON body of a client error: ``error`` is a message an integrator can act on."""
+    """The JSON body of a refused request: ``error`` says what to change."""
     return {"error": message, "status": status.value, "request_id": request_id}
+
+
+async def _read_body(request: Request) -> bytes:
+    """The request body, refused with 413 past the upload limit (checked while reading)."""
+    declared = request.headers.get("content-length", "")
+    limit = MAX_UPLOAD_BYTES + 64 * 1024  # room for the multipart envelope
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(
+            f"the request is {declared} bytes; the limit is {limit} bytes",
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(
+                f"the request is over the limit of {limit} bytes",
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _multipart(request: Request, route: str) -> tuple[bytes, dict[str, str]]:
+    """The ``file`` part and the text fields of a multipart upload."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith(_MULTIPART) or "boundary=" not in content_type:
+        raise RequestError(
+            f"{route} takes {_MULTIPART} with the upload in a field named 'file' "
+            f"(got Content-Type {content_type or 'none'!r})",
+            HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+        )
+    request._body = await _read_body(request)  # starlette's form parser reads the cached body
+    try:
+        form = await request.form(max_files=1, max_fields=8)
+    except Exception as error:  # the multipart parser raises several kinds on a broken body
+        raise RequestError(f"the multipart body cannot be parsed: {error}") from error
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise RequestError(
+            f"{route} needs the upload in a multipart field named 'file' "
+            f"(got fields {sorted(form.keys())})",
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+        )
+    data = await upload.read()
+    fields = {name: value for name, value in form.items() if isinstance(value, str)}
+    await form.close()
+    return data, fields
+
+
+async def _json_object(request: Request, route: str) -> tuple[bytes, dict[str, Any]]:
+    """The raw bytes and the parsed object of a JSON body."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("application/json"):
+        raise RequestError(
+            f"{route} takes application/json (got Content-Type {content_type or 'none'!r})",
+            HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+        )
+    body = await _read_body(request)
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise RequestError(f"the body is not valid JSON: {error}") from error
+    if not isinstance(payload, dict):
+        raise RequestError(
+            f"the JSON body must be an object, got {type(payload).__name__}",
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+        )
+    return body, payload
+
+
+def _model_field(fields: dict[str, Any]) -> str | None:
+    name = fields.get("model")
+    if name is not None and not isinstance(name, str):
+        raise RequestError("field 'model' must be a model name (a string)")
+    return name or None
+
+
+def _checked_lead(served: Served, signal: EcgSignal) -> EcgSignal:
+    """Refuse a lead the model was not trained on (its beats look different)."""
+    card_signal = served.model.card.signal
+    assert card_signal is not None
+    if canonical_lead(signal.lead) != canonical_lead(card_signal.lead):
+        raise InputError(
+            f"model {served.model.name!r} was trained on lead {card_signal.lead}; "
+            f"send that lead (got {signal.lead!r})",
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+        )
+    return signal
+
+
+async def _off_loop(size: int, function: Callable[[], Any]) -> Any:
+    if size <= _INLINE_DECODE_BYTES:
+        return function()
+    return await asyncio.to_thread(function)
 
 
 @bentoml.service(
     name="medscreen",
-    workers=1,
+    workers=int(os.environ.get("MEDSCREEN_WORKERS", "1")),
     traffic={"timeout": 60},
 )
+@bentoml.asgi_app(api, path="/v1")
 class Screening:
-    """Serves one registered screening model, loaded from the MLflow registry at start-up."""
+    """Serves every configured registered model, with keys, a prediction log and batching."""
 
     def __init__(self) -> None:
-        reference = os.environ.get(MODEL_ENV)
-        if not reference:
-            raise RuntimeError(f"set {MODEL_ENV} to NAME@ALIAS or NAME@VERSION")
-        self.model: ServedModel = load_served_model(reference)
-        logger.info(
-            "serving %s version %s (threshold %.6f)",
-            self.model.name,
-            self.model.version,
-            self.model.threshold,
+        tracking = tracking_uri()
+        configured = [ref for ref in os.environ.get(MODELS_ENV, "").split(",") if ref.strip()]
+        # One batch runs at a time per process: onnxruntime spreads it over the cores itself.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
+        max_batch_size = int(os.environ.get("MEDSCREEN_MAX_BATCH", "64"))
+        self.pool = ModelPool(
+            configured or default_references(tracking),
+            tracking=tracking,
+            make_batcher=lambda model: MicroBatcher(model.run, self.executor, max_batch_size),
+            reload_seconds=float(os.environ.get("MEDSCREEN_RELOAD_SECONDS", "5")),
         )
-
-    @bentoml.api(route=SCREEN_ROUTE)
-    def screen(self, file: Path, ctx: bentoml.Context) -> dict[str, Any]:
-        """Screen one image (PNG, JPEG or DICOM) for the model's positive finding.
-
-        Returns the probability of the positive finding, the decision at the model's threshold,
-        the threshold, and the model name and version that produced them.
-        """
-        request_id = str(uuid.uuid4())
-        ctx.response.headers["X-Request-ID"] = request_id
-        started = time.perf_counter()
-        model = self.model
-        card_input = model.card.input
-        try:
-            decoded = decode_image(
-                Path(file).read_bytes(),
-                channels=1 if card_input.channels == "grayscale" else 3,
-                height=card_input.height,
-                width=card_input.width,
+        self.pool.start_watching()
+        self.keys = KeyStore(key_store_path())
+        self.log = PredictionLog(prediction_log_path())
+        for served in self.pool.all():
+            model = served.model
+            logger.info(
+                "serving %s version %s (alias %s, threshold %.6f)",
+                model.name,
+                model.version,
+                model.alias,
+                model.threshold,
             )
-        except InputError as error:
-            ctx.response.status_code = error.status.value
-            logger.info("request %s rejected: %s %s", request_id, error.status.value, error)
-            return error_body(request_id, error.status, str(error))
-        probabilities = model.probabilities(decoded.pixels[None])
-        probability = float(model.positive_probability(probabilities)[0])
-        positive = probability >= model.threshold
-        latency_ms = (time.perf_counter() - started) * 1000
-        logger.info(
-            "request %s model %s/%s score %.6f decision %s latency %.1f ms",
-            request_id,
-            model.name,
-            model.version,
-            probability,
-            "positive" if positive else "negative",
-            latency_ms,
+
+    @bentoml.on_shutdown
+    def _shutdown(self) -> None:
+        self.pool.stop()
+        self.log.close()
+        self.executor.shutdown(wait=False)
+
+    # -- the routes ---------------------------------------------------------------------------
+
+    @api.get("/models")
+    async def list_models(self, request: Request) -> JSONResponse:
+        """The models this key may use, each with its card (intended use, version, threshold)."""
+        exchange = _Exchange("/v1/models")
+        try:
+            key = self._authenticate(request, exchange)
+        except (AuthError, RequestError) as error:
+            return await self._refuse(exchange, error)
+        return self._json(
+            exchange,
+            {
+                "request_id": exchange.request_id,
+                "models": [
+                    served.model.describe()
+                    for served in self.pool.all()
+                    if key.grants(served.model.name)
+                ],
+            },
         )
-        return {
-            "request_id": request_id,
+
+    @api.post("/screen")
+    async def screen(self, request: Request) -> JSONResponse:
+        """Screen one upload (PNG, JPEG, DICOM; NIfTI for 3D models) for the positive finding."""
+
+        async def decode(exchange: _Exchange) -> tuple[Served, DecodedImage]:
+            data, fields = await _multipart(request, exchange.route)
+            served = self._select(exchange, _model_field(fields), monitoring=False)
+            exchange.input_sha256 = hashlib.sha256(data).hexdigest()
+            card_input = served.model.card.input
+            assert card_input is not None
+            if served.model.card.is_volume:
+                if not is_nifti(data):
+                    raise InputError(
+                        f"model {served.model.name!r} takes 3D volumes: upload a NIfTI file "
+                        "(.nii or .nii.gz) or POST the voxels to /v1/screen/array",
+                        HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                    )
+                shape = (card_input.depth, card_input.height, card_input.width)
+                decoded = await _off_loop(
+                    len(data),
+                    lambda: decode_volume(data, depth=shape[0], height=shape[1], width=shape[2]),
+                )
+            else:
+                channels = 1 if card_input.channels == "grayscale" else 3
+                decoded = await _off_loop(
+                    len(data),
+                    lambda: decode_image(
+                        data,
+                        channels=channels,
+                        height=card_input.height,
+                        width=card_input.width,
+                    ),
+                )
+            return served, decoded
+
+        return await self._screen(request, "/v1/screen", decode)
+
+    @api.post("/screen/array")
+    async def screen_array(self, request: Request) -> JSONResponse:
+        """Screen raw uint8 pixel or voxel values sent as a JSON array (field ``array``)."""
+
+        async def decode(exchange: _Exchange) -> tuple[Served, DecodedImage]:
+            body, payload = await _json_object(request, exchange.route)
+            served = self._select(exchange, _model_field(payload), monitoring=False)
+            exchange.input_sha256 = hashlib.sha256(body).hexdigest()
+            if "array" not in payload:
+                raise RequestError(
+                    "the JSON body needs a field 'array' with the pixel values "
+                    f"(got fields {sorted(payload)})",
+                    HTTPStatus.UNPROCESSABLE_ENTITY,
+                )
+            shape = served.model.input_shape
+            decoded = await _off_loop(
+                len(body), lambda: decode_array(payload["array"], shape=shape)
+            )
+            return served, decoded
+
+        return await self._screen(request, "/v1/screen/array", decode)
+
+    @api.post("/monitor")
+    async def monitor(self, request: Request) -> JSONResponse:
+        """Classify every beat of a single-lead ECG sent as JSON samples; summarise alerts."""
+
+        async def decode(exchange: _Exchange) -> tuple[Served, Any]:
+            body, payload = await _json_object(request, exchange.route)
+            served = self._select(exchange, _model_field(payload), monitoring=True)
+            exchange.input_sha256 = hashlib.sha256(body).hexdigest()
+            signal = _checked_lead(served, ecg_from_json(payload))
+            exchange.input_format = signal.source_format
+            return served, await _off_loop(len(body), lambda: beats_for_model(signal))
+
+        return await self._monitor(request, "/v1/monitor", decode)
+
+    @api.post("/monitor/dicom")
+    async def monitor_dicom(self, request: Request) -> JSONResponse:
+        """Classify every beat of one lead of a DICOM ECG waveform (form field ``lead``)."""
+
+        async def decode(exchange: _Exchange) -> tuple[Served, Any]:
+            data, fields = await _multipart(request, exchange.route)
+            served = self._select(exchange, _model_field(fields), monitoring=True)
+            exchange.input_sha256 = hashlib.sha256(data).hexdigest()
+            lead = fields.get("lead") or "II"
+            signal = await _off_loop(len(data), lambda: ecg_from_dicom(data, lead=lead))
+            signal = _checked_lead(served, signal)
+            exchange.input_format = signal.source_format
+            return served, await _off_loop(len(data), lambda: beats_for_model(signal))
+
+        return await self._monitor(request, "/v1/monitor/dicom", decode)
+
+    # -- the shared request path --------------------------------------------------------------
+
+    async def _screen(
+        self,
+        request: Request,
+        route: str,
+        decode: Callable[[_Exchange], Awaitable[tuple[Served, DecodedImage]]],
+    ) -> JSONResponse:
+        exchange = _Exchange(route)
+        try:
+            self._authenticate(request, exchange)
+            served, decoded = await decode(exchange)
+        except (AuthError, RequestError, InputError) as error:
+            return await self._refuse(exchange, error)
+        exchange.input_format = decoded.source_format
+        model = served.model
+        probabilities = await served.batcher.submit({model.input_names[0]: decoded.pixels[None]})
+        probability = float(model.positive_probability(probabilities)[0])
+        decision = "positive" if probability >= model.threshold else "negative"
+        answer = {
+            "request_id": exchange.request_id,
             "model": {"name": model.name, "version": model.version, "alias": model.alias},
             "finding": model.card.positive_finding,
             "probability": probability,
             "threshold": model.threshold,
             "sensitivity_target": model.card.operating_point.sensitivity_target,
-            "decision": "positive" if positive else "negative",
+            "decision": decision,
             "class_probabilities": dict(
                 zip(
                     model.card.classes,
@@ -122,12 +394,153 @@ class Screening:
             ),
             "input": {
                 "format": decoded.source_format,
-                "height": decoded.source_shape[0],
-                "width": decoded.source_shape[1],
+                **dict(
+                    zip(
+                        ("depth", "height", "width")[-len(decoded.source_shape) :],
+                        decoded.source_shape,
+                        strict=True,
+                    )
+                ),
             },
         }
+        return await self._answer(exchange, answer, score=probability, decision=decision)
 
+    async def _monitor(
+        self,
+        request: Request,
+        route: str,
+        decode: Callable[[_Exchange], Awaitable[tuple[Served, Any]]],
+    ) -> JSONResponse:
+        exchange = _Exchange(route)
+        try:
+            self._authenticate(request, exchange)
+            served, beats = await decode(exchange)
+        except (AuthError, RequestError, InputError) as error:
+            return await self._refuse(exchange, error)
+        model = served.model
+        feeds = dict(
+            zip(model.input_names, (beats.windows, beats.templates, beats.rr_seconds), strict=True)
+        )
+        probabilities = await served.batcher.submit(feeds)
+        answer, score, summary = monitoring_answer(model, beats, probabilities)
+        answer = {"request_id": exchange.request_id, **answer}
+        return await self._answer(
+            exchange, answer, score=score, decision=answer["decision"], summary=summary
+        )
 
-Screening.add_asgi_middleware(
-    UploadContractMiddleware, routes=(SCREEN_ROUTE,), max_bytes=MAX_UPLOAD_BYTES + 64 * 1024
-)
+    def _authenticate(self, request: Request, exchange: _Exchange) -> ApiKey:
+        presented = request.headers.get("authorization") or request.headers.get("x-api-key")
+        try:
+            exchange.key = self.keys.authenticate(presented)
+        except KeyStoreError as error:
+            logger.error("key store unusable: %s", error)
+            raise RequestError(
+                "the service cannot check keys right now; try again later",
+                HTTPStatus.SERVICE_UNAVAILABLE,
+            ) from error
+        return exchange.key
+
+    def _select(self, exchange: _Exchange, name: str | None, *, monitoring: bool) -> Served:
+        served = self.pool.select(name, monitoring=monitoring)
+        assert exchange.key is not None
+        self.keys.authorise(exchange.key, served.model.name)
+        exchange.served = served
+        return served
+
+    async def _answer(
+        self,
+        exchange: _Exchange,
+        answer: dict[str, Any],
+        *,
+        score: float,
+        decision: str,
+        summary: dict[str, int | float | str] | None = None,
+    ) -> JSONResponse:
+        assert exchange.served is not None and exchange.key is not None
+        model = exchange.served.model
+        latency_ms = exchange.latency_ms()
+        try:
+            await self.log.append_async(
+                PredictionRecord(
+                    request_id=exchange.request_id,
+                    outcome="prediction",
+                    status=HTTPStatus.OK.value,
+                    route=exchange.route,
+                    **self._who(exchange),
+                    input_sha256=exchange.input_sha256,
+                    input_format=exchange.input_format,
+                    score=score,
+                    threshold=model.threshold,
+                    decision=decision,
+                    summary=summary,
+                    latency_ms=latency_ms,
+                )
+            )
+        except PredictionLogError as error:
+            # Nothing leaves unrecorded: without a durable record there is no answer.
+            logger.error("request %s: prediction log failed: %s", exchange.request_id, error)
+            return self._json(
+                exchange,
+                error_body(
+                    exchange.request_id,
+                    HTTPStatus.SERVICE_UNAVAILABLE,
+                    "the prediction could not be recorded, so it is withheld; try again later",
+                ),
+                HTTPStatus.SERVICE_UNAVAILABLE,
+            )
+        logger.info(
+            "request %s %s model %s/%s score %.6f decision %s latency %.1f ms",
+            exchange.request_id,
+            exchange.route,
+            model.name,
+            model.version,
+            score,
+            decision,
+            latency_ms,
+        )
+        return self._json(exchange, answer)
+
+    async def _refuse(
+        self, exchange: _Exchange, error: AuthError | RequestError | InputError
+    ) -> JSONResponse:
+        status = HTTPStatus(error.status)
+        message = getattr(error, "message", None) or str(error)
+        logger.info("request %s %s refused: %s", exchange.request_id, exchange.route, status.value)
+        try:
+            await self.log.append_async(
+                PredictionRecord(
+                    request_id=exchange.request_id,
+                    outcome="failed",
+                    status=status.value,
+                    route=exchange.route,
+                    **self._who(exchange),
+                    input_sha256=exchange.input_sha256,
+                    input_format=exchange.input_format,
+                    latency_ms=exchange.latency_ms(),
+                    error=message[:1000],
+                )
+            )
+        except PredictionLogError as log_error:
+            logger.error("request %s: prediction log failed: %s", exchange.request_id, log_error)
+        return self._json(exchange, error_body(exchange.request_id, status, message), status)
+
+    @staticmethod
+    def _who(exchange: _Exchange) -> dict[str, str | None]:
+        key, served = exchange.key, exchange.served
+        return {
+            "hospital": key.hospital if key else None,
+            "region": key.region if key else None,
+            "key_id": key.key_id if key else None,
+            "model_name": served.model.name if served else None,
+            "model_version": served.model.version if served else None,
+            "model_alias": served.model.alias if served else None,
+        }
+
+    @staticmethod
+    def _json(
+        exchange: _Exchange, body: dict[str, Any], status: HTTPStatus = HTTPStatus.OK
+    ) -> JSONResponse:
+        headers = {"X-Request-ID": exchange.request_id}
+        if status == HTTPStatus.UNAUTHORIZED:
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse(body, status_code=status.value, headers=headers)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-MODEL_ENV = "MEDSCREEN_MODEL"
 STATE_DIR_ENV = "MEDSCREEN_STATE_DIR"
 
 
@@ -17,3 +16,30 @@ def state_dir() -> Path:
 def tracking_uri() -> str:
     """Return ``$MLFLOW_TRACKING_URI`` or the embedded store in the state directory."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_dir() / 'mlflow.db'}"
+
+
+KEY_STORE_ENV = "MEDSCREEN_KEY_STORE"
+PREDICTION_LOG_ENV = "MEDSCREEN_PREDICTION_LOG"
+
+
+def serving_dir() -> Path:
+    """Return the directory for the service's own state: ``state_dir() / "serving"``."""
+    return state_dir() / "serving"
+
+
+def key_store_path() -> Path:
+    """Return the API key store: ``$MEDSCREEN_KEY_STORE`` or ``serving_dir()/api_keys.json``."""
+    configured = os.environ.get(KEY_STORE_ENV)
+    return Path(configured).resolve() if configured else serving_dir() / "api_keys.json"
+
+
+def prediction_log_path() -> Path:
+    """Return the prediction log: ``$MEDSCREEN_PREDICTION_LOG`` or the default in ``serving_dir()``.
+
+    The default is ``serving_dir() / "predictions.jsonl"``.
+    """
+    configured = os.environ.get(PREDICTION_LOG_ENV)
+    return Path(configured).resolve() if configured else serving_dir() / "predictions.jsonl"
+
+
+MODELS_ENV = "MEDSCREEN_MODELS"

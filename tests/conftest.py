@@ -20,7 +20,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = Path(
     os.environ.get("MEDSCREEN_SHARED_DATASETS", PROJECT_ROOT.parent / "shared" / "datasets")
 )
-QUICK_RECIPE = PROJECT_ROOT / "training" / "recipes" / "pneumonia-quick.yaml"
+RECIPES = PROJECT_ROOT / "training" / "recipes"
+QUICK_RECIPE = RECIPES / "pneumonia-quick.yaml"
 # Small enough for a few seconds of CPU training, large enough for a meaningful AUC.
 TINY_TRAINING = [
     "data.max_train_samples=384",
@@ -30,6 +31,28 @@ TINY_TRAINING = [
     # A two-epoch model on a subset cannot meet the shipped release gate; this one it can.
     "registration.minimum_metrics={test_auc: 0.6}",
     "registration.int8_max_auc_drop=0.05",
+]
+
+
+# A one-epoch beat network on a few DS1 records: it runs, it is not a clinical model.
+TINY_ECG = [
+    'data.train_records=["106", "118", "207", "209"]',
+    'data.val_records=["220"]',
+    "data.max_normal_beats_per_record=80",
+    "optimisation.max_epochs=1",
+    "model.block_config=[2, 2]",
+    "registration.minimum_metrics={val_accuracy: 0.0}",
+]
+# A small 3D DenseNet for one epoch on VesselMNIST3D.
+TINY_VOLUME = [
+    "model.network=DenseNet",
+    "model.network_params={init_features: 8, growth_rate: 8, block_config: [2, 2]}",
+    "model.network_input_size=32",
+    "optimisation.max_epochs=1",
+    "data.max_train_samples=160",
+    "data.max_test_samples=120",
+    "data.batch_size=32",
+    "registration.minimum_metrics={}",
 ]
 
 
@@ -90,6 +113,34 @@ def registered_model(trained_run):
     return export_and_register(result.run_id)
 
 
+@pytest.fixture(scope="session")
+def ecg_run(shared_datasets: Path):
+    from training import load_recipe
+    from training.ecg import train_ecg
+
+    recipe = load_recipe(
+        RECIPES / "ecg-full.yaml", [f"data.records_dir={shared_datasets / 'mitdb'}", *TINY_ECG]
+    )
+    return train_ecg(recipe, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def ecg_model(ecg_run, shared_datasets: Path):
+    from training.ecg_export import export_ecg_and_register
+
+    return export_ecg_and_register(ecg_run.run_id, records_dir=shared_datasets / "mitdb")
+
+
+@pytest.fixture(scope="session")
+def volume_model(medmnist_dir: Path):
+    from training import export_and_register, load_recipe, train_recipe
+
+    recipe = load_recipe(
+        RECIPES / "vessel3d-full.yaml", [f"data.data_dir={medmnist_dir}", *TINY_VOLUME]
+    )
+    return export_and_register(train_recipe(recipe, show_progress=False).run_id)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -121,18 +172,44 @@ class RunningServer:
         return self.log_path.read_text(errors="replace")
 
 
+@dataclass
+class ServiceKeys:
+    """Plain keys for the served models: every model, or the pneumonia model only."""
+
+    all_models: str
+    pneumonia_only: str
+    revoked: str
+
+
 @pytest.fixture(scope="session")
-def served_model(registered_model, tmp_path_factory: pytest.TempPathFactory):
-    """The real BentoML server, started by `medscreen serve` on a free port, by alias."""
+def service_keys(registered_model) -> ServiceKeys:
+    from serving.api_keys import KeyStore
+    from serving.settings import key_store_path
+
+    store = KeyStore(key_store_path())
+    _, all_models = store.create("St Elsewhere", "north", ["*"])
+    _, pneumonia_only = store.create("County General", "south", [registered_model.model_name])
+    revoked_key, revoked = store.create("Closed Clinic", "south", ["*"])
+    store.revoke(revoked_key.key_id)
+    return ServiceKeys(all_models=all_models, pneumonia_only=pneumonia_only, revoked=revoked)
+
+
+@pytest.fixture(scope="session")
+def served_model(registered_model, ecg_model, volume_model, service_keys, tmp_path_factory):
+    """The real BentoML server, started by `medscreen serve` on a free port, by alias.
+
+    It serves the pneumonia, ECG and 3D models, and checks aliases every second.
+    """
     from training.registry import promote
 
-    promote(
-        registered_model.model_name,
-        registered_model.version,
-        alias="candidate",
-        approver="ci-serving-tests",
-        reason="serve the test model by alias",
-    )
+    for model in (registered_model, ecg_model, volume_model):
+        promote(
+            model.model_name,
+            model.version,
+            alias="candidate",
+            approver="ci-serving-tests",
+            reason="serve the test model by alias",
+        )
     port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     with log_path.open("wb") as log:
@@ -140,10 +217,15 @@ def served_model(registered_model, tmp_path_factory: pytest.TempPathFactory):
             [
                 *medscreen_command(),
                 "serve",
-                "--model",
-                f"{registered_model.model_name}@candidate",
+                *(
+                    argument
+                    for model in (registered_model, ecg_model, volume_model)
+                    for argument in ("--model", f"{model.model_name}@candidate")
+                ),
                 "--port",
                 str(port),
+                "--reload-seconds",
+                "1",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -13,13 +13,6 @@ from datasets import DatasetError
 from tests.conftest import PROJECT_ROOT, medscreen_error_line
 
 ECG_RECIPE = PROJECT_ROOT / "training" / "recipes" / "ecg-full.yaml"
-TINY_ECG = [
-    'data.train_records=["106", "118", "207", "209"]',
-    'data.val_records=["220"]',
-    "data.max_normal_beats_per_record=80",
-    "optimisation.max_epochs=1",
-    "model.block_config=[2, 2]",
-]
 
 
 def _client() -> MlflowClient:
@@ -29,16 +22,6 @@ def _client() -> MlflowClient:
     return MlflowClient()
 
 
-@pytest.fixture(scope="module")
-def ecg_run(shared_datasets: Path):
-    from training import load_recipe
-    from training.ecg import train_ecg
-
-    recipe = load_recipe(ECG_RECIPE, [f"data.records_dir={shared_datasets / 'mitdb'}", *TINY_ECG])
-    return train_ecg(recipe, show_progress=False)
-
-
-@pytest.mark.slow
 def test_ecg_run_reports_aami_metrics_per_class_and_per_record(ecg_run):
     client = _client()
     run = client.get_run(ecg_run.run_id)
@@ -92,3 +75,53 @@ def test_ecg_recipe_errors_are_one_line(shared_datasets: Path):
         str(shared_datasets / "mitdb"),
     )
     assert "either --manifest" in line
+
+
+def test_ecg_export_registers_a_beat_graph_with_its_card(ecg_model, shared_datasets: Path):
+    import onnxruntime
+
+    from datasets.ecg import load_beats
+    from training.ecg_export import ECG_INPUTS, ECTOPIC_CLASSES
+
+    result = ecg_model
+    card = result.card
+    assert card.kind == "ecg-monitoring" and card.input is None
+    assert card.signal.sampling_rate_hz == 360 and card.signal.lead == "MLII"
+    assert [tensor.name for tensor in card.signal.tensors] == list(ECG_INPUTS)
+    assert card.positive_classes == list(ECTOPIC_CLASSES)
+    assert card.onnx.parity_max_abs_difference <= 1e-4
+    assert card.operating_point.chosen_on == "validation records"
+    assert [check.check for check in card.release_gate] == [
+        "onnx_checker",
+        "parity probabilities",
+        "parity decisions",
+        "minimum val_accuracy",
+    ]
+    assert card.metrics["selected_val_sensitivity"] >= card.operating_point.sensitivity_target
+    assert "360 Hz" in card.to_markdown()
+
+    version = MlflowClient().get_model_version(result.model_name, result.version)
+    assert version.tags["medscreen.kind"] == "ecg-monitoring"
+    model_dir = Path(
+        mlflow.artifacts.download_artifacts(f"models:/{result.model_name}/{result.version}")
+    )
+    stored = json.loads((model_dir / "extra_files" / "card.json").read_text())
+    assert stored["signal"]["window_before_samples"] == 90
+    # The registered graph classifies real beats of the validation record.
+    beats = load_beats(shared_datasets / "mitdb", ["220"])
+    session = onnxruntime.InferenceSession(
+        str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    (probabilities,) = session.run(
+        None,
+        dict(zip(ECG_INPUTS, (beats.windows, beats.templates, beats.rr_seconds), strict=True)),
+    )
+    assert probabilities.shape == (len(beats), 5)
+    assert abs(float(probabilities.sum(axis=1).mean()) - 1) < 1e-5
+
+
+def test_export_command_refuses_int8_for_ecg(ecg_run, shared_datasets: Path):
+    line = medscreen_error_line(
+        "export", "--run-id", ecg_run.run_id, "--int8", "--records-dir", str(shared_datasets)
+    )
+    assert "--int8 is for image models" in line

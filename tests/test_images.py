@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from http import HTTPStatus
 from pathlib import Path
 
@@ -10,10 +11,13 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from pydicom.pixels import get_decoder
+from pydicom.uid import JPEG2000, UID, JPEGLSLossless
 
 from datasets.images import ImageDecodeError, decode_image
 
 GRADIENT = (np.arange(64 * 48).reshape(48, 64) % 256).astype(np.uint8)
+INPUT_28 = {"channels": 1, "height": 28, "width": 28}
 
 
 @pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA"])
@@ -58,3 +62,84 @@ def dataset_bytes(dataset: pydicom.Dataset) -> bytes:
     buffer = io.BytesIO()
     dataset.save_as(buffer)
     return buffer.getvalue()
+
+
+DICOM_DIR = "dicom"
+
+
+def dicom_file(shared_datasets: Path, name: str) -> bytes:
+    return (shared_datasets / DICOM_DIR / name).read_bytes()
+
+
+def test_rle_lossless_decodes_to_the_same_pixels_as_uncompressed(shared_datasets: Path):
+    rle = decode_image(dicom_file(shared_datasets, "pydicom_MR_small_RLE.dcm"), **INPUT_28)
+    plain = decode_image(dicom_file(shared_datasets, "pydicom_MR_small.dcm"), **INPUT_28)
+    assert rle.source_format == "dicom" and rle.source_shape == (64, 64)
+    np.testing.assert_array_equal(rle.pixels, plain.pixels)
+
+
+def test_jpeg2000_decodes_with_the_installed_decoder(shared_datasets: Path):
+    # Pillow's wheels bundle OpenJPEG, and pydicom 3 decodes JPEG 2000 with Pillow.
+    decoded = decode_image(dicom_file(shared_datasets, "pydicom_JPEG2000.dcm"), **INPUT_28)
+    assert decoded.source_shape == (1024, 256) and decoded.pixels.std() > 0
+
+
+@pytest.fixture
+def no_jpeg2000_decoder() -> Iterator[None]:
+    """JPEG 2000 as on an installation without a decoder plugin (Pillow built without it)."""
+    decoder = get_decoder(JPEG2000)
+    decoder.remove_plugin("pillow")
+    try:
+        yield
+    finally:
+        decoder.add_plugin("pillow", ("pydicom.pixels.decoders.pillow", "_decode_frame"))
+
+
+def test_jpeg2000_without_a_decoder_is_a_415_naming_the_syntax(
+    shared_datasets: Path, no_jpeg2000_decoder: None
+):
+    with pytest.raises(ImageDecodeError) as failure:
+        decode_image(dicom_file(shared_datasets, "pydicom_JPEG2000.dcm"), **INPUT_28)
+    assert failure.value.status == HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+    message = str(failure.value)
+    assert "1.2.840.10008.1.2.4.91" in message and "JPEG 2000" in message
+    assert "uncompressed" in message
+
+
+@pytest.mark.parametrize(
+    ("syntax", "name"),
+    [
+        (JPEGLSLossless, "JPEG-LS Lossless"),  # needs pylibjpeg-libjpeg, gdcm or pyjpegls
+        (UID("1.2.840.10008.1.2.4.100"), "MPEG2"),  # pydicom has no decoder at all
+    ],
+)
+def test_transfer_syntax_without_decoder_is_a_415(shared_datasets: Path, syntax: UID, name: str):
+    dataset = pydicom.dcmread(shared_datasets / DICOM_DIR / "pydicom_JPEG2000.dcm")
+    dataset.file_meta.TransferSyntaxUID = syntax
+    with pytest.raises(ImageDecodeError) as failure:
+        decode_image(dataset_bytes(dataset), **INPUT_28)
+    assert failure.value.status == HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+    assert str(syntax) in str(failure.value) and name in str(failure.value)
+
+
+def test_waveform_dicom_is_a_422_pointing_to_the_monitor_route(shared_datasets: Path):
+    with pytest.raises(ImageDecodeError) as failure:
+        decode_image(dicom_file(shared_datasets, "pydicom_waveform_ecg.dcm"), **INPUT_28)
+    assert failure.value.status == HTTPStatus.UNPROCESSABLE_ENTITY
+    assert "no pixel data" in str(failure.value)
+    assert "POST /v1/monitor/dicom" in str(failure.value)
+
+
+def test_truncated_pixel_data_is_a_422(shared_datasets: Path):
+    with pytest.raises(ImageDecodeError, match="pixel data cannot be decoded") as failure:
+        decode_image(dicom_file(shared_datasets, "pydicom_MR_truncated.dcm"), **INPUT_28)
+    assert failure.value.status == HTTPStatus.UNPROCESSABLE_ENTITY
+
+
+def test_patient_tags_never_reach_an_error_message(shared_datasets: Path):
+    dataset = pydicom.dcmread(shared_datasets / DICOM_DIR / "nih_chestxray14_dx_1024.dcm")
+    identifiers = [str(dataset.PatientName), str(dataset.PatientID)]
+    dataset.WindowWidth, dataset.WindowCenter = 0, 10
+    with pytest.raises(ImageDecodeError) as failure:
+        decode_image(dataset_bytes(dataset), **INPUT_28)
+    assert not any(value and value in str(failure.value) for value in identifiers)

@@ -21,6 +21,9 @@ def test_shipped_recipes_are_valid(recipe: Path):
     assert loaded.registration.model_name.replace("-", "").isalnum()
     if isinstance(loaded, EcgRecipe):
         assert not set(loaded.data.train_records) & set(loaded.data.val_records)
+    elif loaded.data.manifest is not None:
+        assert loaded.data.manifest.is_absolute() and loaded.data.manifest_task is not None
+        assert loaded.data.manifest_task.positive_indices() == (1,)
     else:
         assert len(get_dataset_spec(loaded.data.dataset).classes) >= 2
 
@@ -64,6 +67,63 @@ def test_wrong_or_unknown_field_is_named(tmp_path: Path, text: str, field: str):
     broken.write_text(base + "\n" + text)
     with pytest.raises(RecipeError, match=f"{broken}: field '{field}"):
         load_recipe(broken)
+
+
+MANIFEST_RECIPE = PROJECT_ROOT / "training" / "recipes" / "hospital-manifest-example.yaml"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["data.dataset=pneumoniamnist"], "data.manifest': give data.dataset or data.manifest"),
+        (["data.manifest_task=null"], "data.manifest_task': required with data.manifest"),
+        (
+            ["data.manifest=null", "data.dataset=pneumoniamnist"],
+            "data.manifest_task': only used with data.manifest",
+        ),
+        (["data.max_train_samples=10"], "data.max_train_samples': not used with data.manifest"),
+        (["data.data_dir=/tmp"], "data.data_dir': not used with data.manifest"),
+        (["data.val_fraction=0.5", "data.test_fraction=0.5"], "data.test_fraction': val_fra"),
+        (["data.val_fraction=1.5"], "data.val_fraction': Input should be less than 1"),
+        (
+            ["data.manifest_task.positive_classes=[covid]"],
+            "data.manifest_task.positive_classes': \\['covid'\\] not in classes",
+        ),
+        (
+            ["data.manifest_task.positive_classes=[normal, Pneumonia]"],
+            "data.manifest_task.positive_classes': at least one class must be negative",
+        ),
+        (["data.manifest_task.classes=[normal, Normal]"], "data.manifest_task.classes': names"),
+        (
+            ["data.manifest_task.image_shape=[2, 28, 28]"],
+            "data.manifest_task.image_shape': 2D images have 1 or 3 channels",
+        ),
+        (["data.manifest_task.image_shape=[28, 28]"], "data.manifest_task.image_shape': \\[28"),
+        (
+            ["data.manifest_task.image_shape=[3, 8, 28, 28]"],
+            "data.manifest_task.image_shape': volumes have 1 channel",
+        ),
+        (["data.manifest_task.name=Has Spaces"], "data.manifest_task.name': String should"),
+    ],
+)
+def test_manifest_recipe_errors_name_the_field(overrides: list[str], field: str):
+    with pytest.raises(RecipeError, match=f"{MANIFEST_RECIPE}: field '{field}"):
+        load_recipe(MANIFEST_RECIPE, overrides)
+
+
+def test_catalogue_recipe_refuses_manifest_fields():
+    with pytest.raises(RecipeError, match=r"field 'data\.val_fraction': only used with data"):
+        load_recipe(QUICK_RECIPE, ["data.val_fraction=0.2"])
+    with pytest.raises(RecipeError, match=r"field 'data\.dataset': give a catalogue dataset"):
+        load_recipe(QUICK_RECIPE, ["data.dataset=null"])
+
+
+def test_manifest_task_overrides_are_checked_against_the_section():
+    with pytest.raises(RecipeError, match=r"field 'data\.manifest_task\.colour' is not a recipe"):
+        load_recipe(MANIFEST_RECIPE, ["data.manifest_task.colour=red"])
+    recipe = load_recipe(MANIFEST_RECIPE, ["data.manifest=elsewhere/m.csv"])
+    assert recipe.data.manifest == (Path.cwd() / "elsewhere" / "m.csv").resolve()
+    assert recipe.data.val_fraction == 0.15 and recipe.flat()["data.manifest_task.name"]
 
 
 def test_missing_recipe_and_bad_yaml(tmp_path: Path):

@@ -1,9 +1,15 @@
-"""The real BentoML server on a free port: real uploads, real DICOM parsing, bad inputs."""
+"""The real BentoML server on a free port: input formats, keys, the prediction log, bad input."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import os
+import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -20,16 +26,35 @@ from tests.conftest import medscreen_command, medscreen_error_line
 pytestmark = pytest.mark.slow
 
 CHEST_XRAY_DICOM = "dicom/nih_chestxray14_dx_1024.dcm"
+ECG_RECORD = "223"  # DS1, used by neither the tiny model's training nor its validation
 
 
-def _screen(server, content: bytes, filename: str = "upload") -> requests.Response:
-    return requests.post(f"{server.url}/v1/screen", files={"file": (filename, content)}, timeout=60)
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _screen(
+    server, key: str, content: bytes, filename: str = "upload", model: str | None = None
+) -> requests.Response:
+    return requests.post(
+        f"{server.url}/v1/screen",
+        files={"file": (filename, content)},
+        data={"model": model} if model else {},
+        headers=_auth(key),
+        timeout=60,
+    )
 
 
 def _png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _log_records() -> list[dict]:
+    from serving.settings import prediction_log_path
+
+    return [json.loads(line) for line in prediction_log_path().read_text().splitlines()]
 
 
 def _check_answer(body: dict, registered_model) -> None:
@@ -46,12 +71,19 @@ def _check_answer(body: dict, registered_model) -> None:
     assert len(body["request_id"]) == 36
 
 
-def test_png_answer_matches_the_registered_onnx_model(
-    served_model, registered_model, medmnist_dir: Path
-):
+@pytest.fixture(scope="module")
+def pneumonia_case(medmnist_dir: Path) -> np.ndarray:
     test = load_split(get_dataset_spec("pneumoniamnist"), "test", data_dir=medmnist_dir)
-    image = test.images[int(np.flatnonzero(test.labels == 1)[0])]
-    response = _screen(served_model, _png(image[0]), "case.png")
+    return test.images[int(np.flatnonzero(test.labels == 1)[0])]
+
+
+def test_png_answer_matches_the_registered_onnx_model(
+    served_model, service_keys, registered_model, pneumonia_case: np.ndarray
+):
+    content = _png(pneumonia_case[0])
+    response = _screen(
+        served_model, service_keys.all_models, content, "case.png", registered_model.model_name
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     _check_answer(body, registered_model)
@@ -66,27 +98,92 @@ def test_png_answer_matches_the_registered_onnx_model(
     session = onnxruntime.InferenceSession(
         str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"]
     )
-    (probabilities,) = session.run(None, {"image": image[None]})
+    (probabilities,) = session.run(None, {"image": pneumonia_case[None]})
     assert body["probability"] == pytest.approx(float(probabilities[0, 1]), abs=1e-6)
 
+    # The prediction log holds the record, durable before the answer arrived.
+    (record,) = [r for r in _log_records() if r["request_id"] == body["request_id"]]
+    assert record["outcome"] == "prediction" and record["status"] == 200
+    assert (record["hospital"], record["region"]) == ("St Elsewhere", "north")
+    assert record["model_name"] == registered_model.model_name
+    assert record["model_version"] == registered_model.version
+    assert record["model_alias"] == "candidate"
+    assert record["input_sha256"] == hashlib.sha256(content).hexdigest()
+    assert record["score"] == pytest.approx(body["probability"])
+    assert record["threshold"] == pytest.approx(body["threshold"])
+    assert record["decision"] == body["decision"] and record["latency_ms"] > 0
 
-def test_jpeg_is_accepted(served_model, registered_model):
+
+def test_numpy_array_in_json_gives_the_same_answer_as_the_png(
+    served_model, service_keys, registered_model, pneumonia_case: np.ndarray
+):
+    url = f"{served_model.url}/v1/screen/array"
+    payload = {"model": registered_model.model_name, "array": pneumonia_case[0].tolist()}
+    response = requests.post(url, json=payload, headers=_auth(service_keys.all_models), timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    _check_answer(body, registered_model)
+    assert body["input"]["format"] == "array"
+    png = _screen(
+        served_model,
+        service_keys.all_models,
+        _png(pneumonia_case[0]),
+        "case.png",
+        registered_model.model_name,
+    )
+    assert body["probability"] == pytest.approx(png.json()["probability"], abs=1e-6)
+
+    bad = {"model": registered_model.model_name, "array": [[300.0] * 28] * 28}
+    response = requests.post(url, json=bad, headers=_auth(service_keys.all_models), timeout=60)
+    assert response.status_code == 422 and "0" in response.json()["error"]
+    for body, status in (({"model": registered_model.model_name}, 422), ([1, 2], 422)):
+        response = requests.post(url, json=body, headers=_auth(service_keys.all_models), timeout=60)
+        assert response.status_code == status, response.text
+    response = requests.post(
+        url,
+        data=b"{not json",
+        headers={**_auth(service_keys.all_models), "Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]
+
+
+def test_jpeg_and_compressed_dicom_are_accepted(
+    served_model, service_keys, registered_model, shared_datasets: Path
+):
     buffer = io.BytesIO()
     Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (48, 1))).save(buffer, "JPEG")
-    response = _screen(served_model, buffer.getvalue(), "case.jpg")
+    name = registered_model.model_name
+    response = _screen(served_model, service_keys.all_models, buffer.getvalue(), "a.jpg", name)
     assert response.status_code == 200, response.text
     _check_answer(response.json(), registered_model)
     assert response.json()["input"]["format"] == "jpeg"
+    rle = (shared_datasets / "dicom" / "pydicom_MR_small_RLE.dcm").read_bytes()
+    response = _screen(served_model, service_keys.all_models, rle, "mr.dcm", name)
+    assert response.status_code == 200, response.text
+    assert response.json()["input"] == {"format": "dicom", "height": 64, "width": 64}
+    # JPEG 2000 decodes with the OpenJPEG build inside Pillow's wheels.
+    jpeg2000 = (shared_datasets / "dicom" / "pydicom_JPEG2000.dcm").read_bytes()
+    response = _screen(served_model, service_keys.all_models, jpeg2000, "j2k.dcm", name)
+    assert response.status_code == 200, response.text
 
 
 def test_real_dicom_is_screened_without_leaking_patient_tags(
-    served_model, registered_model, shared_datasets: Path
+    served_model, service_keys, registered_model, shared_datasets: Path
 ):
+    from serving.settings import prediction_log_path
+
     path = shared_datasets / CHEST_XRAY_DICOM
     dataset = pydicom.dcmread(path)
     identifiers = [str(dataset.PatientName), str(dataset.PatientID)]
     assert all(identifiers)
-    response = _screen(served_model, path.read_bytes(), "study.dcm")
+    response = _screen(
+        served_model,
+        service_keys.all_models,
+        path.read_bytes(),
+        "study.dcm",
+        registered_model.model_name,
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     _check_answer(body, registered_model)
@@ -94,7 +191,137 @@ def test_real_dicom_is_screened_without_leaking_patient_tags(
     for identifier in identifiers:
         assert identifier not in response.text
         assert identifier not in served_model.log()
+        assert identifier not in prediction_log_path().read_text()
     assert body["request_id"] in served_model.log()
+
+
+def test_nifti_volume_is_screened_by_the_3d_model(
+    served_model, service_keys, volume_model, shared_datasets: Path
+):
+    shared = shared_datasets / "nifti"
+    anatomy = (shared / "someones_anatomy.nii.gz").read_bytes()
+    response = _screen(
+        served_model, service_keys.all_models, anatomy, "t1.nii.gz", volume_model.model_name
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"]["name"] == volume_model.model_name
+    assert body["input"]["format"] == "nifti" and body["input"]["depth"] > 1
+    assert body["decision"] in ("positive", "negative")
+    # A time series, a 2D picture and a flat array are refused with what to send instead.
+    series = (shared / "example4d.nii.gz").read_bytes()
+    response = _screen(
+        served_model, service_keys.all_models, series, "fmri.nii.gz", volume_model.model_name
+    )
+    assert response.status_code == 422 and "4D" in response.json()["error"]
+    picture = _png(np.zeros((28, 28), dtype=np.uint8))
+    response = _screen(
+        served_model, service_keys.all_models, picture, "x.png", volume_model.model_name
+    )
+    assert response.status_code == 415 and "NIfTI" in response.json()["error"]
+    response = requests.post(
+        f"{served_model.url}/v1/screen/array",
+        json={
+            "model": volume_model.model_name,
+            "array": np.full((28, 28, 28), 90, dtype=np.uint8).tolist(),
+        },
+        headers=_auth(service_keys.all_models),
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["input"]["depth"] == 28
+
+
+def _ecg_payload(shared_datasets: Path, seconds: int, rate: int) -> tuple[dict, int]:
+    import wfdb
+    from scipy.signal import resample_poly
+
+    record = wfdb.rdrecord(
+        str(shared_datasets / "mitdb" / ECG_RECORD), channel_names=["MLII"], sampto=360 * seconds
+    )
+    annotation = wfdb.rdann(
+        str(shared_datasets / "mitdb" / ECG_RECORD), "atr", sampto=360 * seconds
+    )
+    samples = record.p_signal[:, 0]
+    if rate != 360:
+        samples = resample_poly(samples, rate, 360)
+    beats = sum(symbol in "NLRejAaJSVEF/fQ" for symbol in annotation.symbol)
+    payload = {"samples": samples.round(4).tolist(), "sampling_rate_hz": rate, "lead": "MLII"}
+    return payload, beats
+
+
+@pytest.mark.parametrize("rate", [360, 250])
+def test_ecg_samples_get_per_beat_classes_and_an_alert_summary(
+    served_model, service_keys, ecg_model, shared_datasets: Path, rate: int
+):
+    payload, annotated = _ecg_payload(shared_datasets, 60, rate)
+    response = requests.post(
+        f"{served_model.url}/v1/monitor",
+        json=payload,
+        headers=_auth(service_keys.all_models),
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == {
+        "name": ecg_model.model_name,
+        "version": ecg_model.version,
+        "alias": "candidate",
+    }
+    assert body["threshold"] == pytest.approx(ecg_model.card.operating_point.threshold)
+    summary = body["summary"]
+    assert abs(summary["beats"] - annotated) <= 0.05 * annotated
+    assert sum(summary["class_counts"].values()) == summary["beats"] == len(body["beats"])
+    assert 30 < summary["heart_rate_bpm"] < 200
+    beat = body["beats"][10]
+    assert beat["class"] in ("N", "S", "V", "F", "Q") and 0 <= beat["ectopic_probability"] <= 1
+    assert beat["alert"] == (beat["ectopic_probability"] >= body["threshold"])
+    assert body["decision"] == ("alert" if summary["ectopic_alert_beats"] else "no alert")
+    assert 0 <= beat["sample"] < len(payload["samples"])
+    (record,) = [r for r in _log_records() if r["request_id"] == body["request_id"]]
+    assert record["summary"]["beats"] == summary["beats"] and record["input_format"] == "json"
+
+
+def test_ecg_dicom_waveform_and_bad_ecg_input(
+    served_model, service_keys, ecg_model, shared_datasets: Path
+):
+    waveform = (shared_datasets / "dicom" / "pydicom_waveform_ecg.dcm").read_bytes()
+    response = requests.post(
+        f"{served_model.url}/v1/monitor/dicom",
+        files={"file": ("ecg.dcm", waveform)},
+        headers=_auth(service_keys.all_models),
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["summary"]["beats"] >= 3
+    payload, _ = _ecg_payload(shared_datasets, 20, 360)
+    url = f"{served_model.url}/v1/monitor"
+    for bad, status, message in (
+        ({**payload, "lead": "V1"}, 422, "trained on lead MLII"),
+        ({k: v for k, v in payload.items() if k != "sampling_rate_hz"}, 422, "sampling_rate_hz"),
+        ({**payload, "samples": payload["samples"][:360]}, 422, "10 s"),
+    ):
+        response = requests.post(url, json=bad, headers=_auth(service_keys.all_models), timeout=60)
+        assert response.status_code == status, response.text
+        assert message in response.json()["error"]
+    # A picture sent to the monitor, or an ECG model named on the screening route.
+    response = _screen(
+        served_model, service_keys.all_models, b"\x89PNG", "x.png", ecg_model.model_name
+    )
+    assert response.status_code == 422 and "/v1/monitor" in response.json()["error"]
+
+
+def _jpeg_ls_dicom(shared_datasets: Path) -> bytes:
+    """A CT slice re-labelled JPEG-LS: a transfer syntax this service has no decoder for."""
+    from pydicom.encaps import encapsulate
+
+    dataset = pydicom.dcmread(shared_datasets / "dicom" / "pydicom_CT_small.dcm")
+    dataset.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.80"
+    dataset.PixelData = encapsulate([b"\xff\xd8\xff\xf7" + bytes(64)])
+    dataset["PixelData"].VR = "OB"
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 @pytest.mark.parametrize(
@@ -102,43 +329,200 @@ def test_real_dicom_is_screened_without_leaking_patient_tags(
     [
         ("empty.png", b"", 400, "empty"),
         ("notes.txt", b"this is not an image", 415, "not a PNG, JPEG or DICOM"),
-        ("truncated.dcm", None, 422, "pixel data cannot be decoded"),
+        ("truncated.dcm", None, 422, "pixel data"),
         ("waveform.dcm", None, 422, "no pixel data"),
+        ("jpeg-ls.dcm", None, 415, "1.2.840.10008.1.2.4.80 (JPEG-LS"),
         ("truncated.png", None, 400, "truncated or corrupt"),
     ],
 )
 def test_bad_uploads_get_a_clear_4xx(
     served_model,
+    service_keys,
+    registered_model,
     shared_datasets: Path,
     filename: str,
     content: bytes | None,
     status: int,
     message: str,
 ):
-    if filename == "truncated.dcm":
-        content = (shared_datasets / "dicom" / "pydicom_MR_truncated.dcm").read_bytes()
-    elif filename == "waveform.dcm":
-        content = (shared_datasets / "dicom" / "pydicom_waveform_ecg.dcm").read_bytes()
+    files = {
+        "truncated.dcm": "pydicom_MR_truncated.dcm",
+        "waveform.dcm": "pydicom_waveform_ecg.dcm",
+    }
+    if filename in files:
+        content = (shared_datasets / "dicom" / files[filename]).read_bytes()
+    elif filename == "jpeg-ls.dcm":
+        content = _jpeg_ls_dicom(shared_datasets)
     elif filename == "truncated.png":
         content = _png(np.full((64, 64), 7, dtype=np.uint8))[:-40]
-    response = _screen(served_model, content, filename)
+    response = _screen(
+        served_model, service_keys.all_models, content, filename, registered_model.model_name
+    )
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
+    (record,) = [r for r in _log_records() if r["request_id"] == response.json()["request_id"]]
+    assert record["outcome"] == "failed" and record["status"] == status
+    assert record.get("score") is None and record.get("decision") is None
 
 
-def test_malformed_requests_get_a_4xx(served_model):
-    url = f"{served_model.url}/v1/screen"
-    no_field = requests.post(url, files={"image": ("x.png", b"abc")}, timeout=30)
-    assert no_field.status_code == 400 and "file" in no_field.text
+def test_malformed_requests_get_a_4xx(served_model, service_keys, registered_model):
+    url, headers = f"{served_model.url}/v1/screen", _auth(service_keys.all_models)
+    no_field = requests.post(url, files={"image": ("x.png", b"abc")}, headers=headers, timeout=30)
+    assert no_field.status_code == 422 and "'file'" in no_field.json()["error"]
     for response in (
-        requests.post(url, json={"file": "x"}, timeout=30),
+        requests.post(url, json={"file": "x"}, headers=headers, timeout=30),
         requests.post(
-            url, data=b"garbage", headers={"Content-Type": "multipart/form-data"}, timeout=30
+            url,
+            data=b"garbage",
+            headers={**headers, "Content-Type": "multipart/form-data"},
+            timeout=30,
         ),
-        requests.post(url, timeout=30),
+        requests.post(url, headers=headers, timeout=30),
     ):
         assert response.status_code == 415, response.text
         assert "multipart/form-data" in response.json()["error"]
+    too_large = requests.post(
+        url, files={"file": ("big.png", b"\0" * (33 * 1024 * 1024))}, headers=headers, timeout=60
+    )
+    assert too_large.status_code == 413 and "limit" in too_large.json()["error"]
+    # Which model: two screening models are served, so a request must name one.
+    unnamed = _screen(served_model, service_keys.all_models, _png(np.zeros((28, 28), np.uint8)))
+    assert unnamed.status_code == 422 and registered_model.model_name in unnamed.json()["error"]
+    unknown = _screen(served_model, service_keys.all_models, b"x", "x.png", "no-such-model")
+    assert unknown.status_code == 404 and "GET /v1/models" in unknown.json()["error"]
+
+
+def test_keys_are_required_and_bound_to_their_models(
+    served_model, service_keys, registered_model, ecg_model, volume_model
+):
+    picture = _png(np.zeros((28, 28), dtype=np.uint8))
+    url = f"{served_model.url}/v1/screen"
+    files = {"file": ("x.png", picture)}
+    data = {"model": registered_model.model_name}
+    missing = requests.post(url, files=files, data=data, timeout=30)
+    assert missing.status_code == 401 and "Authorization: Bearer" in missing.json()["error"]
+    assert missing.headers["WWW-Authenticate"] == "Bearer"
+    for key in ("msk_0123456789ab_wrong", "garbage", service_keys.revoked):
+        response = requests.post(url, files=files, data=data, headers=_auth(key), timeout=30)
+        assert response.status_code == 401, response.text
+    granted = requests.post(
+        url, files=files, data=data, headers=_auth(service_keys.pneumonia_only), timeout=30
+    )
+    assert granted.status_code == 200, granted.text
+    forbidden = requests.post(
+        url,
+        files=files,
+        data={"model": volume_model.model_name},
+        headers=_auth(service_keys.pneumonia_only),
+        timeout=30,
+    )
+    assert forbidden.status_code == 403
+    assert "County General" in forbidden.json()["error"]
+    assert volume_model.model_name in forbidden.json()["error"]
+
+    listed = requests.get(
+        f"{served_model.url}/v1/models", headers=_auth(service_keys.pneumonia_only), timeout=30
+    )
+    assert [model["name"] for model in listed.json()["models"]] == [registered_model.model_name]
+    everything = requests.get(
+        f"{served_model.url}/v1/models", headers=_auth(service_keys.all_models), timeout=30
+    ).json()["models"]
+    by_name = {model["name"]: model for model in everything}
+    assert set(by_name) == {
+        registered_model.model_name,
+        ecg_model.model_name,
+        volume_model.model_name,
+    }
+    pneumonia = by_name[registered_model.model_name]
+    assert pneumonia["version"] == registered_model.version and pneumonia["alias"] == "candidate"
+    assert pneumonia["threshold"] == pytest.approx(registered_model.card.operating_point.threshold)
+    assert pneumonia["card"]["intended_use"] == registered_model.card.intended_use
+    assert "test_auc" in pneumonia["card"]["metrics"]
+    assert by_name[ecg_model.model_name]["routes"] == ["/v1/monitor", "/v1/monitor/dicom"]
+    unauthorised = requests.get(f"{served_model.url}/v1/models", timeout=30)
+    assert unauthorised.status_code == 401
+    # A refused request is logged as failed, with who was refused and nothing else.
+    (record,) = [r for r in _log_records() if r["request_id"] == forbidden.json()["request_id"]]
+    assert record["outcome"] == "failed" and record["status"] == 403
+    assert record["hospital"] == "County General" and record.get("score") is None
+
+
+def test_prediction_log_verifies_and_catches_tampering(served_model, tmp_path: Path):
+    from serving.settings import prediction_log_path
+
+    log = prediction_log_path()
+    verified = subprocess.run(
+        [*medscreen_command(), "audit", "verify"], capture_output=True, text=True, timeout=60
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "hash chain intact" in verified.stdout
+    copy = tmp_path / "predictions.jsonl"
+    shutil.copy(log, copy)
+    shutil.copy(log.with_name(log.name + ".head.json"), tmp_path / (copy.name + ".head.json"))
+    lines = copy.read_text().splitlines()
+    edited = json.loads(lines[1])
+    edited["decision"] = "negative" if edited.get("decision") == "positive" else "positive"
+    lines[1] = json.dumps(edited)
+    copy.write_text("\n".join(lines) + "\n")
+    tampered = subprocess.run(
+        [*medscreen_command(), "audit", "verify", "--log", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert tampered.returncode == 1 and "line 2" in tampered.stdout
+
+
+def test_alias_move_switches_version_without_restart_or_failed_requests(
+    served_model, service_keys, registered_model, trained_run, pneumonia_case: np.ndarray
+):
+    from training import export_and_register
+    from training.registry import promote
+
+    _, run = trained_run
+    second = export_and_register(run.run_id)
+    content, name = _png(pneumonia_case[0]), registered_model.model_name
+    seen: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with requests.Session() as session:
+            while not stop.is_set():
+                response = session.post(
+                    f"{served_model.url}/v1/screen",
+                    files={"file": ("case.png", content)},
+                    data={"model": name},
+                    headers=_auth(service_keys.all_models),
+                    timeout=60,
+                )
+                body = response.json()
+                seen.append((response.status_code, body.get("model", {}).get("version")))
+
+    def serving_version() -> str:
+        models = requests.get(
+            f"{served_model.url}/v1/models", headers=_auth(service_keys.all_models), timeout=30
+        ).json()["models"]
+        return next(model["version"] for model in models if model["name"] == name)
+
+    senders = [threading.Thread(target=traffic) for _ in range(4)]
+    for sender in senders:
+        sender.start()
+    try:
+        time.sleep(1)
+        for target in (second.version, registered_model.version):  # there and back again
+            promote(name, target, alias="candidate", approver="ci", reason="hot switch test")
+            deadline = time.monotonic() + 30
+            while serving_version() != target:
+                assert time.monotonic() < deadline, f"still not serving version {target}"
+                time.sleep(0.3)
+            time.sleep(1)
+    finally:
+        stop.set()
+        for sender in senders:
+            sender.join()
+    assert seen and all(status == 200 for status, _ in seen), seen
+    assert {version for _, version in seen} == {registered_model.version, second.version}
+    assert "moved from version" in served_model.log()
 
 
 def test_health_and_metrics_endpoints_stay_on(served_model):
@@ -148,7 +532,9 @@ def test_health_and_metrics_endpoints_stay_on(served_model):
     assert metrics.status_code == 200 and "bentoml_service_request" in metrics.text
 
 
-def test_predict_cli_prints_the_answer(served_model, shared_datasets: Path):
+def test_predict_cli_prints_the_answer(
+    served_model, service_keys, registered_model, shared_datasets: Path
+):
     completed = subprocess.run(
         [
             *medscreen_command(),
@@ -156,10 +542,13 @@ def test_predict_cli_prints_the_answer(served_model, shared_datasets: Path):
             str(shared_datasets / CHEST_XRAY_DICOM),
             "--url",
             served_model.url,
+            "--model",
+            registered_model.model_name,
         ],
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, "MEDSCREEN_API_KEY": service_keys.all_models},
     )
     assert completed.returncode == 0, completed.stderr
     assert '"decision"' in completed.stdout

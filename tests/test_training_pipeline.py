@@ -65,7 +65,18 @@ def test_run_records_recipe_metrics_lineage_and_provenance(trained_run, medmnist
     assert tags["medscreen.version.monai"] != "not installed"
     assert tags["medscreen.seed"] == "0"
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"recipe.yaml", "model", "evaluation", "data"} <= artifacts
+    assert {"recipe.yaml", "model", "evaluation", "data", "card"} <= artifacts
+
+
+def test_every_run_logs_a_markdown_run_card(trained_run):
+    recipe, result = trained_run
+    card = mlflow.artifacts.load_text(f"runs:/{result.run_id}/card/run_card.md")
+    assert card.startswith(f"# Run card: {recipe.name}")
+    assert f"Training run `{result.run_id}`" in card
+    assert f"Threshold **{result.threshold:.6f}**" in card
+    assert f"test AUC **{result.metrics['test_auc']:.4f}**" in card
+    fingerprint = _client().get_run(result.run_id).data.tags["medscreen.data.test.fingerprint"]
+    assert fingerprint in card and recipe.registration.intended_use in card
 
 
 def test_export_registers_a_version_with_card_and_checked_onnx(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CARD_SCHEMA = "medscreen.model-card/v1"
 CARD_FILENAME = "card.json"
@@ -37,6 +37,18 @@ class InputSpec(TensorSpec):
     height: int
     width: int
     depth: int | None = None
+
+
+class SignalSpec(_Card):
+    """The ECG input: what the service computes from a raw single-lead signal for the graph."""
+
+    sampling_rate_hz: float = Field(gt=0, description="Signals are resampled to this rate.")
+    lead: str
+    units: str = "mV"
+    window_before_samples: int = Field(gt=0)
+    window_after_samples: int = Field(gt=0)
+    preprocessing: str
+    tensors: list[TensorSpec] = Field(min_length=1)
 
 
 class OperatingPoint(_Card):
@@ -109,6 +121,7 @@ class ModelCard(_Card):
     """Everything a hospital, a region and an auditor need to know about one model version."""
 
     card_schema: str = CARD_SCHEMA
+    kind: Literal["image-screening", "ecg-monitoring"] = "image-screening"
     model_name: str
     task: str
     intended_use: str
@@ -116,7 +129,8 @@ class ModelCard(_Card):
     classes: list[str]
     positive_finding: str
     positive_classes: list[int]
-    input: InputSpec
+    input: InputSpec | None = Field(default=None, description="Image models: the image tensor.")
+    signal: SignalSpec | None = Field(default=None, description="ECG models: the beat tensors.")
     output: TensorSpec
     operating_point: OperatingPoint
     metrics: dict[str, float]
@@ -128,6 +142,32 @@ class ModelCard(_Card):
     provenance: Provenance
     onnx: OnnxArtifact
     changelog: list[ChangelogEntry]
+
+    @model_validator(mode="after")
+    def _one_input_kind(self) -> ModelCard:
+        wanted = "input" if self.kind == "image-screening" else "signal"
+        if getattr(self, wanted) is None or (self.input and self.signal):
+            raise ValueError(f"a {self.kind} card has exactly the {wanted!r} input section")
+        return self
+
+    def _input_markdown(self) -> str:
+        if self.input is not None:
+            return (
+                f"`{self.input.name}`: {self.input.dtype} {self.input.shape}, values "
+                f"{self.input.value_range[0]:g} to {self.input.value_range[1]:g}, "
+                f"{self.input.channels}, {self.input.modality}. {self.input.description}"
+            )
+        assert self.signal is not None
+        tensors = "; ".join(
+            f"`{tensor.name}` {tensor.dtype} {tensor.shape} ({tensor.description})"
+            for tensor in self.signal.tensors
+        )
+        return (
+            f"single-lead ECG ({self.signal.lead}) in {self.signal.units}, resampled to "
+            f"{self.signal.sampling_rate_hz:g} Hz; beats of {self.signal.window_before_samples} "
+            f"samples before and {self.signal.window_after_samples} after each R peak. "
+            f"{self.signal.preprocessing} Graph inputs: {tensors}."
+        )
 
     def _interval(self, metric: str) -> str:
         if metric not in self.confidence_intervals:
@@ -162,9 +202,7 @@ class ModelCard(_Card):
 **Classes.** {", ".join(self.classes)}. **Positive finding:** {self.positive_finding}
 (class {", ".join(map(str, self.positive_classes))}).
 
-**Input.** `{self.input.name}`: {self.input.dtype} {self.input.shape}, values
-{self.input.value_range[0]:g} to {self.input.value_range[1]:g}, {self.input.channels},
-{self.input.modality}. {self.input.description}
+**Input.** {self._input_markdown()}
 
 **Output.** `{self.output.name}`: {self.output.dtype} {self.output.shape}. {self.output.description}
 
@@ -189,7 +227,7 @@ Cite: {self.training_data.citation}
 
 **ONNX.** `{self.onnx.filename}` ({self.onnx.variant}, {self.onnx.size_bytes} bytes) SHA-256
 `{self.onnx.sha256}`, opset {self.onnx.opset}; against the {self.onnx.parity_reference} on
-{self.onnx.parity_cases} validation images: max abs difference
+{self.onnx.parity_cases} validation cases: max abs difference
 {self.onnx.parity_max_abs_difference:.2e} (tolerance {self.onnx.parity_tolerance}), decisions
 identical: {self.onnx.parity_decisions_identical}.
 

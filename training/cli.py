@@ -65,6 +65,10 @@ def export_command(
     data_dir: Annotated[
         Path | None, typer.Option(help="Local directory with the dataset (default: the recipe's).")
     ] = None,
+    records_dir: Annotated[
+        Path | None,
+        typer.Option(help="ECG runs: directory of WFDB records (default: the recipe's)."),
+    ] = None,
     int8: Annotated[
         bool, typer.Option(help="Also register an INT8 copy if its AUC holds (own version).")
     ] = False,
@@ -74,22 +78,34 @@ def export_command(
     Prints ``NAME VERSION`` of the float model; with --int8, a second line for the INT8 copy.
     """
     from datasets import DatasetError
-    from training.export import export_and_register, export_int8
-    from training.runs import RunError
+    from training.runs import RunError, read_run_recipe
+    from training.tracking import configure_tracking
 
+    configure_tracking()
     try:
-        result = export_and_register(run_id, data_dir=data_dir)
+        if read_run_recipe(run_id).get("kind") == "ecg-monitoring":
+            if int8:
+                raise RunError("--int8 is for image models; ECG graphs are exported as float32")
+            from training.ecg_export import export_ecg_and_register
+
+            result = export_ecg_and_register(run_id, records_dir=records_dir)
+        else:
+            from training.export import export_and_register
+
+            result = export_and_register(run_id, data_dir=data_dir)
     except (RunError, DatasetError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     typer.echo(
         f"parity: max abs difference {result.card.onnx.parity_max_abs_difference:.2e} on "
-        f"{result.card.onnx.parity_cases} validation images; threshold "
+        f"{result.card.onnx.parity_cases} validation cases; threshold "
         f"{result.card.operating_point.threshold:.6f}",
         err=True,
     )
     typer.echo(f"{result.model_name} {result.version}")
     if int8:
+        from training.export import export_int8
+
         try:
             quantised = export_int8(result, data_dir=data_dir)
         except (RunError, DatasetError) as error:

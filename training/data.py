@@ -1,6 +1,9 @@
-"""The LightningDataModule: catalogue splits in, uint8 image batches out."""
+"""The LightningDataModule: catalogue or manifest splits in, uint8 image batches out."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
@@ -8,8 +11,97 @@ import torch
 from monai.transforms import Compose, RandAffine, RandFlip
 from torch.utils.data import DataLoader, Dataset
 
-from datasets import ImageSplit, get_dataset_spec, load_split
-from training.recipe import AugmentationSection, Recipe
+from datasets import DatasetError, ImageSplit, get_dataset_spec, load_manifest, load_split
+from datasets.download import file_sha256
+from datasets.manifest import ManifestSpec, TaskSpec, split_manifest
+from training.recipe import AugmentationSection, DataSection, Recipe
+
+
+def manifest_spec(data: DataSection, manifest_sha256: str) -> ManifestSpec:
+    """The task of a manifest recipe, as a catalogue-like entry pinned to one manifest file."""
+    task, manifest = data.manifest_task, data.manifest
+    if task is None or manifest is None:
+        raise ValueError("manifest_spec needs a recipe with data.manifest and data.manifest_task")
+    return ManifestSpec(
+        name=task.name,
+        title=f"{task.name} (manifest {manifest.name})",
+        task=task.task,
+        modality=task.modality,
+        url=manifest.as_uri(),
+        filename=manifest.name,
+        sha256=manifest_sha256,
+        licence=task.licence,
+        citation=task.citation,
+        image_shape=tuple(task.image_shape),
+        classes=tuple(task.classes),
+        positive_finding=task.positive_finding,
+        positive_classes=task.positive_indices(),
+    )
+
+
+def task_spec(recipe: Recipe) -> TaskSpec:
+    """The recipe's catalogue entry, or its manifest's task pinned to the file as it is now.
+
+    Raises:
+        DatasetError: if the dataset is unknown or the manifest cannot be read.
+    """
+    data = recipe.data
+    if data.manifest is None:
+        return get_dataset_spec(data.dataset or "")
+    try:
+        digest = file_sha256(data.manifest)
+    except OSError as error:
+        raise DatasetError(
+            f"{data.manifest}: cannot read manifest ({error.strerror or error})"
+        ) from error
+    return manifest_spec(data, digest)
+
+
+@dataclass(frozen=True)
+class ManifestSplits:
+    """A manifest split by patient, with what lineage records of it.
+
+    Attributes:
+        splits: Train, val and test.
+        content_fingerprint: SHA-256 over every row's file SHA-256 and label.
+        patients: Number of distinct patients (rows without an ID count once each).
+    """
+
+    splits: dict[str, ImageSplit]
+    content_fingerprint: str
+    patients: int
+
+
+def load_manifest_splits(
+    recipe: Recipe, spec: ManifestSpec, path: Path | None = None
+) -> ManifestSplits:
+    """Read every row of a recipe's manifest and split it by patient, as the recipe says.
+
+    Args:
+        recipe: A manifest recipe.
+        spec: Its task, pinned to the manifest's SHA-256.
+        path: Where the manifest is now (default: the recipe's path).
+
+    Raises:
+        DatasetError: naming the manifest line, or the file, that is wrong.
+    """
+    path = path or recipe.data.manifest
+    if path is None:
+        raise ValueError("load_manifest_splits needs a manifest recipe")
+    data = load_manifest(path, spec)
+    if data.file_sha256 != spec.sha256:
+        raise DatasetError(f"{path}: the manifest changed while it was being read")
+    splits = split_manifest(
+        data,
+        val_fraction=recipe.data.val_fraction or 0.0,
+        test_fraction=recipe.data.test_fraction or 0.0,
+        seed=recipe.seed,
+    )
+    return ManifestSplits(
+        splits=dict(splits),
+        content_fingerprint=data.fingerprint,
+        patients=len(np.unique(data.patient_groups())),
+    )
 
 
 class ImageSplitDataset(Dataset):
@@ -59,17 +151,30 @@ def build_augmentation(
 
 
 class ScreeningDataModule(pl.LightningDataModule):
-    """Train, validation and test splits of a catalogue dataset, as a recipe describes them."""
+    """Train, validation and test splits of a catalogue dataset or manifest, as a recipe says.
+
+    Raises:
+        DatasetError: on construction, if the dataset is unknown or the manifest unreadable.
+    """
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
         self.recipe = recipe
-        self.spec = get_dataset_spec(recipe.data.dataset)
+        self.spec = task_spec(recipe)
         self.splits: dict[str, ImageSplit] = {}
+        self.manifest: ManifestSplits | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        """Load (and verify) every split once."""
+        """Load (and verify) every split once; a manifest is read whole and split by patient.
+
+        Raises:
+            DatasetError: naming the file (and manifest line) that is wrong.
+        """
         if self.splits:
+            return
+        if isinstance(self.spec, ManifestSpec):
+            self.manifest = load_manifest_splits(self.recipe, self.spec)
+            self.splits = self.manifest.splits
             return
         data = self.recipe.data
         limits = {

@@ -176,8 +176,9 @@ class BeatClassifier(pl.LightningModule):
         return {"optimizer": optimiser, "lr_scheduler": schedule}
 
 
-def _records_dir(recipe: EcgRecipe) -> Path:
-    configured = recipe.data.records_dir or os.environ.get(ECG_DIR_ENV)
+def records_dir_of(recipe: EcgRecipe, override: Path | None = None) -> Path:
+    """The directory of WFDB records: an override, the recipe's, or ``$MEDSCREEN_ECG_DIR``."""
+    configured = override or recipe.data.records_dir or os.environ.get(ECG_DIR_ENV)
     if not configured:
         raise DatasetError(f"set data.records_dir or ${ECG_DIR_ENV} to a directory of WFDB records")
     return Path(configured)
@@ -249,7 +250,7 @@ def train_ecg(recipe: EcgRecipe, *, show_progress: bool = True) -> EcgTrainingRe
     configure_tracking()
     set_determinism(seed=recipe.seed)
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
-    records_dir = _records_dir(recipe)
+    records_dir = records_dir_of(recipe)
     train = _limit_normal_beats(
         load_beats(records_dir, recipe.data.train_records, recipe.data.lead),
         recipe.data.max_normal_beats_per_record,
@@ -326,12 +327,11 @@ def train_ecg(recipe: EcgRecipe, *, show_progress: bool = True) -> EcgTrainingRe
         return EcgTrainingResult(run_id=run.info.run_id, metrics=metrics)
 
 
-def evaluate_ecg_records(run_id: str, records_dir: Path, records: list[str]) -> EcgTrainingResult:
-    """Evaluate an ECG run's model on any records (DS2 elsewhere), as a linked MLflow run.
+def load_ecg_run(run_id: str) -> tuple[mlflow.entities.Run, EcgRecipe, EcgBeatNetwork]:
+    """An ECG training run, its recipe, and its network with the selected weights.
 
     Raises:
         RunError: if the run does not exist or is not an ECG run.
-        DatasetError: naming a record that is missing or corrupt.
     """
     configure_tracking()
     client = mlflow.tracking.MlflowClient()
@@ -341,8 +341,26 @@ def evaluate_ecg_records(run_id: str, records_dir: Path, records: list[str]) -> 
         raise RunError(f"run {run_id!r} not found in {mlflow.get_tracking_uri()}") from error
     tree = read_run_recipe(run_id)
     if tree.get("kind") != "ecg-monitoring":
-        raise RunError(f"run {run_id} is not an ECG monitoring run; use --manifest for images")
+        raise RunError(f"run {run_id} is not an ECG monitoring run")
     recipe = EcgRecipe.model_validate(tree)
+    network = EcgBeatNetwork(recipe.model)
+    with tempfile.TemporaryDirectory() as download_dir:
+        weights = mlflow.artifacts.download_artifacts(
+            f"runs:/{run_id}/{WEIGHTS_ARTIFACT}", dst_path=download_dir
+        )
+        network.load_state_dict(torch.load(weights, weights_only=True))
+    network.eval()
+    return run, recipe, network
+
+
+def evaluate_ecg_records(run_id: str, records_dir: Path, records: list[str]) -> EcgTrainingResult:
+    """Evaluate an ECG run's model on any records (DS2 elsewhere), as a linked MLflow run.
+
+    Raises:
+        RunError: if the run does not exist or is not an ECG run.
+        DatasetError: naming a record that is missing or corrupt.
+    """
+    run, recipe, network = load_ecg_run(run_id)
     seen = set(recipe.data.train_records) | set(recipe.data.val_records)
     if seen & set(records):
         raise DatasetError(
@@ -350,12 +368,6 @@ def evaluate_ecg_records(run_id: str, records_dir: Path, records: list[str]) -> 
             f"run {run_id}; evaluate on records it has never seen"
         )
     beats = load_beats(records_dir, records, recipe.data.lead)
-    network = EcgBeatNetwork(recipe.model)
-    with tempfile.TemporaryDirectory() as download_dir:
-        weights = mlflow.artifacts.download_artifacts(
-            f"runs:/{run_id}/{WEIGHTS_ARTIFACT}", dst_path=download_dir
-        )
-        network.load_state_dict(torch.load(weights, weights_only=True))
     with mlflow.start_run(
         experiment_id=run.info.experiment_id,
         run_name=f"evaluate {recipe.name} on {len(records)} records",

@@ -29,8 +29,8 @@ def evaluate_manifest(run_id: str, manifest: Path) -> EvaluationResult:
 
     Every row is read and checked before anything is logged. The evaluation is a new MLflow run
     in the model's experiment, nested under the training run (``mlflow.parentRunId``) and tagged
-    with it; per-site metrics are added when the manifest has a ``site`` column. Patient IDs are
-    never logged.
+    with it; per-site metrics are added when the manifest has a ``site`` column, and intervals
+    resample patients when it has a ``patient_id`` column. Patient IDs are never logged.
 
     Args:
         run_id: The training run whose model is evaluated.
@@ -53,8 +53,10 @@ def evaluate_manifest(run_id: str, manifest: Path) -> EvaluationResult:
     threshold = context.threshold
     if truth.all() or not truth.any():
         raise DatasetError(f"{manifest}: evaluation needs both positive and negative rows")
+    # With patient IDs, intervals resample patients: a patient's images are not independent.
+    groups = data.patient_groups() if data.patient_ids is not None else None
     metrics = screening_report(
-        truth, scores, threshold, "eval", seed=context.recipe.seed, sites=data.sites
+        truth, scores, threshold, "eval", seed=context.recipe.seed, sites=data.sites, groups=groups
     )
     with mlflow.start_run(
         experiment_id=context.run.info.experiment_id,

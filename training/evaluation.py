@@ -267,7 +267,12 @@ def screening_report(
             continue  # AUC and intervals need both classes at the site
         report.update(
             screening_report(
-                truth[rows], scores[rows], threshold, f"{prefix}_site_{name}", seed=seed
+                truth[rows],
+                scores[rows],
+                threshold,
+                f"{prefix}_site_{name}",
+                seed=seed,
+                groups=None if groups is None else groups[rows],
             )
         )
     return report

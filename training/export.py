@@ -108,7 +108,8 @@ def onnx_probabilities(path: Path, images: np.ndarray, batch_size: int = 256) ->
     return np.concatenate(batches)
 
 
-def _check_onnx(path: Path) -> tuple[onnx.ModelProto, GateCheck]:
+def check_onnx(path: Path) -> tuple[onnx.ModelProto, GateCheck]:
+    """Load a graph and run the full ONNX checker (the gate's first check)."""
     model = onnx.load(str(path))
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -147,14 +148,16 @@ def minimum_metric_checks(metrics: dict[str, float], minimums: dict[str, float])
     return checks
 
 
-def _enforce(checks: list[GateCheck]) -> None:
+def enforce_gate(checks: list[GateCheck]) -> None:
+    """Raise :class:`ExportError` naming every failed check; nothing is registered then."""
     failed = [check for check in checks if not check.passed]
     if failed:
         reasons = "; ".join(f"{check.check}: {check.detail}" for check in failed)
         raise ExportError(f"release gate failed: {reasons}; nothing was registered")
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """The current UTC time, to the second, for changelogs."""
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
@@ -244,21 +247,32 @@ def _build_card(
             versions=package_versions(tags),
         ),
         onnx=onnx_artifact,
-        changelog=[ChangelogEntry(date=_now(), change=change)],
+        changelog=[ChangelogEntry(date=utc_now(), change=change)],
     )
 
 
-def _register(
-    context: RunContext, onnx_model: onnx.ModelProto, card: ModelCard, extra_tags: dict[str, str]
+def image_signature(image_shape: tuple[int, ...], num_classes: int) -> ModelSignature:
+    """The explicit MLflow signature of an image graph (uint8 inputs need one)."""
+    return ModelSignature(
+        inputs=Schema([MlflowTensorSpec(np.dtype(np.uint8), (-1, *image_shape), ONNX_INPUT)]),
+        outputs=Schema([MlflowTensorSpec(np.dtype(np.float32), (-1, num_classes), ONNX_OUTPUT)]),
+    )
+
+
+def register_version(
+    onnx_model: onnx.ModelProto,
+    card: ModelCard,
+    signature: ModelSignature,
+    *,
+    description: str,
+    extra_tags: dict[str, str],
 ) -> ExportResult:
-    """Log the graph, card and signature to the run and register them as a new version."""
-    spec, run_id = context.spec, context.run.info.run_id
-    signature = ModelSignature(
-        inputs=Schema([MlflowTensorSpec(np.dtype(np.uint8), (-1, *spec.image_shape), ONNX_INPUT)]),
-        outputs=Schema(
-            [MlflowTensorSpec(np.dtype(np.float32), (-1, len(spec.classes)), ONNX_OUTPUT)]
-        ),
-    )
+    """Log a graph, its card and signature to the card's run and register them as a version.
+
+    The version carries the tags that serving and governance check (release gate passed,
+    threshold, variant, ONNX SHA-256, run and training-data fingerprint).
+    """
+    run_id = card.provenance.run_id
     with tempfile.TemporaryDirectory() as card_dir, mlflow.start_run(run_id=run_id):
         card_path = Path(card_dir) / CARD_FILENAME
         card_path.write_text(card.model_dump_json(indent=2))
@@ -272,7 +286,7 @@ def _register(
             onnx_execution_providers=["CPUExecutionProvider"],
             save_as_external_data=False,
             extra_files=[str(card_path), str(markdown_path)],
-            metadata={"medscreen_card_schema": card.card_schema},
+            metadata={"medscreen_card_schema": card.card_schema, "medscreen_kind": card.kind},
         )
         mlflow.log_artifact(str(card_path), f"card/{card.onnx.variant}")
         mlflow.log_artifact(str(markdown_path), f"card/{card.onnx.variant}")
@@ -281,6 +295,7 @@ def _register(
     client = MlflowClient()
     tags = {
         GATE_PASSED_TAG: "passed",
+        "medscreen.kind": card.kind,
         "medscreen.threshold": f"{card.operating_point.threshold:.6f}",
         "medscreen.sensitivity_target": str(card.operating_point.sensitivity_target),
         "medscreen.positive_finding": card.positive_finding,
@@ -294,16 +309,26 @@ def _register(
     }
     for key, value in tags.items():
         client.set_model_version_tag(card.model_name, version, key, value)
-    client.update_model_version(
-        card.model_name,
-        version,
+    client.update_model_version(card.model_name, version, description=description)
+    return ExportResult(model_name=card.model_name, version=version, card=card)
+
+
+def _register(
+    context: RunContext, onnx_model: onnx.ModelProto, card: ModelCard, extra_tags: dict[str, str]
+) -> ExportResult:
+    """Register an image model version of a training run."""
+    return register_version(
+        onnx_model,
+        card,
+        image_signature(context.spec.image_shape, len(context.spec.classes)),
         description=(
             f"{card.task} ({card.onnx.variant}); threshold {card.operating_point.threshold:.4f} "
             f"for sensitivity >= {card.operating_point.sensitivity_target:g} (validation); "
-            f"test AUC {card.metrics.get('test_auc', float('nan')):.4f}; run {run_id}"
+            f"test AUC {card.metrics.get('test_auc', float('nan')):.4f}; "
+            f"run {card.provenance.run_id}"
         ),
+        extra_tags=extra_tags,
     )
-    return ExportResult(model_name=card.model_name, version=version, card=card)
 
 
 def export_and_register(run_id: str, *, data_dir: Path | None = None) -> ExportResult:
@@ -329,7 +354,7 @@ def export_and_register(run_id: str, *, data_dir: Path | None = None) -> ExportR
     with tempfile.TemporaryDirectory() as work_dir:
         onnx_path = Path(work_dir) / "model.onnx"
         export_onnx(network, spec.image_shape, onnx_path, temperature)
-        onnx_model, checker = _check_onnx(onnx_path)
+        onnx_model, checker = check_onnx(onnx_path)
 
         torch_probabilities = predict_probabilities(network, val.images, temperature)
         runtime_probabilities = onnx_probabilities(onnx_path, val.images)
@@ -357,7 +382,7 @@ def export_and_register(run_id: str, *, data_dir: Path | None = None) -> ExportR
             ),
             *minimum_metric_checks(context.run.data.metrics, recipe.registration.minimum_metrics),
         ]
-        _enforce(gate)
+        enforce_gate(gate)
         card = _build_card(
             context,
             threshold=threshold,
@@ -452,7 +477,7 @@ def export_int8(float_result: ExportResult, *, data_dir: Path | None = None) -> 
         int8_path = Path(work_dir) / "model.onnx"
         rows = np.random.default_rng(recipe.seed).permutation(len(train))[:_CALIBRATION_IMAGES]
         quantise_int8(float_dir / "model.onnx", train.images[np.sort(rows)], int8_path)
-        onnx_model, checker = _check_onnx(int8_path)
+        onnx_model, checker = check_onnx(int8_path)
 
         float_val = onnx_probabilities(float_dir / "model.onnx", val.images)
         int8_val = onnx_probabilities(int8_path, val.images)
@@ -470,7 +495,7 @@ def export_int8(float_result: ExportResult, *, data_dir: Path | None = None) -> 
             detail=f"{int8_auc:.4f} vs float {float_auc:.4f}: drop {drop:.4f} "
             f"(allowed {allowance:g})",
         )
-        _enforce([checker, auc_check])
+        enforce_gate([checker, auc_check])
 
         target = recipe.evaluation.sensitivity_target
         threshold = choose_threshold(val_truth, int8_scores, target)
@@ -488,7 +513,7 @@ def export_int8(float_result: ExportResult, *, data_dir: Path | None = None) -> 
             auc_check,
             *minimum_metric_checks(metrics, recipe.registration.minimum_metrics),
         ]
-        _enforce(gate)
+        enforce_gate(gate)
         card = _build_card(
             context,
             threshold=threshold,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,22 +15,128 @@ class RecipeError(ValueError):
     """A recipe file or override is invalid. The message names the field."""
 
 
+class _FieldError(ValueError):
+    """A cross-field check failed; ``field`` is the dotted field, relative to the section."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class DataSection(_Strict):
-    """Which dataset to train on, and how much of it."""
+DEFAULT_SPLIT_FRACTION = 0.15
 
-    dataset: str = Field(description="Catalogue name, for example 'pneumoniamnist'.")
+
+class ManifestTaskSection(_Strict):
+    """What a manifest's images are for: what a catalogue entry says of a MedMNIST dataset."""
+
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9._-]*$",
+        description="Name of the data in lineage and model cards, for example 'stmarys-cxr-2024'.",
+    )
+    task: str = Field(min_length=1, description="The screening task, in words.")
+    modality: str = Field(min_length=1, description="Imaging modality, for example 'chest X-ray'.")
+    image_shape: tuple[int, ...] = Field(
+        description="Model input: [channels, height, width] (1 or 3 channels) or [1, D, H, W]."
+    )
+    classes: list[str] = Field(min_length=2, description="Class names, in output order.")
+    positive_finding: str = Field(min_length=1, description="What a positive call means.")
+    positive_classes: list[str] = Field(
+        min_length=1, description="Names of the classes whose summed probability is the finding."
+    )
+    licence: str = Field(
+        default="owned by the data provider; used under its data-use agreement", min_length=1
+    )
+    citation: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ManifestTaskSection:
+        shape = self.image_shape
+        if len(shape) not in (3, 4) or any(size < 1 for size in shape):
+            raise _FieldError("image_shape", f"{list(shape)} is not [C, H, W] or [1, D, H, W]")
+        if len(shape) == 3 and shape[0] not in (1, 3):
+            raise _FieldError("image_shape", f"2D images have 1 or 3 channels, not {shape[0]}")
+        if len(shape) == 4 and shape[0] != 1:
+            raise _FieldError("image_shape", f"volumes have 1 channel, not {shape[0]}")
+        # Manifest labels match class names case-insensitively, so names must differ that way.
+        lowered = [name.strip().lower() for name in self.classes]
+        if "" in lowered or len(set(lowered)) != len(lowered):
+            raise _FieldError("classes", f"names must be distinct and non-empty: {self.classes}")
+        unknown = [name for name in self.positive_classes if name.strip().lower() not in lowered]
+        if unknown:
+            raise _FieldError("positive_classes", f"{unknown} not in classes {self.classes}")
+        if len({name.strip().lower() for name in self.positive_classes}) == len(self.classes):
+            raise _FieldError("positive_classes", "at least one class must be negative")
+        return self
+
+    def positive_indices(self) -> tuple[int, ...]:
+        """Indices of the positive classes, in class order."""
+        positive = {name.strip().lower() for name in self.positive_classes}
+        return tuple(
+            index for index, name in enumerate(self.classes) if name.strip().lower() in positive
+        )
+
+
+class DataSection(_Strict):
+    """Which data to train on: a catalogue dataset, or a hospital's CSV manifest."""
+
+    dataset: str | None = Field(
+        default=None, description="Catalogue name, for example 'pneumoniamnist'."
+    )
     data_dir: Path | None = Field(
         default=None, description="Local directory with the official file (else cache/download)."
+    )
+    manifest: Path | None = Field(
+        default=None,
+        description="CSV of path,label[,patient_id][,site] instead of a catalogue dataset "
+        "(relative to the working directory; recorded absolute).",
+    )
+    manifest_task: ManifestTaskSection | None = Field(
+        default=None, description="Classes, finding and input shape of the manifest's task."
+    )
+    val_fraction: float | None = Field(
+        default=None, gt=0, lt=1, description="Manifests: share of patients for validation."
+    )
+    test_fraction: float | None = Field(
+        default=None, gt=0, lt=1, description="Manifests: share of patients for test."
     )
     max_train_samples: int | None = Field(default=None, gt=0)
     max_val_samples: int | None = Field(default=None, gt=0)
     max_test_samples: int | None = Field(default=None, gt=0)
     batch_size: int = Field(default=128, gt=0)
     num_workers: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSection:
+        if self.manifest is None:
+            if self.dataset is None:
+                raise _FieldError(
+                    "dataset", "give a catalogue dataset, or data.manifest for your own images"
+                )
+            for name in ("manifest_task", "val_fraction", "test_fraction"):
+                if getattr(self, name) is not None:
+                    raise _FieldError(name, "only used with data.manifest")
+            return self
+        if self.dataset is not None:
+            raise _FieldError("manifest", "give data.dataset or data.manifest, not both")
+        if self.manifest_task is None:
+            raise _FieldError("manifest_task", "required with data.manifest")
+        # The manifest is the data: catalogue download and subsampling do not apply.
+        for name in ("data_dir", "max_train_samples", "max_val_samples", "max_test_samples"):
+            if getattr(self, name) is not None:
+                raise _FieldError(name, "not used with data.manifest")
+        self.val_fraction = self.val_fraction or DEFAULT_SPLIT_FRACTION
+        self.test_fraction = self.test_fraction or DEFAULT_SPLIT_FRACTION
+        if self.val_fraction + self.test_fraction >= 1:
+            raise _FieldError(
+                "test_fraction", "val_fraction + test_fraction must be below 1 (train needs some)"
+            )
+        # Recorded absolute, so export and evaluation find the same file from anywhere.
+        self.manifest = self.manifest.expanduser().resolve()
+        return self
 
 
 class AugmentationSection(_Strict):
@@ -157,6 +265,10 @@ class EcgRecipe(_Strict):
     data: EcgDataSection
     model: EcgModelSection = Field(default_factory=EcgModelSection)
     optimisation: OptimisationSection = Field(default_factory=OptimisationSection)
+    # The ectopic-beat (S or V) alert threshold is chosen on the validation records.
+    evaluation: EvaluationSection = Field(
+        default_factory=lambda: EvaluationSection(sensitivity_target=0.9)
+    )
     registration: RegistrationSection
 
     def flat(self) -> dict[str, Any]:
@@ -180,8 +292,16 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _describe(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+    location = [str(part) for part in first["loc"]]
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, _FieldError):
+        location.append(cause.field)
+        message = str(cause)
+    elif first["type"] == "extra_forbidden":
+        message = "unknown field"
+    else:
+        message = first["msg"].removeprefix("Value error, ")
+    field = ".".join(location) or "(top level)"
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
     return f"{source}: field '{field}': {message}{more}"
 
@@ -230,10 +350,19 @@ def apply_overrides(
             if not isinstance(child, dict):
                 raise RecipeError(f"override {text!r}: '{'.'.join(path[: depth + 1])}' is a value")
             node = child
-            annotation = field.annotation if field is not None else None
-            is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
-            model_fields = annotation.model_fields if is_section else None
+            section = _section_class(field.annotation) if field is not None else None
+            model_fields = section.model_fields if section is not None else None
     return tree
+
+
+def _section_class(annotation: Any) -> type[BaseModel] | None:
+    """The recipe section a field holds, also when it is optional (``Section | None``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        sections = [arg for arg in typing.get_args(annotation) if _section_class(arg)]
+        return sections[0] if len(sections) == 1 else None
+    return None
 
 
 def load_recipe(path: Path, overrides: list[str] | None = None) -> AnyRecipe:

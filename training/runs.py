@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -11,7 +11,10 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from datasets import DatasetSpec, ImageSplit, get_dataset_spec, load_split
+from datasets import ImageSplit, get_dataset_spec, load_split
+from datasets.download import file_sha256
+from datasets.manifest import ManifestSpec, TaskSpec
+from training.data import ManifestSplits, load_manifest_splits, manifest_spec
 from training.models import ScreeningNetwork, build_network
 from training.recipe import Recipe
 from training.tracking import configure_tracking
@@ -34,10 +37,11 @@ class RunContext:
 
     run: mlflow.entities.Run
     recipe: Recipe
-    spec: DatasetSpec
+    spec: TaskSpec
     operating_point: dict
     lineage: dict
     data_dir: Path | None
+    _manifest: ManifestSplits | None = field(default=None, init=False, repr=False)
 
     @property
     def temperature(self) -> float:
@@ -63,21 +67,28 @@ class RunContext:
     def split(self, name: str) -> ImageSplit:
         """Load one of the run's splits, checking it is exactly the data the run used.
 
+        A manifest run's splits are rebuilt from its recipe and manifest (found in ``data_dir``
+        by file name when given), after checking the manifest's SHA-256.
+
         Raises:
             RunError: if the data's fingerprint differs from the one the run recorded.
+            DatasetError: if a manifest row can no longer be read.
         """
-        limits = {
-            "train": self.recipe.data.max_train_samples,
-            "val": self.recipe.data.max_val_samples,
-            "test": self.recipe.data.max_test_samples,
-        }
-        loaded = load_split(
-            self.spec,
-            name,
-            data_dir=self.data_dir or self.recipe.data.data_dir,
-            max_samples=limits[name],
-            seed=self.recipe.seed,
-        )
+        if isinstance(self.spec, ManifestSpec):
+            loaded = self._manifest_splits().splits[name]
+        else:
+            limits = {
+                "train": self.recipe.data.max_train_samples,
+                "val": self.recipe.data.max_val_samples,
+                "test": self.recipe.data.max_test_samples,
+            }
+            loaded = load_split(
+                self.spec,
+                name,
+                data_dir=self.data_dir or self.recipe.data.data_dir,
+                max_samples=limits[name],
+                seed=self.recipe.seed,
+            )
         recorded = self.run.data.tags.get(f"medscreen.data.{name}.fingerprint")
         if recorded != loaded.fingerprint:
             raise RunError(
@@ -86,13 +97,50 @@ class RunContext:
             )
         return loaded
 
+    def _manifest_splits(self) -> ManifestSplits:
+        """Read and split the run's manifest once, if it is byte for byte the one it used."""
+        if self._manifest is not None:
+            return self._manifest
+        assert isinstance(self.spec, ManifestSpec) and self.recipe.data.manifest is not None
+        recorded = self.recipe.data.manifest
+        path = self.data_dir / recorded.name if self.data_dir else recorded
+        try:
+            digest = file_sha256(path)
+        except OSError as error:
+            raise RunError(
+                f"cannot read the run's manifest {path} ({error.strerror or error}); "
+                "give the folder that holds it as the data directory"
+            ) from error
+        if digest != self.spec.sha256:
+            raise RunError(
+                f"manifest {path} has SHA-256 {digest}, but the run recorded {self.spec.sha256}: "
+                "checks must use exactly the data the run used"
+            )
+        splits = load_manifest_splits(self.recipe, self.spec, path)
+        expected = self.lineage.get("manifest_content_sha256")
+        if splits.content_fingerprint != expected:
+            raise RunError(
+                f"the images of manifest {path} changed since the run (content SHA-256 "
+                f"{splits.content_fingerprint}, recorded {expected})"
+            )
+        self._manifest = splits
+        return splits
+
+
+def _get_run(run_id: str) -> mlflow.entities.Run:
+    try:
+        return MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException as error:
+        raise RunError(f"run {run_id!r} not found in {mlflow.get_tracking_uri()}") from error
+
 
 def read_run_recipe(run_id: str) -> dict:
     """The resolved recipe a training run logged.
 
     Raises:
-        RunError: if the run has no recipe (it is not a training run).
+        RunError: if the run does not exist, or has no recipe (it is not a training run).
     """
+    _get_run(run_id)
     try:
         tree = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/{RECIPE_ARTIFACT}"))
     except (mlflow.exceptions.MlflowException, OSError) as error:
@@ -111,10 +159,7 @@ def load_run_context(run_id: str, data_dir: Path | None = None) -> RunContext:
         RunError: if the tracking store has no such run.
     """
     configure_tracking()
-    try:
-        run = MlflowClient().get_run(run_id)
-    except mlflow.exceptions.MlflowException as error:
-        raise RunError(f"run {run_id!r} not found in {mlflow.get_tracking_uri()}") from error
+    run = _get_run(run_id)
     tree = read_run_recipe(run_id)
     if tree.get("kind", "image-screening") != "image-screening":
         raise RunError(
@@ -122,11 +167,17 @@ def load_run_context(run_id: str, data_dir: Path | None = None) -> RunContext:
             "(ECG runs are evaluated with --records-dir and --records)"
         )
     recipe = Recipe.model_validate(tree)
+    lineage = read_run_json(run_id, LINEAGE_ARTIFACT)
+    if recipe.data.manifest is not None:
+        # The task as trained, pinned to the manifest the run recorded (which may have moved).
+        spec: TaskSpec = manifest_spec(recipe.data, lineage["manifest_sha256"])
+    else:
+        spec = get_dataset_spec(recipe.data.dataset or "")
     return RunContext(
         run=run,
         recipe=recipe,
-        spec=get_dataset_spec(recipe.data.dataset),
+        spec=spec,
         operating_point=read_run_json(run_id, OPERATING_POINT_ARTIFACT),
-        lineage=read_run_json(run_id, LINEAGE_ARTIFACT),
+        lineage=lineage,
         data_dir=data_dir,
     )

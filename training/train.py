@@ -17,6 +17,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from sklearn.metrics import roc_auc_score
 
 from datasets import ImageSplit
+from datasets.manifest import ManifestSpec
 from training.data import ScreeningDataModule
 from training.evaluation import (
     calibrated_probabilities,
@@ -32,6 +33,7 @@ from training.lit_models import ScreeningClassifier
 from training.models import ScreeningNetwork, build_network, predict_logits
 from training.plots import curves_figure, log_figures, reliability_figure, screening_figures
 from training.recipe import OptimisationSection, Recipe
+from training.run_card import log_run_card
 from training.tracking import configure_tracking, ensure_experiment, provenance
 
 WEIGHTS_ARTIFACT = "model/network_state_dict.pt"
@@ -99,11 +101,54 @@ def _log_split(split: ImageSplit) -> None:
     mlflow.set_tag(f"medscreen.data.{split.split}.fingerprint", split.fingerprint)
 
 
+def _split_counts(split: ImageSplit) -> dict:
+    """Rows, fingerprint and (for manifests) patient, positive and per-site counts of a split."""
+    counts: dict = {"rows": len(split), "fingerprint_sha256": split.fingerprint}
+    if split.groups is not None:
+        counts["patients"] = len(np.unique(split.groups))
+        counts["positives"] = int(is_positive(split.labels, split.spec.positive_classes).sum())
+    if split.sites is not None:
+        names, rows = np.unique(split.sites, return_counts=True)
+        counts["sites"] = {str(name): int(count) for name, count in zip(names, rows, strict=True)}
+    return counts
+
+
+def _lineage(datamodule: ScreeningDataModule) -> dict:
+    """What the run's data was, exactly: file checksums and split fingerprints, no patient IDs."""
+    spec, recipe = datamodule.spec, datamodule.recipe
+    lineage = {
+        "dataset": spec.name,
+        "url": spec.url,
+        "file_sha256": spec.sha256,
+        "licence": spec.licence,
+        "citation": spec.citation,
+        "classes": list(spec.classes),
+        "positive_finding": spec.positive_finding,
+        "positive_classes": list(spec.positive_classes),
+        "splits": {name: _split_counts(split) for name, split in datamodule.splits.items()},
+    }
+    if datamodule.manifest is not None:
+        lineage |= {
+            "source": "manifest",
+            "manifest_sha256": spec.sha256,
+            "manifest_content_sha256": datamodule.manifest.content_fingerprint,
+            "split_rule": "patient-disjoint (rows without patient_id are their own patient)",
+            "patients": datamodule.manifest.patients,
+            "val_fraction": recipe.data.val_fraction,
+            "test_fraction": recipe.data.test_fraction,
+            "split_seed": recipe.seed,
+        }
+    return lineage
+
+
 def train_recipe(recipe: Recipe, *, show_progress: bool = True) -> TrainingResult:
     """Train the recipe's network and record everything about the run in MLflow.
 
-    The checkpoint with the best validation AUC is kept; its threshold is chosen on validation
-    data for the recipe's sensitivity target; test metrics are computed once, at the end.
+    The data (a catalogue dataset, or a manifest split by patient) is read and checked before
+    any run is created. The checkpoint with the best validation AUC is kept; its threshold is
+    chosen on validation data for the recipe's sensitivity target; test metrics are computed
+    once, at the end (per site, with patient-level intervals, for manifests). A Markdown run card
+    is logged as ``card/run_card.md``.
 
     Args:
         recipe: A validated recipe.
@@ -111,6 +156,9 @@ def train_recipe(recipe: Recipe, *, show_progress: bool = True) -> TrainingResul
 
     Returns:
         The run id, the chosen threshold and the logged summary metrics.
+
+    Raises:
+        DatasetError: naming the file (and manifest line) that is wrong, before any run exists.
     """
     configure_tracking()
     set_determinism(seed=recipe.seed)
@@ -126,38 +174,24 @@ def train_recipe(recipe: Recipe, *, show_progress: bool = True) -> TrainingResul
 
     experiment_id = ensure_experiment(recipe.experiment)
     with mlflow.start_run(experiment_id=experiment_id, run_name=recipe.name) as run:
-        mlflow.set_tags(
-            provenance()
-            | {
-                "medscreen.recipe": recipe.name,
-                "medscreen.dataset": spec.name,
-                "medscreen.model_name": recipe.registration.model_name,
-                "medscreen.seed": str(recipe.seed),
-            }
-        )
+        tags = provenance() | {
+            "medscreen.recipe": recipe.name,
+            "medscreen.dataset": spec.name,
+            "medscreen.data.source": "manifest" if isinstance(spec, ManifestSpec) else "catalogue",
+            "medscreen.model_name": recipe.registration.model_name,
+            "medscreen.seed": str(recipe.seed),
+        }
+        if isinstance(spec, ManifestSpec):
+            tags["medscreen.manifest.sha256"] = spec.sha256
+        mlflow.set_tags(tags)
         mlflow.log_params(recipe.flat())
         mlflow.log_text(
             yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), RECIPE_ARTIFACT
         )
         for split in datamodule.splits.values():
             _log_split(split)
-        mlflow.log_dict(
-            {
-                "dataset": spec.name,
-                "url": spec.url,
-                "file_sha256": spec.sha256,
-                "licence": spec.licence,
-                "citation": spec.citation,
-                "classes": list(spec.classes),
-                "positive_finding": spec.positive_finding,
-                "positive_classes": list(spec.positive_classes),
-                "splits": {
-                    name: {"rows": len(split), "fingerprint_sha256": split.fingerprint}
-                    for name, split in datamodule.splits.items()
-                },
-            },
-            LINEAGE_ARTIFACT,
-        )
+        lineage = _lineage(datamodule)
+        mlflow.log_dict(lineage, LINEAGE_ARTIFACT)
 
         with tempfile.TemporaryDirectory() as checkpoint_dir:
             best_checkpoint = ModelCheckpoint(
@@ -179,21 +213,27 @@ def train_recipe(recipe: Recipe, *, show_progress: bool = True) -> TrainingResul
         metrics, temperature, threshold = _evaluate(network, val, test, recipe)
         metrics["best_epoch"] = float(best_epoch)
         mlflow.log_metrics(metrics)
-        mlflow.log_dict(
-            {
-                "threshold": threshold,
-                "sensitivity_target": recipe.evaluation.sensitivity_target,
-                "temperature": temperature,
-                "chosen_on": "val",
-                "rule": "positive when the positive-finding probability >= threshold",
-                "metrics": metrics,
-            },
-            OPERATING_POINT_ARTIFACT,
-        )
+        operating_point = {
+            "threshold": threshold,
+            "sensitivity_target": recipe.evaluation.sensitivity_target,
+            "temperature": temperature,
+            "chosen_on": "val",
+            "rule": "positive when the positive-finding probability >= threshold",
+            "metrics": metrics,
+        }
+        mlflow.log_dict(operating_point, OPERATING_POINT_ARTIFACT)
         with tempfile.TemporaryDirectory() as weights_dir:
             weights_path = Path(weights_dir) / Path(WEIGHTS_ARTIFACT).name
             torch.save(network.state_dict(), weights_path)
             mlflow.log_artifact(str(weights_path), str(Path(WEIGHTS_ARTIFACT).parent))
+        log_run_card(
+            run_id=run.info.run_id,
+            recipe=recipe,
+            spec=spec,
+            operating_point=operating_point,
+            lineage=lineage,
+            tags=tags,
+        )
         return TrainingResult(run_id=run.info.run_id, threshold=threshold, metrics=metrics)
 
 
@@ -223,7 +263,16 @@ def _evaluate(
         "threshold": threshold,
         "temperature": temperature,
         **operating_point_metrics(val_truth, val_scores, threshold).as_dict("selected_val"),
-        **screening_report(test_truth, test_scores, threshold, "test", seed=recipe.seed),
+        # Manifests: per-site metrics, and intervals that resample patients, not images.
+        **screening_report(
+            test_truth,
+            test_scores,
+            threshold,
+            "test",
+            seed=recipe.seed,
+            sites=test.sites,
+            groups=test.groups,
+        ),
         "test_ece_uncalibrated": expected_calibration_error(test_truth, uncalibrated),
         "test_accuracy": float(np.mean(test_probabilities.argmax(axis=1) == test.labels)),
     }

@@ -1,0 +1,158 @@
+"""``medscreen keys`` (per-hospital API keys) and ``medscreen audit`` (the prediction log)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from serving.api_keys import KeyStore, KeyStoreError, UnknownKeyError
+from serving.prediction_log import verify_log
+from serving.settings import key_store_path, prediction_log_path
+
+keys_app = typer.Typer(
+    help="Per-hospital API keys for the service: create, list, revoke.", no_args_is_help=True
+)
+audit_app = typer.Typer(help="The tamper-evident prediction log.", no_args_is_help=True)
+console = Console()
+
+StoreOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--store",
+        help="Key store file [default: $MEDSCREEN_KEY_STORE or <state dir>/serving/api_keys.json].",
+        show_default=False,
+    ),
+]
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _store(path: Path | None) -> KeyStore:
+    store = path or key_store_path()
+    if store.is_dir():
+        _fail(f"--store: {store} is a directory, not a key store file")
+    return KeyStore(store)
+
+
+@keys_app.command("create")
+def create_command(
+    hospital: Annotated[
+        str | None, typer.Option(help="Hospital the key is issued to (required).")
+    ] = None,
+    region: Annotated[
+        str | None, typer.Option(help="Region of the hospital, e.g. eu-west (required).")
+    ] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            help="Registered model the key may call; repeat for several, '*' for all (required).",
+        ),
+    ] = None,
+    store: StoreOption = None,
+) -> None:
+    """Issue an API key to one hospital and print it once."""
+    # Checked here rather than by click, so that a missing option is one line like every error.
+    if not hospital:
+        _fail("--hospital: give the hospital the key is issued to")
+    if not region:
+        _fail("--region: give the hospital's region")
+    if not model:
+        _fail("--model: give at least one registered model name, or '*' for every model")
+    key_store = _store(store)
+    try:
+        key, plaintext = key_store.create(hospital, region, model)
+    except KeyStoreError as error:
+        field, _, reason = str(error).partition(": ")
+        option = {"hospital": "--hospital", "region": "--region", "models": "--model"}.get(field)
+        _fail(f"{option}: {reason}" if option else str(error))
+    typer.echo(f"key id: {key.key_id}")
+    typer.echo(f"hospital: {key.hospital} ({key.region})")
+    typer.echo(f"models: {', '.join(key.models)}")
+    typer.echo(f"api key: {plaintext}")
+    typer.echo(
+        "warning: this key is shown only once and cannot be shown again; hand it to the hospital "
+        "now (it sends 'Authorization: Bearer <key>'). If it is lost, revoke it with "
+        f"`medscreen keys revoke {key.key_id}` and create a new one.",
+        err=True,
+    )
+
+
+@keys_app.command("list")
+def list_command(store: StoreOption = None) -> None:
+    """List every key (revoked ones too) without its secret."""
+    key_store = _store(store)
+    try:
+        keys = key_store.list()
+    except KeyStoreError as error:
+        _fail(str(error))
+    if not keys:
+        typer.echo(f"no API keys in {key_store.path}")
+        return
+    # Fold rather than elide: an operator revokes by id and checks grants by name.
+    table = Table()
+    table.add_column("id", no_wrap=True, min_width=12)
+    for header in ("hospital", "region", "models", "created", "revoked"):
+        table.add_column(header, overflow="fold")
+    for key in keys:
+        table.add_row(
+            key.key_id,
+            key.hospital,
+            key.region,
+            ", ".join(key.models),
+            key.created_at,
+            key.revoked_at or "-",
+        )
+    # Piped output has no terminal width; do not squeeze the table into 80 columns.
+    (console if console.is_terminal else Console(width=200)).print(table)
+
+
+@keys_app.command("revoke")
+def revoke_command(
+    key_id: Annotated[str, typer.Argument(help="Key id shown by `medscreen keys list`.")],
+    store: StoreOption = None,
+) -> None:
+    """Revoke a key; the running service refuses it from its next request on."""
+    key_store = _store(store)
+    try:
+        key = key_store.revoke(key_id)
+    except UnknownKeyError as error:
+        _fail(f"KEY_ID: {error}")
+    except KeyStoreError as error:
+        _fail(str(error))
+    typer.echo(f"revoked key {key.key_id} of {key.hospital} ({key.region}) at {key.revoked_at}")
+
+
+@audit_app.command("verify")
+def verify_command(
+    log: Annotated[
+        Path | None,
+        typer.Option(
+            "--log",
+            help="Prediction log [default: $MEDSCREEN_PREDICTION_LOG or "
+            "<state dir>/serving/predictions.jsonl].",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Check the prediction log's hash chain: exit 0 if intact, 1 with one line per problem."""
+    path = log or prediction_log_path()
+    if path.is_dir():
+        _fail(f"--log: {path} is a directory, not a prediction log")
+    try:
+        result = verify_log(path)
+    except OSError as error:
+        _fail(f"--log: {path}: {error.strerror or error}")
+    if result.ok:
+        typer.echo(f"prediction log {path}: {result.records} records, hash chain intact")
+        return
+    for problem in result.problems:
+        typer.echo(f"{path}: {problem}")
+    raise typer.Exit(1)

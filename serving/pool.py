@@ -1,0 +1,171 @@
+"""The registered models one service serves, kept in step with their registry aliases.
+
+A watcher thread resolves each ``NAME@ALIAS`` every few seconds. When an approved alias moves,
+the new version is downloaded, verified and loaded beside the old one, then swapped in; requests
+already running finish on the version they started with. A move the service may not follow (no
+passed gate, no approval, a bad card) leaves the current version serving and is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from serving.batching import MicroBatcher
+from serving.errors import ModelLoadError, RequestError
+from serving.model import ModelReference, ServedModel, load_served_model, resolve_version
+
+logger = logging.getLogger("medscreen.serving")
+DEFAULT_ALIAS = "champion"
+
+
+@dataclass(frozen=True)
+class Served:
+    """One loaded model version and the batcher its requests go through."""
+
+    model: ServedModel
+    batcher: MicroBatcher
+
+
+def default_references(tracking: str, alias: str = DEFAULT_ALIAS) -> list[str]:
+    """Every registered model that has ``alias``, as ``NAME@ALIAS``."""
+    client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+    try:
+        registered = client.search_registered_models()
+    except MlflowException as error:
+        raise ModelLoadError(f"cannot list registered models in {tracking}: {error}") from error
+    return sorted(f"{model.name}@{alias}" for model in registered if alias in model.aliases)
+
+
+class ModelPool:
+    """The served models by registered name, switched in place when their alias moves.
+
+    Args:
+        references: ``NAME@ALIAS`` or ``NAME@VERSION`` of each model, one per name.
+        tracking: Tracking/registry URI.
+        make_batcher: Builds the batcher of a newly loaded model.
+        reload_seconds: How often aliases are resolved again (0: never).
+    """
+
+    def __init__(
+        self,
+        references: list[str],
+        *,
+        tracking: str,
+        make_batcher: Callable[[ServedModel], MicroBatcher],
+        reload_seconds: float = 5.0,
+    ) -> None:
+        if not references:
+            raise ModelLoadError(
+                "no model to serve: register and promote one "
+                f"(`medscreen models promote … --alias {DEFAULT_ALIAS}`) or name one with --model"
+            )
+        self._tracking = tracking
+        self._make_batcher = make_batcher
+        self._references: dict[str, str] = {}
+        for reference in references:
+            name = ModelReference.parse(reference).name
+            if name in self._references:
+                raise ModelLoadError(f"model {name!r} is named twice ({reference!r})")
+            self._references[name] = reference
+        self._current: dict[str, Served] = {}
+        for name, reference in self._references.items():
+            self._current[name] = self._load(reference)
+        self._reload_seconds = reload_seconds
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def _load(self, reference: str) -> Served:
+        model = load_served_model(reference, tracking=self._tracking)
+        return Served(model, self._make_batcher(model))
+
+    def all(self) -> list[Served]:
+        """The models served now, by name."""
+        return [self._current[name] for name in sorted(self._current)]
+
+    def select(self, name: str | None, *, monitoring: bool) -> Served:
+        """The model a request names, or the only one of its kind.
+
+        Raises:
+            RequestError: 404 for an unknown name, 422 when the route does not fit the model or
+                the request must name one of several models.
+        """
+        route_kind = "ECG monitoring" if monitoring else "image screening"
+        if name:
+            served = self._current.get(name)
+            if served is None:
+                raise RequestError(
+                    f"model {name!r} is not served here; GET /v1/models lists those that are",
+                    HTTPStatus.NOT_FOUND,
+                )
+            if served.model.card.is_monitoring != monitoring:
+                right = "/v1/monitor" if served.model.card.is_monitoring else "/v1/screen"
+                raise RequestError(
+                    f"model {name!r} is not an {route_kind} model; send its input to {right}",
+                    HTTPStatus.UNPROCESSABLE_ENTITY,
+                )
+            return served
+        candidates = [
+            served for served in self.all() if served.model.card.is_monitoring == monitoring
+        ]
+        if len(candidates) == 1:
+            return candidates[0]
+        if not candidates:
+            raise RequestError(
+                f"no {route_kind} model is served here", HTTPStatus.UNPROCESSABLE_ENTITY
+            )
+        names = [served.model.name for served in candidates]
+        raise RequestError(
+            f"several {route_kind} models are served; name one in field 'model': {names}",
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+        )
+
+    def refresh(self) -> list[str]:
+        """Resolve every alias again and swap in the versions that moved; return what changed."""
+        changes = []
+        for name, reference in self._references.items():
+            parsed = ModelReference.parse(reference)
+            if parsed.is_version:
+                continue
+            current = self._current[name]
+            try:
+                _, version = resolve_version(reference, tracking=self._tracking)
+                if str(version.version) == current.model.version:
+                    continue
+                replacement = self._load(reference)
+            except (ModelLoadError, MlflowException) as error:
+                logger.warning("keeping %s version %s: %s", name, current.model.version, error)
+                continue
+            self._current[name] = replacement  # one assignment: requests see old or new
+            current.batcher.close()
+            change = (
+                f"{reference} moved from version {current.model.version} "
+                f"to {replacement.model.version}"
+            )
+            logger.info("switched %s", change)
+            changes.append(change)
+        return changes
+
+    def start_watching(self) -> None:
+        """Start the thread that follows alias moves."""
+        if self._reload_seconds <= 0 or self._watcher is not None:
+            return
+        self._watcher = threading.Thread(target=self._watch, name="registry-watcher", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._reload_seconds):
+            try:
+                self.refresh()
+            except Exception:  # the watcher must outlive a registry hiccup
+                logger.exception("registry watch failed; retrying")
+
+    def stop(self) -> None:
+        """Stop following alias moves."""
+        self._stop.set()

@@ -1,0 +1,586 @@
+"""The prediction log: one hash-chained JSON line per request (EU AI Act art. 12 record-keeping).
+
+Every stored line is a :class:`PredictionRecord` plus ``seq`` (1, 2, ...), ``prev_hash`` (the
+previous line's ``hash``; 64 zeros for the first) and ``hash``, the SHA-256 of ``prev_hash``
+followed by the canonical JSON of the line without ``hash``. Editing, inserting, deleting or
+reordering a line breaks the chain; a head file ``<log>.head.json`` holding the last ``seq`` and
+``hash`` reveals lines removed from the end. :func:`verify_log` (``medscreen audit verify``) checks
+all of it.
+
+Nothing that identifies a patient belongs here: the record schema is closed (unknown fields are
+rejected) and its text fields are constrained to identifiers, not free text.
+
+Several processes may append to one log: each commit holds an ``flock`` on ``<log>.lock`` and
+continues the chain from the file's last line when another process wrote since.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from serving.api_keys import NAME_PATTERN, check_model_name, check_name, write_atomically
+
+GENESIS_HASH = "0" * 64
+_HEX64 = r"^[0-9a-f]{64}$"
+# Longest line the writer looks back over to find where the chain ends.
+_MAX_TAIL_BYTES = 1 << 20
+
+
+class PredictionLogError(RuntimeError):
+    """The prediction log could not be written; the message names the file."""
+
+
+def utc_now() -> str:
+    """Return the current UTC time as ISO-8601 with milliseconds, e.g. ``...T09:30:00.123Z``."""
+    now = datetime.datetime.now(datetime.UTC)
+    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def head_path_for(log: Path) -> Path:
+    """Return the head file of a log: ``<log>.head.json``.
+
+    Args:
+        log: The prediction log.
+
+    Returns:
+        The path of its head file.
+    """
+    return log.with_name(log.name + ".head.json")
+
+
+def canonical_json(value: Any) -> str:
+    """Return the canonical JSON the chain hashes: sorted keys, no spaces, ASCII only.
+
+    Args:
+        value: A JSON-serialisable value (no NaN or infinity).
+
+    Returns:
+        The canonical text.
+    """
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
+
+
+def chain_hash(prev_hash: str, line_without_hash: dict[str, Any]) -> str:
+    """Return the ``hash`` of a stored line.
+
+    Args:
+        prev_hash: The previous line's hash (64 zeros for the first line).
+        line_without_hash: The stored line without its ``hash`` field.
+
+    Returns:
+        SHA-256 hex of ``prev_hash`` followed by the line's canonical JSON.
+    """
+    payload = prev_hash + canonical_json(line_without_hash)
+    return hashlib.sha256(payload.encode("ascii")).hexdigest()
+
+
+class PredictionRecord(BaseModel):
+    """What is kept about one request. Closed schema: the guard against logging patient data.
+
+    ``outcome="prediction"`` needs ``score``, ``threshold``, ``decision``, ``model_name`` and
+    ``model_version`` and a 2xx ``status``; ``outcome="failed"`` needs ``error`` and a 4xx/5xx
+    ``status`` and may not carry a ``score`` or ``decision``.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    time: str = Field(
+        default_factory=utc_now,
+        pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}(Z|\+00:00)$",
+    )
+    request_id: str = Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$")
+    outcome: Literal["prediction", "failed"]
+    status: int = Field(ge=100, le=599)
+    route: str = Field(pattern=r"^/[A-Za-z0-9/_.-]{0,127}$")
+    hospital: str | None = None
+    region: str | None = None
+    key_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{12}$")
+    model_name: str | None = None
+    model_version: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    model_alias: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    input_sha256: str | None = Field(default=None, pattern=_HEX64)
+    input_format: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.+/-]{1,64}$")
+    score: float | None = None
+    threshold: float | None = None
+    decision: str | None = Field(default=None, pattern=r"^[A-Za-z0-9 _.-]{1,64}$")
+    summary: dict[str, int | float | str] | None = Field(default=None, max_length=64)
+    latency_ms: float = Field(ge=0)
+    error: str | None = Field(default=None, min_length=1, max_length=1000)
+
+    @field_validator("hospital", "region")
+    @classmethod
+    def _valid_name(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else check_name(info.field_name or "name", value)
+
+    @field_validator("model_name")
+    @classmethod
+    def _valid_model(cls, value: str | None) -> str | None:
+        return None if value is None else check_model_name("model_name", value)
+
+    @field_validator("summary")
+    @classmethod
+    def _valid_summary(
+        cls, value: dict[str, int | float | str] | None
+    ) -> dict[str, int | float | str] | None:
+        for key, item in (value or {}).items():
+            check_name("summary key", key)
+            # Counts and labels only: free text could carry anything, a patient's name included.
+            if isinstance(item, str) and not NAME_PATTERN.fullmatch(item):
+                raise ValueError(
+                    f"summary[{key!r}] must be a number or a short label (1-64 letters, digits, "
+                    "spaces, '_', '.' or '-')"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _outcome_fields(self) -> Self:
+        if self.outcome == "prediction":
+            required = ("score", "threshold", "decision", "model_name", "model_version")
+            missing = [name for name in required if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"a 'prediction' record needs {', '.join(missing)}")
+            if self.error is not None:
+                raise ValueError("a 'prediction' record has no error; log outcome 'failed'")
+            if not 200 <= self.status < 300:
+                raise ValueError(f"a 'prediction' record has a 2xx status, not {self.status}")
+        else:
+            if self.error is None:
+                raise ValueError("a 'failed' record needs error")
+            present = [name for name in ("score", "decision") if getattr(self, name) is not None]
+            if present:
+                raise ValueError(f"a 'failed' record may not carry {', '.join(present)}")
+            if self.status < 400:
+                raise ValueError(f"a 'failed' record has a 4xx or 5xx status, not {self.status}")
+        return self
+
+
+def _chain_position(line: Any) -> tuple[int, str, str] | None:
+    """``(seq, prev_hash, hash)`` of a parsed line, or None if it is not a chained record."""
+    if not isinstance(line, dict):
+        return None
+    seq, prev_hash, digest = line.get("seq"), line.get("prev_hash"), line.get("hash")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+        return None
+    for value in (prev_hash, digest):
+        if not isinstance(value, str) or len(value) != 64:
+            return None
+        if any(character not in "0123456789abcdef" for character in value):
+            return None
+    return seq, prev_hash, digest
+
+
+def _read_head(head_file: Path) -> tuple[tuple[int, str] | None, str | None]:
+    """``((seq, hash), None)`` from a head file, ``(None, None)`` if absent, else a problem."""
+    try:
+        raw = head_file.read_bytes()
+    except FileNotFoundError:
+        return None, None
+    except OSError as error:
+        return None, f"{head_file.name}: cannot read the head file: {error}"
+    try:
+        head = json.loads(raw)
+    except ValueError:
+        return None, f"{head_file.name}: the head file is not JSON"
+    seq = head.get("seq") if isinstance(head, dict) else None
+    digest = head.get("hash") if isinstance(head, dict) else None
+    position = _chain_position({"seq": seq, "prev_hash": GENESIS_HASH, "hash": digest})
+    if position is None:
+        return None, f"{head_file.name}: the head file has no valid seq and hash"
+    return (position[0], position[2]), None
+
+
+def _write_all(descriptor: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(descriptor, view)
+        view = view[written:]
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+_Waiter = tuple[PredictionRecord, asyncio.AbstractEventLoop, "asyncio.Future[dict[str, Any]]"]
+
+
+class PredictionLog:
+    """Appends records to one hash-chained JSON Lines file.
+
+    :meth:`append` writes one record and fsyncs before returning. :meth:`append_async` hands the
+    record to a writer thread that commits everything pending at once, with one fsync per batch
+    (group commit), and resolves every waiting caller. ``commits`` counts fsynced batches and
+    ``records_written`` the records in them.
+
+    Create one per process (after any fork), and :meth:`close` it at shutdown.
+
+    Args:
+        path: The log file; it and its directory are created on the first append.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.head_path = head_path_for(self.path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.commits = 0
+        self.records_written = 0
+        self._closed = False
+        self._reset_process_state()
+
+    def _reset_process_state(self) -> None:
+        """State that belongs to one process; a forked child starts over with fresh copies."""
+        self._pid = os.getpid()
+        # Serialises commits within this process; the flock serialises processes.
+        self._mutex = threading.Lock()
+        self._condition = threading.Condition()
+        self._pending: list[_Waiter] = []
+        self._stopping = False
+        self._writer: threading.Thread | None = None
+        self._lock_fd: int | None = None
+        self._log_fd: int | None = None
+        # Size of the log after this process's last commit; None: re-read the tail first.
+        self._known_size: int | None = None
+        self._seq = 0
+        self._hash = GENESIS_HASH
+        self._needs_newline = False
+
+    def _check_process(self) -> None:
+        if self._pid != os.getpid():
+            # Descriptors inherited over fork share their flock with the parent: drop them.
+            for descriptor in (self._lock_fd, self._log_fd):
+                if descriptor is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(descriptor)
+            self._reset_process_state()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # Committing ----------------------------------------------------------------------------
+
+    def _open_log(self) -> int:
+        """The log's descriptor, reopened if the file was removed or replaced since."""
+        try:
+            on_disk = os.stat(self.path)
+        except FileNotFoundError:
+            on_disk = None
+        if self._log_fd is not None:
+            held = os.fstat(self._log_fd)
+            if on_disk is None or (on_disk.st_dev, on_disk.st_ino) != (held.st_dev, held.st_ino):
+                os.close(self._log_fd)
+                self._log_fd = None
+        if self._log_fd is None:
+            flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            self._log_fd = os.open(self.path, flags, 0o600)
+            self._known_size = None
+            if on_disk is None:
+                # Make the new directory entry itself durable, not only the data.
+                _fsync_directory(self.path.parent)
+        return self._log_fd
+
+    def _resume(self, descriptor: int, size: int) -> None:
+        """Continue the chain after whatever is in the file (another process may have written).
+
+        Takes the later of the last complete line and the head file, so that a log truncated
+        behind the writer's back shows up as a seq gap instead of being silently re-chained.
+        """
+        candidates: list[tuple[int, str]] = []
+        self._needs_newline = size > 0 and os.pread(descriptor, 1, size - 1) != b"\n"
+        buffer, start = b"", size
+        while start > 0 and buffer.count(b"\n") < 2 and size - start < _MAX_TAIL_BYTES:
+            step = min(65536, start)
+            start -= step
+            buffer = os.pread(descriptor, step, start) + buffer
+        lines = buffer.split(b"\n")
+        # The second-to-last piece is a complete line when a newline precedes it (or it starts
+        # the file); the last piece is empty or an interrupted write.
+        if len(lines) >= 2 and (len(lines) >= 3 or start == 0):
+            with contextlib.suppress(ValueError):
+                position = _chain_position(json.loads(lines[-2]))
+                if position is not None:
+                    candidates.append((position[0], position[2]))
+        head, _ = _read_head(self.head_path)
+        if head is not None:
+            candidates.append(head)
+        self._seq, self._hash = max(candidates, default=(0, GENESIS_HASH))
+
+    def _commit(self, records: list[PredictionRecord]) -> list[dict[str, Any]]:
+        """Write, fsync and chain a batch; update the head file. Caller holds ``_mutex``."""
+        self._check_process()
+        if self._lock_fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+            self._lock_fd = os.open(self.lock_path, flags, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            descriptor = self._open_log()
+            size = os.fstat(descriptor).st_size
+            if size != self._known_size:
+                self._resume(descriptor, size)
+            seq, previous = self._seq, self._hash
+            chunks = [b"\n"] if self._needs_newline else []
+            stored = []
+            for record in records:
+                seq += 1
+                line = record.model_dump(mode="json")
+                line["seq"] = seq
+                line["prev_hash"] = previous
+                previous = line["hash"] = chain_hash(previous, line)
+                chunks.append(canonical_json(line).encode("ascii") + b"\n")
+                stored.append(line)
+            data = b"".join(chunks)
+            # Until the write is known durable, the next commit must re-read the tail.
+            self._known_size = None
+            _write_all(descriptor, data)
+            os.fsync(descriptor)
+            self._known_size = size + len(data)
+            self._seq, self._hash, self._needs_newline = seq, previous, False
+            # No directory fsync: a head lost in a crash is merely behind, which verify accepts;
+            # the file fsync still guarantees a head that survives is complete.
+            head = canonical_json({"seq": seq, "hash": previous}).encode("ascii")
+            write_atomically(self.head_path, head, sync_directory=False)
+            self.commits += 1
+            self.records_written += len(records)
+            return stored
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def append(self, record: PredictionRecord) -> dict[str, Any]:
+        """Append one record; it is on disk (fsynced) when this returns.
+
+        Args:
+            record: The record to keep.
+
+        Returns:
+            The stored line as a dict, including ``seq``, ``prev_hash`` and ``hash``.
+
+        Raises:
+            PredictionLogError: if the log is closed or cannot be written.
+        """
+        if not isinstance(record, PredictionRecord):
+            raise TypeError(f"expected a PredictionRecord, got {type(record).__name__}")
+        if self._closed:
+            raise PredictionLogError(f"{self.path}: the prediction log is closed")
+        self._check_process()
+        with self._mutex:
+            try:
+                return self._commit([record])[0]
+            except OSError as error:
+                raise PredictionLogError(f"{self.path}: cannot append: {error}") from error
+
+    # Group commit --------------------------------------------------------------------------
+
+    async def append_async(self, record: PredictionRecord) -> dict[str, Any]:
+        """Append one record from async code; returns once it is fsynced.
+
+        Records from concurrent callers are committed together by one writer thread with a
+        single fsync, so the event loop never blocks on the disk. A record is written even if
+        the awaiting task is cancelled.
+
+        Args:
+            record: The record to keep.
+
+        Returns:
+            The stored line as a dict, including ``seq``, ``prev_hash`` and ``hash``.
+
+        Raises:
+            PredictionLogError: if the log is closed or cannot be written.
+        """
+        if not isinstance(record, PredictionRecord):
+            raise TypeError(f"expected a PredictionRecord, got {type(record).__name__}")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._check_process()
+        with self._condition:
+            if self._closed:
+                raise PredictionLogError(f"{self.path}: the prediction log is closed")
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._write_pending, name="prediction-log-writer", daemon=True
+                )
+                self._writer.start()
+            self._pending.append((record, loop, future))
+            self._condition.notify()
+        return await future
+
+    def _write_pending(self) -> None:
+        """Writer thread: take everything pending, commit it with one fsync, wake the callers."""
+        while True:
+            with self._condition:
+                while not self._pending and not self._stopping:
+                    self._condition.wait()
+                batch, self._pending = self._pending, []
+            if not batch:
+                return
+            results: list[tuple[dict[str, Any] | None, BaseException | None]]
+            try:
+                with self._mutex:
+                    lines = self._commit([record for record, _, _ in batch])
+                results = [(line, None) for line in lines]
+            except Exception as error:
+                message = f"{self.path}: cannot append: {error}"
+                results = [(None, PredictionLogError(message)) for _ in batch]
+            by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+            for (_, loop, future), (line, failure) in zip(batch, results, strict=True):
+                by_loop.setdefault(loop, []).append((future, line, failure))
+            for loop, settled in by_loop.items():
+                # One wake-up per event loop per batch rather than one per record.
+                with contextlib.suppress(RuntimeError):  # that loop is already closed
+                    loop.call_soon_threadsafe(_settle, settled)
+
+    def close(self) -> None:
+        """Write what is pending, stop the writer thread and close the files. Idempotent."""
+        with self._condition:
+            self._closed = True
+            self._stopping = True
+            self._condition.notify_all()
+            writer = self._writer
+        if writer is not None and writer is not threading.current_thread():
+            writer.join()
+        with self._mutex:
+            for descriptor in (self._log_fd, self._lock_fd):
+                if descriptor is not None and self._pid == os.getpid():
+                    os.close(descriptor)
+            self._log_fd = self._lock_fd = None
+
+
+def _settle(settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    """Runs on the callers' event loop: resolve each still-waiting future."""
+    for future, line, failure in settled:
+        if future.done():  # the caller was cancelled; its record is written all the same
+            continue
+        if failure is not None:
+            future.set_exception(failure)
+        else:
+            future.set_result(line)
+
+
+@dataclass
+class VerificationResult:
+    """The outcome of :func:`verify_log`: ``problems`` name line numbers (1-based)."""
+
+    ok: bool
+    records: int
+    problems: list[str] = field(default_factory=list)
+
+
+def verify_log(path: Path) -> VerificationResult:
+    """Check a prediction log's hash chain and its head file.
+
+    Reports edited records (hash mismatch), inserted, deleted or reordered records (seq gap or
+    ``prev_hash`` mismatch), records removed from the end (head file beyond the last record),
+    lines that are not JSON, and a missing log or head file where the other exists.
+
+    Args:
+        path: The prediction log.
+
+    Returns:
+        ``ok`` with the number of records, and one message per problem. A missing log with no
+        head file is 0 records and ok.
+
+    Raises:
+        OSError: if the log exists but cannot be read.
+    """
+    path = Path(path)
+    head_file = head_path_for(path)
+    problems: list[str] = []
+    head, head_problem = _read_head(head_file)
+    if head_problem:
+        problems.append(head_problem)
+    if not path.exists():
+        if head is not None or head_problem:
+            problems.append(
+                f"{path.name} is missing but {head_file.name} exists"
+                + (f" and records seq {head[0]}" if head else "")
+                + ": the log was deleted"
+            )
+        return VerificationResult(ok=not problems, records=0, problems=problems)
+
+    records, last_seq, last_hash, head_match = 0, 0, GENESIS_HASH, None
+    with path.open("rb") as stream:
+        for number, raw in enumerate(stream, start=1):
+            text = raw.rstrip(b"\n")
+            if not text.strip():
+                problems.append(f"line {number}: empty line")
+                continue
+            try:
+                line = json.loads(text)
+            except ValueError:
+                interrupted = "" if raw.endswith(b"\n") else " (an interrupted last write)"
+                problems.append(f"line {number}: not JSON{interrupted}")
+                continue
+            position = _chain_position(line)
+            if position is None:
+                problems.append(
+                    f"line {number}: not a prediction log record (no valid seq, prev_hash, hash)"
+                )
+                continue
+            records += 1
+            seq, prev_hash, digest = position
+            body = {key: value for key, value in line.items() if key != "hash"}
+            try:
+                recomputed = chain_hash(prev_hash, body)
+            except ValueError:  # NaN or infinity: the writer never produces them
+                recomputed = None
+            if recomputed != digest:
+                problems.append(
+                    f"line {number} (seq {seq}): the record was altered after it was written "
+                    "(hash mismatch)"
+                )
+            if seq != last_seq + 1:
+                problems.append(
+                    f"line {number}: seq {seq} where {last_seq + 1} was expected: records were "
+                    "deleted, inserted or reordered"
+                )
+            elif prev_hash != last_hash:
+                problems.append(
+                    f"line {number} (seq {seq}): prev_hash is not the previous record's hash: "
+                    "a record was replaced, inserted or reordered"
+                )
+            if head is not None and seq == head[0]:
+                head_match = digest
+            last_seq, last_hash = seq, digest
+
+    if head is not None:
+        if head[0] > last_seq:
+            problems.append(
+                f"{head_file.name} records seq {head[0]} but the last record is seq {last_seq}: "
+                "records were removed from the end of the log"
+            )
+        elif head_match is not None and head_match != head[1]:
+            problems.append(
+                f"{head_file.name}: the record with seq {head[0]} does not have the hash the "
+                "head file records: the log was rewritten"
+            )
+    elif records and not head_problem:
+        problems.append(
+            f"{head_file.name} is missing: records removed from the end cannot be ruled out"
+        )
+    return VerificationResult(ok=not problems, records=records, problems=problems)

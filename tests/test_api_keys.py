@@ -1,0 +1,239 @@
+"""Per-hospital API keys: issuing, checking, revoking, and the `medscreen keys` commands."""
+
+from __future__ import annotations
+
+import multiprocessing
+import re
+import stat
+from http import HTTPStatus
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from medscreen_cli import app
+from serving.api_keys import AuthError, KeyStore, KeyStoreError, UnknownKeyError
+from tests.conftest import medscreen_error_line
+
+MODEL = "pneumonia-screening"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> KeyStore:
+    return KeyStore(tmp_path / "serving" / "api_keys.json")
+
+
+def _refused(store: KeyStore, presented: str | None) -> AuthError:
+    with pytest.raises(AuthError) as caught:
+        store.authenticate(presented)
+    return caught.value
+
+
+def test_a_created_key_authenticates_bare_or_as_a_bearer_header(store: KeyStore) -> None:
+    key, plaintext = store.create("St Mary", "eu-west", [MODEL])
+    assert re.fullmatch(r"msk_[0-9a-f]{12}_[A-Za-z0-9_-]{43}", plaintext)
+    assert plaintext.startswith(f"msk_{key.key_id}_")
+    assert store.authenticate(plaintext) == key
+    assert store.authenticate(f"Bearer {plaintext}").hospital == "St Mary"
+    assert store.authenticate(f"bearer  {plaintext}").region == "eu-west"
+    store.authorise(key, MODEL)
+    assert [entry.key_id for entry in store.list()] == [key.key_id]
+
+
+@pytest.mark.parametrize("presented", [None, "", "   ", "Bearer ", "Bearer"])
+def test_a_missing_key_is_401_and_says_what_to_send(store: KeyStore, presented) -> None:
+    store.create("St Mary", "eu-west", [MODEL])
+    error = _refused(store, presented)
+    assert error.status == HTTPStatus.UNAUTHORIZED
+    assert "Authorization: Bearer <key>" in error.message
+    assert "medscreen keys create" in error.message
+
+
+def test_garbage_unknown_wrong_secret_and_revoked_keys_are_401(store: KeyStore) -> None:
+    key, plaintext = store.create("St Mary", "eu-west", [MODEL])
+    garbage = _refused(store, "Bearer hunter2")
+    assert garbage.status == HTTPStatus.UNAUTHORIZED
+    assert "malformed" in garbage.message and "hunter2" not in garbage.message
+
+    unknown = _refused(store, "msk_0123456789ab_" + "A" * 43)
+    assert unknown.status == HTTPStatus.UNAUTHORIZED
+    assert "0123456789ab" in unknown.message and "not recognised" in unknown.message
+
+    wrong_secret = _refused(store, f"msk_{key.key_id}_" + "B" * 43)
+    assert wrong_secret.status == HTTPStatus.UNAUTHORIZED
+
+    store.revoke(key.key_id)
+    revoked = _refused(store, plaintext)
+    assert revoked.status == HTTPStatus.UNAUTHORIZED
+    assert "revoked" in revoked.message and "St Mary" in revoked.message
+
+
+def test_a_model_the_key_does_not_grant_is_403_naming_what_is_granted(store: KeyStore) -> None:
+    key, plaintext = store.create("St Mary", "eu-west", [MODEL, "ecg-arrhythmia"])
+    with pytest.raises(AuthError) as caught:
+        store.authorise(store.authenticate(plaintext), "brain-mri")
+    error = caught.value
+    assert error.status == HTTPStatus.FORBIDDEN
+    for expected in ("St Mary", "eu-west", "brain-mri", MODEL, "ecg-arrhythmia", key.key_id):
+        assert expected in error.message
+    assert not key.grants("brain-mri") and key.grants("ecg-arrhythmia")
+
+
+def test_star_grants_every_model(store: KeyStore) -> None:
+    key, plaintext = store.create("Charite", "eu-central", ["*", MODEL])
+    assert key.models == ["*"]
+    for model in (MODEL, "ecg-arrhythmia", "anything.else"):
+        store.authorise(store.authenticate(plaintext), model)
+
+
+def test_the_store_holds_only_hashes_and_is_private(store: KeyStore) -> None:
+    plaintexts = [store.create("St Mary", "eu-west", [MODEL])[1] for _ in range(3)]
+    content = store.path.read_text()
+    for plaintext in plaintexts:
+        assert plaintext not in content
+        assert plaintext.split("_", 2)[2] not in content
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+    assert content.count('"key_sha256"') == 3
+
+
+def test_a_missing_store_refuses_every_key(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "nowhere" / "api_keys.json")
+    assert store.list() == []
+    assert _refused(store, "msk_0123456789ab_" + "A" * 43).status == HTTPStatus.UNAUTHORIZED
+
+
+def test_an_open_store_sees_revocations_and_new_keys_without_restart(store: KeyStore) -> None:
+    key, plaintext = store.create("St Mary", "eu-west", [MODEL])
+    serving_view = KeyStore(store.path)  # what the running service holds
+    assert serving_view.authenticate(plaintext).key_id == key.key_id
+
+    KeyStore(store.path).revoke(key.key_id)
+    assert _refused(serving_view, plaintext).status == HTTPStatus.UNAUTHORIZED
+
+    new_key, new_plaintext = KeyStore(store.path).create("St Mary", "eu-west", [MODEL])
+    assert serving_view.authenticate(new_plaintext).key_id == new_key.key_id
+
+
+def test_revoking_is_idempotent_and_unknown_ids_are_named(store: KeyStore) -> None:
+    key, _ = store.create("St Mary", "eu-west", [MODEL])
+    first = store.revoke(key.key_id)
+    assert first.revoked_at is not None
+    assert store.revoke(key.key_id).revoked_at == first.revoked_at
+    with pytest.raises(UnknownKeyError, match="feedfacecafe") as caught:
+        store.revoke("feedfacecafe")
+    assert isinstance(caught.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("hospital", "region", "models", "field"),
+    [
+        ("", "eu-west", [MODEL], "hospital"),
+        ("St Mary/../x", "eu-west", [MODEL], "hospital"),
+        ("St Mary", "eu west\n", [MODEL], "region"),
+        ("St Mary", "eu-west", [], "models"),
+        ("St Mary", "eu-west", ["bad model!"], "models"),
+    ],
+)
+def test_invalid_names_are_refused_naming_the_field(
+    store: KeyStore, hospital: str, region: str, models: list[str], field: str
+) -> None:
+    with pytest.raises(KeyStoreError, match=f"^{field}: "):
+        store.create(hospital, region, models)
+    assert not store.path.exists()
+
+
+def test_a_corrupt_store_is_an_error_naming_the_file(store: KeyStore) -> None:
+    store.path.parent.mkdir(parents=True)
+    store.path.write_text('{"keys": [{"key_id": "nope"}]}')
+    with pytest.raises(KeyStoreError, match=re.escape(str(store.path))):
+        store.authenticate("msk_0123456789ab_" + "A" * 43)
+
+
+def _create_keys(path: str, hospital: str, count: int) -> None:
+    store = KeyStore(Path(path))
+    for _ in range(count):
+        store.create(hospital, "eu-west", [MODEL])
+
+
+def test_concurrent_creates_from_two_processes_lose_nothing(store: KeyStore) -> None:
+    context = multiprocessing.get_context("fork")
+    workers = [
+        context.Process(target=_create_keys, args=(str(store.path), hospital, 15))
+        for hospital in ("Hospital A", "Hospital B")
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+        assert worker.exitcode == 0
+    keys = store.list()
+    assert len(keys) == 30
+    assert len({key.key_id for key in keys}) == 30
+    assert sorted({key.hospital for key in keys}) == ["Hospital A", "Hospital B"]
+
+
+def test_keys_commands_create_list_and_revoke(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    runner = CliRunner()
+    created = runner.invoke(
+        app,
+        [
+            "keys",
+            "create",
+            "--hospital",
+            "St Mary",
+            "--region",
+            "eu-west",
+            "--model",
+            MODEL,
+            "--model",
+            "ecg-arrhythmia",
+            "--store",
+            str(path),
+        ],
+    )
+    assert created.exit_code == 0, created.output
+    plaintext = re.search(r"api key: (msk_\S+)", created.stdout)[1]
+    key_id = re.search(r"key id: ([0-9a-f]{12})", created.stdout)[1]
+    assert "cannot be shown again" in created.stderr
+    assert KeyStore(path).authenticate(plaintext).models == [MODEL, "ecg-arrhythmia"]
+
+    listed = runner.invoke(app, ["keys", "list", "--store", str(path)])
+    assert listed.exit_code == 0, listed.output
+    for expected in (key_id, "St Mary", "eu-west", MODEL):
+        assert expected in listed.stdout
+    assert plaintext not in listed.stdout
+    assert KeyStore(path).list()[0].key_sha256 not in listed.stdout
+
+    revoked = runner.invoke(app, ["keys", "revoke", key_id, "--store", str(path)])
+    assert revoked.exit_code == 0, revoked.output
+    assert f"revoked key {key_id}" in revoked.stdout
+    assert _refused(KeyStore(path), plaintext).status == HTTPStatus.UNAUTHORIZED
+
+    unknown = runner.invoke(app, ["keys", "revoke", "feedfacecafe", "--store", str(path)])
+    assert unknown.exit_code == 2
+    assert unknown.stderr.strip() == (f"error: KEY_ID: no API key with id 'feedfacecafe' in {path}")
+
+
+def test_keys_create_uses_the_state_directory_by_default(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MEDSCREEN_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("MEDSCREEN_KEY_STORE", raising=False)
+    result = CliRunner().invoke(
+        app, ["keys", "create", "--hospital", "A", "--region", "B", "--model", "*"]
+    )
+    assert result.exit_code == 0, result.output
+    assert len(KeyStore(tmp_path / "serving" / "api_keys.json").list()) == 1
+
+
+def test_a_bad_hospital_name_is_one_line_naming_the_option(tmp_path: Path) -> None:
+    store = str(tmp_path / "keys.json")
+    line = medscreen_error_line(
+        "keys", "create", "--hospital", "St Mary; DROP", "--region", "eu", "--model", MODEL,
+        "--store", store,
+    )  # fmt: skip
+    assert line.startswith("error: --hospital: 'St Mary; DROP' is not a valid name")
+    line = medscreen_error_line(
+        "keys", "create", "--hospital", "A", "--region", "eu", "--store", store
+    )
+    assert line.startswith("error: --model: ")
+    assert not Path(store).exists()

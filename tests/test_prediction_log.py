@@ -1,0 +1,341 @@
+"""The hash-chained prediction log: appending, group commit, tampering, `medscreen audit verify`."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import multiprocessing
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from medscreen_cli import app
+from serving.prediction_log import (
+    GENESIS_HASH,
+    PredictionLog,
+    PredictionLogError,
+    PredictionRecord,
+    head_path_for,
+    verify_log,
+)
+
+
+def _record(number: int, hospital: str = "St Mary") -> PredictionRecord:
+    return PredictionRecord(
+        request_id=f"req-{number}",
+        outcome="prediction",
+        status=200,
+        route="/v1/screen",
+        hospital=hospital,
+        region="eu-west",
+        key_id="0123456789ab",
+        model_name="pneumonia-screening",
+        model_version="3",
+        model_alias="champion",
+        input_sha256="ab" * 32,
+        input_format="png",
+        score=0.125 + number / 1000,
+        threshold=0.5,
+        decision="negative",
+        summary={"N": 12, "V": 1},
+        latency_ms=3.5,
+    )
+
+
+def _failure(number: int) -> PredictionRecord:
+    return PredictionRecord(
+        request_id=f"req-{number}",
+        outcome="failed",
+        status=415,
+        route="/v1/screen",
+        error="not a PNG, JPEG or DICOM file",
+        latency_ms=0.4,
+    )
+
+
+@pytest.fixture
+def log_path(tmp_path: Path) -> Path:
+    path = tmp_path / "serving" / "predictions.jsonl"
+    with PredictionLog(path) as log:
+        for number in range(1, 11):
+            log.append(_record(number) if number % 4 else _failure(number))
+    return path
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines(keepends=True)
+
+
+def _only_problem(path: Path) -> str:
+    result = verify_log(path)
+    assert not result.ok
+    assert result.problems, result
+    return "\n".join(result.problems)
+
+
+def test_appended_records_form_an_intact_chain(log_path: Path) -> None:
+    result = verify_log(log_path)
+    assert result.ok, result.problems
+    assert result.records == 10
+    lines = [json.loads(line) for line in _lines(log_path)]
+    assert [line["seq"] for line in lines] == list(range(1, 11))
+    assert lines[0]["prev_hash"] == GENESIS_HASH
+    assert all(b["prev_hash"] == a["hash"] for a, b in itertools.pairwise(lines))
+    head = json.loads(head_path_for(log_path).read_text())
+    assert head == {"seq": 10, "hash": lines[-1]["hash"]}
+    assert stat.S_IMODE(log_path.stat().st_mode) == 0o600
+    assert lines[3]["outcome"] == "failed" and lines[3]["score"] is None
+
+
+def test_append_returns_the_stored_line(tmp_path: Path) -> None:
+    with PredictionLog(tmp_path / "log.jsonl") as log:
+        first = log.append(_record(1))
+        second = log.append(_record(2))
+    assert (first["seq"], first["prev_hash"]) == (1, GENESIS_HASH)
+    assert (second["seq"], second["prev_hash"]) == (2, first["hash"])
+    assert second["request_id"] == "req-2" and len(second["hash"]) == 64
+    assert json.loads(_lines(tmp_path / "log.jsonl")[1]) == second
+
+
+def test_an_edited_field_names_its_line(log_path: Path) -> None:
+    lines = _lines(log_path)
+    edited = json.loads(lines[4])
+    edited["decision"] = "positive"
+    lines[4] = json.dumps(edited) + "\n"
+    log_path.write_text("".join(lines))
+    result = verify_log(log_path)
+    assert not result.ok
+    assert len(result.problems) == 1
+    assert result.problems[0].startswith("line 5 (seq 5): the record was altered")
+
+
+def test_a_deleted_middle_line_is_detected(log_path: Path) -> None:
+    lines = _lines(log_path)
+    del lines[4]
+    log_path.write_text("".join(lines))
+    assert "line 5: seq 6 where 5 was expected" in _only_problem(log_path)
+
+
+def test_an_inserted_copy_is_detected(log_path: Path) -> None:
+    lines = _lines(log_path)
+    lines.insert(6, lines[2])
+    log_path.write_text("".join(lines))
+    assert "line 7: seq 3 where 7 was expected" in _only_problem(log_path)
+
+
+def test_reordered_lines_are_detected(log_path: Path) -> None:
+    lines = _lines(log_path)
+    lines[3], lines[4] = lines[4], lines[3]
+    log_path.write_text("".join(lines))
+    assert "line 4: seq 5 where 4 was expected" in _only_problem(log_path)
+
+
+def test_a_deleted_last_line_is_detected_through_the_head_file(log_path: Path) -> None:
+    log_path.write_text("".join(_lines(log_path)[:-1]))
+    problems = _only_problem(log_path)
+    assert "records seq 10 but the last record is seq 9" in problems
+    assert "removed from the end" in problems
+
+
+def test_a_line_that_is_not_json_is_named(log_path: Path) -> None:
+    lines = _lines(log_path)
+    lines.insert(2, "patient: Jane Doe\n")
+    log_path.write_text("".join(lines))
+    assert "line 3: not JSON" in _only_problem(log_path)
+
+
+def test_a_rewritten_chain_does_not_match_the_head(log_path: Path, tmp_path: Path) -> None:
+    # Someone regenerates a self-consistent log of the same length: only the head catches it.
+    forged = tmp_path / "forged.jsonl"
+    with PredictionLog(forged) as log:
+        for number in range(1, 11):
+            log.append(_record(number + 100))
+    log_path.write_bytes(forged.read_bytes())
+    assert "does not have the hash the head file records" in _only_problem(log_path)
+
+
+def test_missing_logs_and_head_files(tmp_path: Path, log_path: Path) -> None:
+    assert verify_log(tmp_path / "never-written.jsonl") == verify_log(tmp_path / "x.jsonl")
+    empty = verify_log(tmp_path / "never-written.jsonl")
+    assert empty.ok and empty.records == 0
+
+    head_path_for(log_path).unlink()
+    assert ".head.json is missing" in _only_problem(log_path)
+
+    with PredictionLog(log_path) as log:  # writes a head again
+        log.append(_record(11))
+    log_path.unlink()
+    assert "the log was deleted" in _only_problem(log_path)
+
+
+def test_a_writer_does_not_paper_over_a_truncated_log(log_path: Path) -> None:
+    log_path.write_text("".join(_lines(log_path)[:7]))
+    with PredictionLog(log_path) as log:
+        stored = log.append(_record(11))
+    # The chain continues from the head (seq 10), so the gap stays visible.
+    assert stored["seq"] == 11
+    assert "line 8: seq 11 where 8 was expected" in _only_problem(log_path)
+
+
+def test_a_writer_continues_after_an_interrupted_write(log_path: Path) -> None:
+    head_path_for(log_path).write_text(json.dumps({"seq": 9, "hash": "0" * 64}))
+    with log_path.open("a") as stream:
+        stream.write('{"time": "2025-')  # a crash mid-line
+    with PredictionLog(log_path) as log:
+        stored = log.append(_record(11))
+    assert stored["seq"] == 11
+    result = verify_log(log_path)
+    assert result.problems == ["line 11: not JSON"]
+    assert result.records == 11
+
+
+def test_append_async_group_commits_concurrent_callers(tmp_path: Path) -> None:
+    path = tmp_path / "async.jsonl"
+
+    async def main(log: PredictionLog) -> list[dict]:
+        return await asyncio.gather(*(log.append_async(_record(n)) for n in range(200)))
+
+    with PredictionLog(path) as log:
+        stored = asyncio.run(main(log))
+        assert log.records_written == 200
+        assert 1 <= log.commits < 200
+    assert sorted(line["seq"] for line in stored) == list(range(1, 201))
+    assert {line["request_id"] for line in stored} == {f"req-{n}" for n in range(200)}
+    result = verify_log(path)
+    assert result.ok, result.problems
+    assert result.records == 200
+
+
+def test_append_async_sustains_2000_records_per_second(tmp_path: Path) -> None:
+    records = [_record(n) for n in range(64 * 50)]
+
+    async def caller(log: PredictionLog, mine: list[PredictionRecord]) -> None:
+        for record in mine:
+            await log.append_async(record)
+
+    async def main(log: PredictionLog) -> float:
+        start = time.perf_counter()
+        await asyncio.gather(*(caller(log, records[index::64]) for index in range(64)))
+        return len(records) / (time.perf_counter() - start)
+
+    with PredictionLog(tmp_path / "rate.jsonl") as log:
+        rate = asyncio.run(main(log))
+    assert rate > 2000, f"{rate:.0f} records/s"
+    assert verify_log(tmp_path / "rate.jsonl").records == len(records)
+
+
+def test_a_cancelled_caller_still_gets_its_record_written(tmp_path: Path) -> None:
+    path = tmp_path / "cancel.jsonl"
+
+    async def main(log: PredictionLog) -> None:
+        task = asyncio.create_task(log.append_async(_record(1)))
+        await asyncio.sleep(0)
+        task.cancel()
+        await log.append_async(_record(2))
+
+    with PredictionLog(path) as log:
+        asyncio.run(main(log))
+    assert verify_log(path).records == 2
+
+
+def _append_from_process(path: str, hospital: str, count: int) -> None:
+    async def main(log: PredictionLog) -> None:
+        await asyncio.gather(*(log.append_async(_record(n, hospital)) for n in range(count // 2)))
+
+    with PredictionLog(Path(path)) as log:
+        asyncio.run(main(log))
+        for number in range(count // 2, count):
+            log.append(_record(number, hospital))
+
+
+def test_two_processes_appending_keep_one_chain(tmp_path: Path) -> None:
+    path = tmp_path / "shared.jsonl"
+    context = multiprocessing.get_context("fork")
+    workers = [
+        context.Process(target=_append_from_process, args=(str(path), hospital, 150))
+        for hospital in ("Hospital A", "Hospital B")
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+        assert worker.exitcode == 0
+    result = verify_log(path)
+    assert result.ok, result.problems
+    assert result.records == 300
+    hospitals = [json.loads(line)["hospital"] for line in _lines(path)]
+    assert hospitals.count("Hospital A") == hospitals.count("Hospital B") == 150
+
+
+def test_a_closed_log_refuses_appends(tmp_path: Path) -> None:
+    log = PredictionLog(tmp_path / "closed.jsonl")
+    log.close()
+    log.close()
+    with pytest.raises(PredictionLogError, match="closed"):
+        log.append(_record(1))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"patient_id": "P-123"}, "Extra inputs are not permitted"),
+        ({"patient_name": "Jane Doe"}, "Extra inputs are not permitted"),
+        ({"score": None}, "needs score"),
+        ({"model_version": None}, "needs model_version"),
+        ({"score": float("nan")}, "finite number"),
+        ({"status": 500}, "2xx status"),
+        ({"hospital": "St Mary\nJane Doe"}, "not a valid name"),
+        ({"summary": {"note": "patient Jane Doe, born 1970-01-01, ward 4"}}, "short label"),
+        ({"request_id": "req 1 for Jane"}, "should match pattern"),
+    ],
+)
+def test_the_record_schema_refuses_what_does_not_belong(changes: dict, message: str) -> None:
+    fields = _record(1).model_dump() | changes
+    with pytest.raises(ValidationError, match=message):
+        PredictionRecord(**fields)
+
+
+def test_a_failed_record_needs_an_error_and_no_score() -> None:
+    fields = _failure(1).model_dump()
+    with pytest.raises(ValidationError, match="needs error"):
+        PredictionRecord(**(fields | {"error": None}))
+    with pytest.raises(ValidationError, match="may not carry score"):
+        PredictionRecord(**(fields | {"score": 0.9}))
+    assert PredictionRecord(**fields).time.endswith("Z")
+
+
+def test_audit_verify_exit_codes(log_path: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    intact = runner.invoke(app, ["audit", "verify", "--log", str(log_path)])
+    assert intact.exit_code == 0, intact.output
+    assert intact.stdout.strip() == f"prediction log {log_path}: 10 records, hash chain intact"
+
+    lines = _lines(log_path)
+    del lines[4]
+    log_path.write_text("".join(lines))
+    broken = runner.invoke(app, ["audit", "verify", "--log", str(log_path)])
+    assert broken.exit_code == 1
+    assert broken.stdout.splitlines() == [
+        f"{log_path}: {problem}" for problem in verify_log(log_path).problems
+    ]
+
+    directory = runner.invoke(app, ["audit", "verify", "--log", str(tmp_path)])
+    assert directory.exit_code == 2
+    assert (
+        directory.stderr.strip() == f"error: --log: {tmp_path} is a directory, not a prediction log"
+    )
+
+
+def test_audit_verify_defaults_to_the_state_directory(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MEDSCREEN_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("MEDSCREEN_PREDICTION_LOG", raising=False)
+    with PredictionLog(tmp_path / "serving" / "predictions.jsonl") as log:
+        log.append(_record(1))
+    result = CliRunner().invoke(app, ["audit", "verify"])
+    assert result.exit_code == 0, result.output
+    assert "1 records, hash chain intact" in result.stdout

@@ -1,0 +1,341 @@
+"""Export stage for ECG monitoring runs: beat graph → release gate → registered ONNX version.
+
+The graph takes what the service computes from a raw single-lead signal with the shared code
+in ``datasets.ecg`` and ``datasets.waveforms`` (high-passed beat windows in mV, the record's
+median beat, RR intervals in seconds); centring, the difference from the template and the RR
+ratios happen inside the graph. The alert threshold on the ectopic (S or V) probability is
+chosen on the validation records for the recipe's sensitivity target.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from mlflow.models import ModelSignature
+from mlflow.types import Schema
+from mlflow.types import TensorSpec as MlflowTensorSpec
+from torch import nn
+
+from datasets.download import file_sha256
+from datasets.ecg import (
+    AAMI_CLASSES,
+    SAMPLING_RATE_HZ,
+    WINDOW_AFTER,
+    WINDOW_BEFORE,
+    BeatSet,
+    load_beats,
+)
+from training.card import (
+    ChangelogEntry,
+    GateCheck,
+    ModelCard,
+    OnnxArtifact,
+    OperatingPoint,
+    Provenance,
+    SignalSpec,
+    TensorSpec,
+    TrainingData,
+)
+from training.ecg import EcgBeatNetwork, load_ecg_run, records_dir_of
+from training.evaluation import (
+    choose_threshold,
+    is_positive,
+    metric_intervals,
+    operating_point_metrics,
+    positive_scores,
+)
+from training.export import (
+    ExportError,
+    ExportResult,
+    check_onnx,
+    enforce_gate,
+    minimum_metric_checks,
+    register_version,
+    utc_now,
+)
+from training.tracking import package_versions
+
+ECG_INPUTS = ("beats", "templates", "rr_seconds")
+ECG_OUTPUT = "probabilities"
+ECTOPIC_CLASSES = (AAMI_CLASSES.index("S"), AAMI_CLASSES.index("V"))
+MITDB_URL = "https://physionet.org/content/mitdb/1.0.0/"
+MITDB_LICENCE = "ODC-By 1.0"
+MITDB_CITATION = (
+    "Moody GB, Mark RG. The impact of the MIT-BIH Arrhythmia Database. IEEE Eng Med Biol "
+    "20(3):45-50 (2001); Goldberger AL et al. PhysioBank, PhysioToolkit, and PhysioNet. "
+    "Circulation 101(23):e215-e220 (2000)."
+)
+WINDOW = WINDOW_BEFORE + WINDOW_AFTER
+
+
+class EcgProbabilityModel(nn.Module):
+    """The beat network with a softmax: the graph that is exported."""
+
+    def __init__(self, network: EcgBeatNetwork) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(
+        self, beats: torch.Tensor, templates: torch.Tensor, rr_seconds: torch.Tensor
+    ) -> torch.Tensor:
+        """Return AAMI class probabilities (N, 5)."""
+        return torch.softmax(self.network(beats, templates, rr_seconds), dim=1)
+
+
+def export_ecg_onnx(network: EcgBeatNetwork, path: Path) -> None:
+    """Write the probability graph (three float32 inputs, dynamic beat count) to ``path``."""
+    examples = (
+        torch.zeros((2, 1, WINDOW)),
+        torch.zeros((2, 1, WINDOW)),
+        torch.ones((2, 4)),
+    )
+    batch = torch.export.Dim("beats")
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    torch.onnx.export(
+        EcgProbabilityModel(network).eval(),
+        examples,
+        str(path),
+        input_names=list(ECG_INPUTS),
+        output_names=[ECG_OUTPUT],
+        dynamic_shapes=({0: batch}, {0: batch}, {0: batch}),
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
+
+
+def ecg_onnx_probabilities(path: Path, beats: BeatSet, batch_size: int = 2048) -> np.ndarray:
+    """Run an exported ECG graph with onnxruntime on the CPU."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = []
+    for start in range(0, len(beats), batch_size):
+        rows = slice(start, start + batch_size)
+        feeds = dict(
+            zip(
+                ECG_INPUTS,
+                (beats.windows[rows], beats.templates[rows], beats.rr_seconds[rows]),
+                strict=True,
+            )
+        )
+        outputs.append(session.run([ECG_OUTPUT], feeds)[0])
+    return np.concatenate(outputs)
+
+
+@torch.no_grad()
+def _torch_probabilities(network: EcgBeatNetwork, beats: BeatSet) -> np.ndarray:
+    model = EcgProbabilityModel(network).eval()
+    return model(
+        torch.from_numpy(beats.windows),
+        torch.from_numpy(beats.templates),
+        torch.from_numpy(beats.rr_seconds),
+    ).numpy()
+
+
+def _signature() -> ModelSignature:
+    return ModelSignature(
+        inputs=Schema(
+            [
+                MlflowTensorSpec(np.dtype(np.float32), (-1, 1, WINDOW), ECG_INPUTS[0]),
+                MlflowTensorSpec(np.dtype(np.float32), (-1, 1, WINDOW), ECG_INPUTS[1]),
+                MlflowTensorSpec(np.dtype(np.float32), (-1, 4), ECG_INPUTS[2]),
+            ]
+        ),
+        outputs=Schema(
+            [MlflowTensorSpec(np.dtype(np.float32), (-1, len(AAMI_CLASSES)), ECG_OUTPUT)]
+        ),
+    )
+
+
+def _signal_spec(lead: str) -> SignalSpec:
+    beat_shape: list[int | str] = ["beats", 1, WINDOW]
+    return SignalSpec(
+        sampling_rate_hz=SAMPLING_RATE_HZ,
+        lead=lead,
+        window_before_samples=WINDOW_BEFORE,
+        window_after_samples=WINDOW_AFTER,
+        preprocessing=(
+            "The service resamples to the model's rate, removes baseline wander with a zero-phase "
+            "0.5 Hz Butterworth high-pass, detects R peaks (wfdb XQRS), cuts a window around each "
+            "peak and uses the median beat of the signal as the patient's template "
+            "(datasets.ecg and datasets.waveforms, shared with training)."
+        ),
+        tensors=[
+            TensorSpec(
+                name=ECG_INPUTS[0],
+                dtype="float32",
+                shape=beat_shape,
+                value_range=(-20, 20),
+                description="High-passed beat windows in mV around each R peak.",
+            ),
+            TensorSpec(
+                name=ECG_INPUTS[1],
+                dtype="float32",
+                shape=beat_shape,
+                value_range=(-20, 20),
+                description="The signal's median beat, repeated for each beat.",
+            ),
+            TensorSpec(
+                name=ECG_INPUTS[2],
+                dtype="float32",
+                shape=["beats", 4],
+                value_range=(0.05, 10),
+                description="RR intervals in seconds: previous, next, mean of the previous 10, "
+                "mean of the signal.",
+            ),
+        ],
+    )
+
+
+def export_ecg_and_register(run_id: str, *, records_dir: Path | None = None) -> ExportResult:
+    """Export an ECG run to ONNX, pass it through the release gate and register it.
+
+    Args:
+        run_id: The MLflow run of ``medscreen train`` with an ``ecg-monitoring`` recipe.
+        records_dir: Directory of WFDB records (default: the recipe's or ``$MEDSCREEN_ECG_DIR``).
+
+    Returns:
+        The registered model name, version and card.
+
+    Raises:
+        ExportError: naming each check that failed, and by how much.
+        RunError: if the run is not an ECG run.
+        DatasetError: if the validation records are missing or changed.
+    """
+    run, recipe, network = load_ecg_run(run_id)
+    val = load_beats(records_dir_of(recipe, records_dir), recipe.data.val_records, recipe.data.lead)
+    recorded = run.data.tags.get("medscreen.data.val.fingerprint")
+    if recorded and recorded != val.fingerprint:
+        raise ExportError(
+            f"the validation records differ from those run {run_id} used "
+            f"(fingerprint {val.fingerprint[:12]} vs {recorded[:12]}); nothing was registered"
+        )
+    truth = is_positive(val.labels, ECTOPIC_CLASSES)
+    with tempfile.TemporaryDirectory() as work_dir:
+        onnx_path = Path(work_dir) / "model.onnx"
+        export_ecg_onnx(network, onnx_path)
+        onnx_model, checker = check_onnx(onnx_path)
+        torch_probabilities = _torch_probabilities(network, val)
+        runtime_probabilities = ecg_onnx_probabilities(onnx_path, val)
+        scores = positive_scores(runtime_probabilities, ECTOPIC_CLASSES)
+        target = recipe.evaluation.sensitivity_target
+        threshold = choose_threshold(truth, scores, target)
+        difference = float(np.abs(torch_probabilities - runtime_probabilities).max())
+        differing_classes = int(
+            (torch_probabilities.argmax(axis=1) != runtime_probabilities.argmax(axis=1)).sum()
+        )
+        differing_alerts = int(
+            (
+                (positive_scores(torch_probabilities, ECTOPIC_CLASSES) >= threshold)
+                != (scores >= threshold)
+            ).sum()
+        )
+        tolerance = recipe.registration.parity_tolerance
+        gate = [
+            checker,
+            GateCheck(
+                check="parity probabilities",
+                passed=difference <= tolerance,
+                detail=f"max abs difference {difference:.3g} on {len(val)} validation beats "
+                f"(tolerance {tolerance:g})",
+            ),
+            GateCheck(
+                check="parity decisions",
+                passed=differing_classes == 0 and differing_alerts == 0,
+                detail=f"{differing_classes} beat classes and {differing_alerts} ectopic alerts "
+                f"of {len(val)} differ",
+            ),
+            *minimum_metric_checks(run.data.metrics, recipe.registration.minimum_metrics),
+        ]
+        enforce_gate(gate)
+        metrics = {
+            key: float(value)
+            for key, value in run.data.metrics.items()
+            if key.startswith("val_") and key != "val_loss" and np.isfinite(value)
+        }
+        metrics |= operating_point_metrics(truth, scores, threshold).as_dict("selected_val")
+        intervals_flat = metric_intervals(truth, scores, threshold, "selected_val", recipe.seed)
+        intervals = {
+            name.removesuffix("_ci_low"): (value, intervals_flat[f"{name[:-7]}_ci_high"])
+            for name, value in intervals_flat.items()
+            if name.endswith("_ci_low")
+        }
+        tags = run.data.tags
+        card = ModelCard(
+            kind="ecg-monitoring",
+            model_name=recipe.registration.model_name,
+            task="ECG arrhythmia monitoring: AAMI EC57 beat classes N, S, V, F, Q",
+            intended_use=recipe.registration.intended_use,
+            limitations=recipe.registration.limitations,
+            classes=list(AAMI_CLASSES),
+            positive_finding="ectopic beat (supraventricular S or ventricular V)",
+            positive_classes=list(ECTOPIC_CLASSES),
+            signal=_signal_spec(recipe.data.lead),
+            output=TensorSpec(
+                name=ECG_OUTPUT,
+                dtype="float32",
+                shape=["beats", len(AAMI_CLASSES)],
+                value_range=(0, 1),
+                description=f"Softmax probability of each AAMI class, in order {AAMI_CLASSES}.",
+            ),
+            operating_point=OperatingPoint(
+                threshold=threshold,
+                sensitivity_target=target,
+                chosen_on="validation records",
+                rule="a beat raises an ectopic alert when P(S) + P(V) >= threshold; "
+                "its class is the most probable one",
+            ),
+            metrics=metrics,
+            confidence_intervals=intervals,
+            release_gate=gate,
+            training_data=TrainingData(
+                dataset="MIT-BIH Arrhythmia Database 1.0.0 (DS1)",
+                url=MITDB_URL,
+                file_sha256=tags.get("medscreen.data.train.fingerprint", ""),
+                licence=MITDB_LICENCE,
+                citation=MITDB_CITATION,
+                split_fingerprints={
+                    "train": tags.get("medscreen.data.train.fingerprint", ""),
+                    "val": val.fingerprint,
+                },
+                split_rows={"val": len(val)},
+            ),
+            provenance=Provenance(
+                run_id=run_id,
+                experiment_id=run.info.experiment_id,
+                recipe=recipe.name,
+                git_commit=tags.get("medscreen.git_commit", "unknown"),
+                git_dirty=tags.get("medscreen.git_dirty", "unknown"),
+                seed=recipe.seed,
+                versions=package_versions(tags),
+            ),
+            onnx=OnnxArtifact(
+                sha256=file_sha256(onnx_path),
+                size_bytes=onnx_path.stat().st_size,
+                opset=max(entry.version for entry in onnx_model.opset_import if not entry.domain),
+                parity_max_abs_difference=difference,
+                parity_tolerance=tolerance,
+                parity_cases=len(val),
+                parity_decisions_identical=True,
+            ),
+            changelog=[
+                ChangelogEntry(
+                    date=utc_now(), change=f"Exported from run {run_id} (recipe {recipe.name})."
+                )
+            ],
+        )
+        return register_version(
+            onnx_model,
+            card,
+            _signature(),
+            description=(
+                f"{card.task}; ectopic alert threshold {threshold:.4f} for sensitivity >= "
+                f"{target:g} on the validation records; run {run_id}"
+            ),
+            extra_tags={"medscreen.sampling_rate_hz": f"{SAMPLING_RATE_HZ}"},
+        )
