@@ -12,7 +12,7 @@ from http import HTTPStatus
 
 import numpy as np
 
-from datasets.images import DecodedImage, ImageDecodeError, fit_picture
+from datasets.images import DecodedImage, ImageDecodeError, fit_picture, untrusted_input
 from datasets.volumes import resize_volume
 
 MAX_ARRAY_ELEMENTS = 16 * 1024 * 1024
@@ -134,6 +134,7 @@ def _volume(values: np.ndarray, shape: tuple[int, ...]) -> DecodedImage:
     )
 
 
+@untrusted_input("field 'array'")
 def decode_array(payload: object, *, shape: tuple[int, ...]) -> DecodedImage:
     """Turn the JSON value of field ``array`` into the model's input.
 

@@ -9,9 +9,13 @@ error type and result defined here.
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import pydicom
@@ -33,6 +37,9 @@ class ImageDecodeError(ValueError):
 InputDecodeError = ImageDecodeError
 
 
+logger = logging.getLogger("medscreen.decoders")
+P = ParamSpec("P")
+R = TypeVar("R")
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 _DICOM_MAGIC_OFFSET = 128
 
@@ -51,6 +58,38 @@ class DecodedImage:
     pixels: np.ndarray
     source_format: str
     source_shape: tuple[int, ...]
+
+
+def untrusted_input(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Turn any failure while parsing untrusted bytes into a client error (422).
+
+    Parsers (Pillow, pydicom, nibabel, wfdb, json) raise many exception types on hostile or
+    corrupt input; none of them is the service's fault. Only the exception's type is reported:
+    its message may quote file content.
+    """
+
+    def decorate(function: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(function)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return function(*args, **kwargs)
+            except ImageDecodeError:
+                raise
+            except MemoryError as error:
+                raise ImageDecodeError(
+                    f"{what} is too large to decode", HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+                ) from error
+            except Exception as error:  # see the docstring: the input is at fault
+                logger.warning("%s failed to parse: %s", what, type(error).__name__)
+                raise ImageDecodeError(
+                    f"{what} cannot be decoded ({type(error).__name__}); check that it is "
+                    "complete and of the documented format",
+                    HTTPStatus.UNPROCESSABLE_ENTITY,
+                ) from error
+
+        return wrapper
+
+    return decorate
 
 
 def is_dicom(data: bytes) -> bool:
@@ -96,6 +135,38 @@ def read_dicom_dataset(data: bytes, *, tags: list[str] | None = None) -> pydicom
         raise ImageDecodeError(f"unreadable DICOM file ({type(error).__name__})") from error
 
 
+# Everything pydicom needs to decode and display pixels; no other tag (no patient tag) is parsed.
+_PIXEL_TAGS = (
+    "SOPClassUID",
+    "WaveformSequence",
+    "Modality",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "PlanarConfiguration",
+    "NumberOfFrames",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "RescaleIntercept",
+    "RescaleSlope",
+    "RescaleType",
+    "ModalityLUTSequence",
+    "VOILUTSequence",
+    "VOILUTFunction",
+    "WindowCenter",
+    "WindowWidth",
+    "PixelPaddingValue",
+    "ExtendedOffsetTable",
+    "ExtendedOffsetTableLengths",
+    "FloatPixelData",
+    "DoubleFloatPixelData",
+    "PixelData",
+)
+
+
 def _check_decodable(syntax: UID | None) -> None:
     """Answer 415 for a transfer syntax this installation has no pixel decoder for."""
     if syntax is None:
@@ -116,7 +187,7 @@ def _check_decodable(syntax: UID | None) -> None:
 
 def _read_dicom(data: bytes) -> np.ndarray:
     """Return the displayed grayscale or RGB pixels of a single-frame DICOM image."""
-    dataset = read_dicom_dataset(data)
+    dataset = read_dicom_dataset(data, tags=list(_PIXEL_TAGS))
     if "PixelData" not in dataset:
         if "WaveformSequence" in dataset:
             raise ImageDecodeError(
@@ -233,6 +304,7 @@ def fit_picture(pixels: np.ndarray, channels: int, height: int, width: int) -> n
     return array[None] if channels == 1 else np.moveaxis(array, -1, 0)
 
 
+@untrusted_input("the upload")
 def decode_image(data: bytes, *, channels: int, height: int, width: int) -> DecodedImage:
     """Decode an upload and fit it to the model's input.
 

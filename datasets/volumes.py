@@ -24,6 +24,7 @@ from datasets.images import (
     ImageDecodeError,
     check_upload_size,
     is_dicom,
+    untrusted_input,
 )
 
 # A 512 x 512 x 512 CT; its float32 copy needs 512 MiB.
@@ -214,6 +215,7 @@ def resize_volume(volume: np.ndarray, depth: int, height: int, width: int) -> np
     return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
 
 
+@untrusted_input("the volume")
 def decode_volume(data: bytes, *, depth: int, height: int, width: int) -> DecodedImage:
     """Decode a NIfTI upload and fit it to a 3D model's input.
 

@@ -38,6 +38,7 @@ from datasets.images import (
     check_upload_size,
     is_dicom,
     read_dicom_dataset,
+    untrusted_input,
 )
 
 MIN_SAMPLING_RATE_HZ, MAX_SAMPLING_RATE_HZ = 100.0, 2000.0
@@ -155,6 +156,7 @@ def _checked_signal(
     )
 
 
+@untrusted_input("the ECG")
 def ecg_from_json(payload: dict) -> EcgSignal:
     """Read the JSON body of ``POST /v1/monitor``.
 
@@ -223,6 +225,7 @@ def _millivolts_per_unit(channel: Dataset) -> float:
     return _MILLIVOLTS_PER_UNIT[code]
 
 
+@untrusted_input("the DICOM ECG waveform")
 def ecg_from_dicom(data: bytes, lead: str = "II") -> EcgSignal:
     """Read one lead of a DICOM ECG waveform (``POST /v1/monitor/dicom``).
 
@@ -317,6 +320,7 @@ def detect_r_peaks(filtered: np.ndarray) -> np.ndarray:
     return np.unique(peaks[peaks < len(filtered)])
 
 
+@untrusted_input("the ECG")
 def beats_for_model(signal: EcgSignal) -> EcgBeats:
     """Find the beats of a signal and prepare them as in training.
 
@@ -334,7 +338,8 @@ def beats_for_model(signal: EcgSignal) -> EcgBeats:
         ImageDecodeError: 422 if fewer than three complete beats are found.
     """
     up, down = _resampling_ratio(signal.sampling_rate_hz)
-    samples = signal.samples
+    # A constant offset carries no information and would cost the filter its precision.
+    samples = signal.samples - np.median(signal.samples)
     if (up, down) != (1, 1):
         # Extending the ends as lines keeps the filter from ringing at the edges.
         samples = resample_poly(samples, up, down, padtype="line")

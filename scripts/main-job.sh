@@ -24,7 +24,8 @@ RUN_ID=$(medscreen train "$RECIPE" | tail -n 1)
 echo "run id: $RUN_ID"
 
 echo "== 2/8 export to ONNX through the release gate, register"
-read -r MODEL_NAME MODEL_VERSION < <(medscreen export --run-id "$RUN_ID" | tail -n 1)
+EXPORTED=$(medscreen export --run-id "$RUN_ID" | tail -n 1)
+read -r MODEL_NAME MODEL_VERSION <<<"$EXPORTED"
 echo "registered: $MODEL_NAME version $MODEL_VERSION"
 
 echo "== 3/8 approve: $MODEL_NAME version $MODEL_VERSION becomes @champion"
@@ -35,7 +36,8 @@ if [ -f "$ECG_DIR/101.hea" ]; then
   echo "== 4/8 ECG monitoring: train on MIT-BIH DS1 ($ECG_DIR), export, approve"
   ECG_RUN_ID=$(medscreen train training/recipes/ecg-full.yaml \
     --set "data.records_dir=$ECG_DIR" | tail -n 1)
-  read -r ECG_NAME ECG_VERSION < <(medscreen export --run-id "$ECG_RUN_ID" | tail -n 1)
+  EXPORTED=$(medscreen export --run-id "$ECG_RUN_ID" | tail -n 1)
+  read -r ECG_NAME ECG_VERSION <<<"$EXPORTED"
   medscreen models promote "$ECG_NAME" "$ECG_VERSION" --to champion \
     --approver "${MEDSCREEN_APPROVER:-main-job}" --reason "main job demo release of run $ECG_RUN_ID"
 else
@@ -43,8 +45,9 @@ else
 fi
 
 echo "== 5/8 an API key for a demo hospital (stored hashed in $STATE/serving/)"
-API_KEY=$(medscreen keys create --hospital "Demo Hospital" --region demo --model '*' 2>/dev/null \
-  | grep -o 'msk_[A-Za-z0-9_-]*' | head -n 1)
+KEY_OUTPUT=$(medscreen keys create --hospital "Demo Hospital" --region demo --model '*')
+API_KEY=$(grep -o 'msk_[A-Za-z0-9_-]*' <<<"$KEY_OUTPUT" | head -n 1)
+if [ -z "$API_KEY" ]; then echo "error: no API key in: $KEY_OUTPUT" >&2; exit 1; fi
 export MEDSCREEN_API_KEY="$API_KEY"
 
 echo "== 6/8 serve every @champion model on 127.0.0.1:$PORT (log: $STATE/serve.log)"
@@ -62,7 +65,7 @@ medscreen predict "$IMAGE" --url "http://127.0.0.1:$PORT" --model "$MODEL_NAME"
 if [ -n "${ECG_NAME:-}" ]; then
   echo "== 7/8 monitor the DICOM ECG waveform $ECG_WAVEFORM (summary)"
   medscreen predict "$ECG_WAVEFORM" --monitor --url "http://127.0.0.1:$PORT" \
-    | .venv/bin/python -c 'import json, sys; a = json.load(sys.stdin); a.pop("beats"); print(json.dumps(a, indent=2))'
+    | .venv/bin/python -c 'import json, sys; a = json.load(sys.stdin); a.pop("beats", None); print(json.dumps(a, indent=2))'
 fi
 
 echo "== 8/8 verify the hash-chained prediction log"

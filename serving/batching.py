@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ class MicroBatcher:
         self._consumer: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        # close() runs on the registry watcher's thread; it and the consumer's start are atomic.
+        self._lifecycle = threading.Lock()
         self.batches_run = 0
         self.largest_batch = 0
 
@@ -53,11 +56,13 @@ class MicroBatcher:
         """Run one request's rows with whatever else is waiting; return its output rows."""
         loop = asyncio.get_running_loop()
         rows = len(next(iter(feeds.values())))
-        if self._closed or rows >= self.max_batch_size:
+        with self._lifecycle:
+            batched = not self._closed and rows < self.max_batch_size
+            if batched and self._consumer is None:
+                self._loop, self._queue = loop, asyncio.Queue()
+                self._consumer = loop.create_task(self._consume())
+        if not batched:
             return await loop.run_in_executor(self._executor, self._run, feeds)
-        if self._consumer is None:
-            self._loop, self._queue = loop, asyncio.Queue()
-            self._consumer = loop.create_task(self._consume())
         assert self._queue is not None
         pending = _Pending(feeds, rows, loop.create_future())
         self._queue.put_nowait(pending)
@@ -69,10 +74,11 @@ class MicroBatcher:
         Called from the registry watcher's thread when an alias moves to a new version:
         requests already holding this model complete on it, none fails.
         """
-        self._closed = True
-        if self._loop is not None and self._queue is not None:
-            # asyncio queues are not thread-safe: the sentinel goes in from the loop itself.
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
+        with self._lifecycle:
+            self._closed = True
+            if self._loop is not None and self._queue is not None:
+                # asyncio queues are not thread-safe: the sentinel goes in from the loop itself.
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
 
     async def _consume(self) -> None:
         assert self._queue is not None
@@ -101,15 +107,15 @@ class MicroBatcher:
     async def _run_batch(
         self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], rows: int
     ) -> None:
-        names = list(batch[0].feeds)
-        feeds = (
-            batch[0].feeds
-            if len(batch) == 1
-            else {name: np.concatenate([item.feeds[name] for item in batch]) for name in names}
-        )
         self.batches_run += 1
         self.largest_batch = max(self.largest_batch, rows)
         try:
+            names = list(batch[0].feeds)
+            feeds = (
+                batch[0].feeds
+                if len(batch) == 1
+                else {name: np.concatenate([item.feeds[name] for item in batch]) for name in names}
+            )
             outputs = await loop.run_in_executor(self._executor, self._run, feeds)
         except Exception as error:  # one bad batch fails its own requests, not the consumer
             for item in batch:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,10 @@ from serving.errors import ModelLoadError
 from serving.settings import tracking_uri
 
 GATE_TAG = "medscreen.release_gate"
-_REFERENCE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)@(?P<selector>[A-Za-z0-9_.-]+)$")
+# The lengths match what the prediction log records.
+_REFERENCE = re.compile(
+    r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]{0,127})@(?P<selector>[A-Za-z0-9_.-]{1,64})$"
+)
 
 
 @dataclass(frozen=True)
@@ -182,27 +186,31 @@ def load_served_model(reference: str, *, tracking: str | None = None) -> ServedM
     parsed, version = resolve_version(reference, tracking=uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    try:
-        model_dir = Path(
-            mlflow.artifacts.download_artifacts(f"models:/{parsed.name}/{version.version}")
+    # The session holds the graph in memory: the download is removed once it is loaded.
+    with tempfile.TemporaryDirectory(prefix="medscreen-model-") as download_dir:
+        try:
+            model_dir = Path(
+                mlflow.artifacts.download_artifacts(
+                    f"models:/{parsed.name}/{version.version}", dst_path=download_dir
+                )
+            )
+        except MlflowException as error:
+            raise ModelLoadError(f"cannot download {reference!r}: {error.message}") from error
+        card_path = model_dir / "extra_files" / CARD_FILENAME
+        try:
+            card = ServedCard.model_validate_json(card_path.read_bytes())
+        except (OSError, ValidationError) as error:
+            raise ModelLoadError(
+                f"{reference!r}: model card {card_path.name} is unusable: {error}"
+            ) from error
+        onnx_path = model_dir / card.onnx.filename
+        if not onnx_path.is_file() or file_sha256(onnx_path) != card.onnx.sha256:
+            raise ModelLoadError(
+                f"{reference!r}: {onnx_path.name} is missing or its SHA-256 differs from the card's"
+            )
+        return ServedModel(
+            card,
+            onnx_path,
+            version=str(version.version),
+            alias=None if parsed.is_version else parsed.selector,
         )
-    except MlflowException as error:
-        raise ModelLoadError(f"cannot download {reference!r}: {error.message}") from error
-    card_path = model_dir / "extra_files" / CARD_FILENAME
-    try:
-        card = ServedCard.model_validate_json(card_path.read_bytes())
-    except (OSError, ValidationError) as error:
-        raise ModelLoadError(
-            f"{reference!r}: model card {card_path} is unusable: {error}"
-        ) from error
-    onnx_path = model_dir / card.onnx.filename
-    if not onnx_path.is_file() or file_sha256(onnx_path) != card.onnx.sha256:
-        raise ModelLoadError(
-            f"{reference!r}: {onnx_path.name} is missing or its SHA-256 differs from the card's"
-        )
-    return ServedModel(
-        card,
-        onnx_path,
-        version=str(version.version),
-        alias=None if parsed.is_version else parsed.selector,
-    )

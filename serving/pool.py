@@ -75,6 +75,7 @@ class ModelPool:
                 raise ModelLoadError(f"model {name!r} is named twice ({reference!r})")
             self._references[name] = reference
         self._current: dict[str, Served] = {}
+        self._rejected: set[tuple[str, str]] = set()  # versions not to download again
         for name, reference in self._references.items():
             self._current[name] = self._load(reference)
         self._reload_seconds = reload_seconds
@@ -89,8 +90,14 @@ class ModelPool:
         """The models served now, by name."""
         return [self._current[name] for name in sorted(self._current)]
 
-    def select(self, name: str | None, *, monitoring: bool) -> Served:
-        """The model a request names, or the only one of its kind.
+    def select(
+        self,
+        name: str | None,
+        *,
+        monitoring: bool,
+        allowed: Callable[[str], bool] = lambda _: True,
+    ) -> Served:
+        """The model a request names, or the only one of its kind that the caller may use.
 
         Raises:
             RequestError: 404 for an unknown name, 422 when the route does not fit the model or
@@ -112,7 +119,9 @@ class ModelPool:
                 )
             return served
         candidates = [
-            served for served in self.all() if served.model.card.is_monitoring == monitoring
+            served
+            for served in self.all()
+            if served.model.card.is_monitoring == monitoring and allowed(served.model.name)
         ]
         if len(candidates) == 1:
             return candidates[0]
@@ -136,9 +145,14 @@ class ModelPool:
             current = self._current[name]
             try:
                 _, version = resolve_version(reference, tracking=self._tracking)
-                if str(version.version) == current.model.version:
+                target = (name, str(version.version))
+                if target[1] == current.model.version or target in self._rejected:
                     continue
-                replacement = self._load(reference)
+                try:
+                    replacement = self._load(reference)
+                except ModelLoadError:
+                    self._rejected.add(target)  # a broken version stays broken
+                    raise
             except (ModelLoadError, MlflowException) as error:
                 logger.warning("keeping %s version %s: %s", name, current.model.version, error)
                 continue

@@ -22,6 +22,7 @@ import datetime
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from pydantic import (
 
 from serving.api_keys import NAME_PATTERN, check_model_name, check_name, write_atomically
 
+logger = logging.getLogger("medscreen.serving")
 GENESIS_HASH = "0" * 64
 _HEX64 = r"^[0-9a-f]{64}$"
 # Longest line the writer looks back over to find where the chain ends.
@@ -365,7 +367,12 @@ class PredictionLog:
             # No directory fsync: a head lost in a crash is merely behind, which verify accepts;
             # the file fsync still guarantees a head that survives is complete.
             head = canonical_json({"seq": seq, "hash": previous}).encode("ascii")
-            write_atomically(self.head_path, head, sync_directory=False)
+            try:
+                write_atomically(self.head_path, head, sync_directory=False)
+            except OSError as error:
+                # The records are durable; a head left behind is one verify accepts, so the
+                # callers' predictions stand (failing them now would contradict the log).
+                logger.warning("%s: head not updated: %s", self.head_path, error)
             self.commits += 1
             self.records_written += len(records)
             return stored

@@ -21,7 +21,9 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -34,6 +36,7 @@ import bentoml
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.api_keys import ApiKey, AuthError, KeyStore, KeyStoreError
 from serving.batching import MicroBatcher
@@ -89,6 +92,71 @@ api = FastAPI(
     docs_url="/docs",
     openapi_url="/openapi.json",
 )
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _route_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and methods answer in the same JSON form as every other mistake."""
+    status = HTTPStatus(error.status_code)
+    if status == HTTPStatus.NOT_FOUND:
+        message = f"no route {request.url.path}; the routes are listed at /v1/docs"
+    elif status == HTTPStatus.METHOD_NOT_ALLOWED:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(error.detail)
+    request_id = str(uuid.uuid4())
+    return JSONResponse(
+        error_body(request_id, status, message),
+        status_code=status.value,
+        headers={"X-Request-ID": request_id},
+    )
+
+
+class JsonNotFound:
+    """BentoML answers paths outside its routes with a plain-text 404; answer in our JSON form."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        """Pass everything through, but a plain-text 404 becomes the JSON error body."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        replaced = False
+
+        async def send_json_404(message: dict) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start" and message["status"] == 404:
+                headers = dict(message.get("headers", []))
+                if headers.get(b"content-type", b"").startswith(b"text/plain"):
+                    replaced = True
+                    request_id = str(uuid.uuid4())
+                    body = json.dumps(
+                        error_body(
+                            request_id,
+                            HTTPStatus.NOT_FOUND,
+                            f"no route {scope['path']}; the routes are listed at /v1/docs",
+                        )
+                    ).encode()
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": 404,
+                            "headers": [
+                                (b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                                (b"x-request-id", request_id.encode()),
+                            ],
+                        }
+                    )
+                    await send({"type": "http.response.body", "body": body})
+                    return
+            if replaced:
+                return  # the plain-text body is dropped
+            await send(message)
+
+        await self.app(scope, receive, send_json_404)
 
 
 @dataclass
@@ -170,9 +238,10 @@ async def _json_object(request: Request, route: str) -> tuple[bytes, dict[str, A
         )
     body = await _read_body(request)
     try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise RequestError(f"the body is not valid JSON: {error}") from error
+        payload = await _off_loop(len(body), lambda: json.loads(body))
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+        raise RequestError(f"the body is not valid JSON: {reason}") from error
     if not isinstance(payload, dict):
         raise RequestError(
             f"the JSON body must be an object, got {type(payload).__name__}",
@@ -186,6 +255,16 @@ def _model_field(fields: dict[str, Any]) -> str | None:
     if name is not None and not isinstance(name, str):
         raise RequestError("field 'model' must be a model name (a string)")
     return name or None
+
+
+# Quoted values in error messages come from the client or the file; the log keeps neither.
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def _finite(score: float) -> float:
+    if not math.isfinite(score):
+        raise ValueError("the model produced a score that is not a number")
+    return score
 
 
 def _checked_lead(served: Served, signal: EcgSignal) -> EcgSignal:
@@ -252,22 +331,17 @@ class Screening:
     @api.get("/models")
     async def list_models(self, request: Request) -> JSONResponse:
         """The models this key may use, each with its card (intended use, version, threshold)."""
-        exchange = _Exchange("/v1/models")
-        try:
+
+        async def describe(exchange: _Exchange) -> JSONResponse:
             key = self._authenticate(request, exchange)
-        except (AuthError, RequestError) as error:
-            return await self._refuse(exchange, error)
-        return self._json(
-            exchange,
-            {
-                "request_id": exchange.request_id,
-                "models": [
-                    served.model.describe()
-                    for served in self.pool.all()
-                    if key.grants(served.model.name)
-                ],
-            },
-        )
+            models = [
+                served.model.describe()
+                for served in self.pool.all()
+                if key.grants(served.model.name)
+            ]
+            return self._json(exchange, {"request_id": exchange.request_id, "models": models})
+
+        return await self._guarded(_Exchange("/v1/models"), describe)
 
     @api.post("/screen")
     async def screen(self, request: Request) -> JSONResponse:
@@ -287,14 +361,13 @@ class Screening:
                         HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                     )
                 shape = (card_input.depth, card_input.height, card_input.width)
-                decoded = await _off_loop(
-                    len(data),
+                decoded = await asyncio.to_thread(
                     lambda: decode_volume(data, depth=shape[0], height=shape[1], width=shape[2]),
                 )
             else:
                 channels = 1 if card_input.channels == "grayscale" else 3
-                decoded = await _off_loop(
-                    len(data),
+                # Always in a thread: a small file can hold a very large picture.
+                decoded = await asyncio.to_thread(
                     lambda: decode_image(
                         data,
                         channels=channels,
@@ -321,9 +394,7 @@ class Screening:
                     HTTPStatus.UNPROCESSABLE_ENTITY,
                 )
             shape = served.model.input_shape
-            decoded = await _off_loop(
-                len(body), lambda: decode_array(payload["array"], shape=shape)
-            )
+            decoded = await asyncio.to_thread(lambda: decode_array(payload["array"], shape=shape))
             return served, decoded
 
         return await self._screen(request, "/v1/screen/array", decode)
@@ -336,9 +407,9 @@ class Screening:
             body, payload = await _json_object(request, exchange.route)
             served = self._select(exchange, _model_field(payload), monitoring=True)
             exchange.input_sha256 = hashlib.sha256(body).hexdigest()
-            signal = _checked_lead(served, ecg_from_json(payload))
+            signal = _checked_lead(served, await asyncio.to_thread(lambda: ecg_from_json(payload)))
             exchange.input_format = signal.source_format
-            return served, await _off_loop(len(body), lambda: beats_for_model(signal))
+            return served, await asyncio.to_thread(lambda: beats_for_model(signal))
 
         return await self._monitor(request, "/v1/monitor", decode)
 
@@ -350,11 +421,13 @@ class Screening:
             data, fields = await _multipart(request, exchange.route)
             served = self._select(exchange, _model_field(fields), monitoring=True)
             exchange.input_sha256 = hashlib.sha256(data).hexdigest()
-            lead = fields.get("lead") or "II"
-            signal = await _off_loop(len(data), lambda: ecg_from_dicom(data, lead=lead))
+            card_signal = served.model.card.signal
+            assert card_signal is not None
+            lead = fields.get("lead") or card_signal.lead
+            signal = await asyncio.to_thread(lambda: ecg_from_dicom(data, lead=lead))
             signal = _checked_lead(served, signal)
             exchange.input_format = signal.source_format
-            return served, await _off_loop(len(data), lambda: beats_for_model(signal))
+            return served, await asyncio.to_thread(lambda: beats_for_model(signal))
 
         return await self._monitor(request, "/v1/monitor/dicom", decode)
 
@@ -366,44 +439,44 @@ class Screening:
         route: str,
         decode: Callable[[_Exchange], Awaitable[tuple[Served, DecodedImage]]],
     ) -> JSONResponse:
-        exchange = _Exchange(route)
-        try:
+        async def predict(exchange: _Exchange) -> JSONResponse:
             self._authenticate(request, exchange)
             served, decoded = await decode(exchange)
-        except (AuthError, RequestError, InputError) as error:
-            return await self._refuse(exchange, error)
-        exchange.input_format = decoded.source_format
-        model = served.model
-        probabilities = await served.batcher.submit({model.input_names[0]: decoded.pixels[None]})
-        probability = float(model.positive_probability(probabilities)[0])
-        decision = "positive" if probability >= model.threshold else "negative"
-        answer = {
-            "request_id": exchange.request_id,
-            "model": {"name": model.name, "version": model.version, "alias": model.alias},
-            "finding": model.card.positive_finding,
-            "probability": probability,
-            "threshold": model.threshold,
-            "sensitivity_target": model.card.operating_point.sensitivity_target,
-            "decision": decision,
-            "class_probabilities": dict(
-                zip(
-                    model.card.classes,
-                    np.asarray(probabilities[0], dtype=float).tolist(),
-                    strict=True,
-                )
-            ),
-            "input": {
-                "format": decoded.source_format,
-                **dict(
+            exchange.input_format = decoded.source_format
+            model = served.model
+            feeds = {model.input_names[0]: decoded.pixels[None]}
+            probabilities = await served.batcher.submit(feeds)
+            probability = _finite(float(model.positive_probability(probabilities)[0]))
+            decision = "positive" if probability >= model.threshold else "negative"
+            answer = {
+                "request_id": exchange.request_id,
+                "model": {"name": model.name, "version": model.version, "alias": model.alias},
+                "finding": model.card.positive_finding,
+                "probability": probability,
+                "threshold": model.threshold,
+                "sensitivity_target": model.card.operating_point.sensitivity_target,
+                "decision": decision,
+                "class_probabilities": dict(
                     zip(
-                        ("depth", "height", "width")[-len(decoded.source_shape) :],
-                        decoded.source_shape,
+                        model.card.classes,
+                        np.asarray(probabilities[0], dtype=float).tolist(),
                         strict=True,
                     )
                 ),
-            },
-        }
-        return await self._answer(exchange, answer, score=probability, decision=decision)
+                "input": {
+                    "format": decoded.source_format,
+                    **dict(
+                        zip(
+                            ("depth", "height", "width")[-len(decoded.source_shape) :],
+                            decoded.source_shape,
+                            strict=True,
+                        )
+                    ),
+                },
+            }
+            return await self._answer(exchange, answer, score=probability, decision=decision)
+
+        return await self._guarded(_Exchange(route), predict)
 
     async def _monitor(
         self,
@@ -411,22 +484,44 @@ class Screening:
         route: str,
         decode: Callable[[_Exchange], Awaitable[tuple[Served, Any]]],
     ) -> JSONResponse:
-        exchange = _Exchange(route)
-        try:
+        async def predict(exchange: _Exchange) -> JSONResponse:
             self._authenticate(request, exchange)
             served, beats = await decode(exchange)
+            model = served.model
+            feeds = dict(
+                zip(
+                    model.input_names,
+                    (beats.windows, beats.templates, beats.rr_seconds),
+                    strict=True,
+                )
+            )
+            probabilities = await served.batcher.submit(feeds)
+            answer, score, summary = monitoring_answer(model, beats, probabilities)
+            answer = {"request_id": exchange.request_id, **answer}
+            return await self._answer(
+                exchange, answer, score=_finite(score), decision=answer["decision"], summary=summary
+            )
+
+        return await self._guarded(_Exchange(route), predict)
+
+    async def _guarded(
+        self, exchange: _Exchange, handle: Callable[[_Exchange], Awaitable[JSONResponse]]
+    ) -> JSONResponse:
+        """Run a request; every way it can fail is answered in one JSON form and logged."""
+        try:
+            return await handle(exchange)
         except (AuthError, RequestError, InputError) as error:
             return await self._refuse(exchange, error)
-        model = served.model
-        feeds = dict(
-            zip(model.input_names, (beats.windows, beats.templates, beats.rr_seconds), strict=True)
-        )
-        probabilities = await served.batcher.submit(feeds)
-        answer, score, summary = monitoring_answer(model, beats, probabilities)
-        answer = {"request_id": exchange.request_id, **answer}
-        return await self._answer(
-            exchange, answer, score=score, decision=answer["decision"], summary=summary
-        )
+        except Exception:
+            logger.exception("request %s %s failed", exchange.request_id, exchange.route)
+            return await self._refuse(
+                exchange,
+                RequestError(
+                    "the service could not process this request; it is logged under its "
+                    "request id for the operators",
+                    HTTPStatus.INTERNAL_SERVER_ERROR,
+                ),
+            )
 
     def _authenticate(self, request: Request, exchange: _Exchange) -> ApiKey:
         presented = request.headers.get("authorization") or request.headers.get("x-api-key")
@@ -441,9 +536,13 @@ class Screening:
         return exchange.key
 
     def _select(self, exchange: _Exchange, name: str | None, *, monitoring: bool) -> Served:
-        served = self.pool.select(name, monitoring=monitoring)
-        assert exchange.key is not None
-        self.keys.authorise(exchange.key, served.model.name)
+        key = exchange.key
+        assert key is not None
+        if name is not None:
+            # Authorisation first: a key learns nothing about models it may not use.
+            self.keys.authorise(key, name)
+        served = self.pool.select(name, monitoring=monitoring, allowed=key.grants)
+        self.keys.authorise(key, served.model.name)
         exchange.served = served
         return served
 
@@ -458,6 +557,7 @@ class Screening:
     ) -> JSONResponse:
         assert exchange.served is not None and exchange.key is not None
         model = exchange.served.model
+        response = self._json(exchange, answer)  # serialised before it is recorded as sent
         latency_ms = exchange.latency_ms()
         try:
             await self.log.append_async(
@@ -476,7 +576,7 @@ class Screening:
                     latency_ms=latency_ms,
                 )
             )
-        except PredictionLogError as error:
+        except (PredictionLogError, ValueError) as error:
             # Nothing leaves unrecorded: without a durable record there is no answer.
             logger.error("request %s: prediction log failed: %s", exchange.request_id, error)
             return self._json(
@@ -498,7 +598,7 @@ class Screening:
             decision,
             latency_ms,
         )
-        return self._json(exchange, answer)
+        return response
 
     async def _refuse(
         self, exchange: _Exchange, error: AuthError | RequestError | InputError
@@ -517,10 +617,10 @@ class Screening:
                     input_sha256=exchange.input_sha256,
                     input_format=exchange.input_format,
                     latency_ms=exchange.latency_ms(),
-                    error=message[:1000],
+                    error=_QUOTED.sub("'…'", message)[:1000],
                 )
             )
-        except PredictionLogError as log_error:
+        except (PredictionLogError, ValueError) as log_error:
             logger.error("request %s: prediction log failed: %s", exchange.request_id, log_error)
         return self._json(exchange, error_body(exchange.request_id, status, message), status)
 
@@ -544,3 +644,6 @@ class Screening:
         if status == HTTPStatus.UNAUTHORIZED:
             headers["WWW-Authenticate"] = "Bearer"
         return JSONResponse(body, status_code=status.value, headers=headers)
+
+
+Screening.add_asgi_middleware(JsonNotFound)

@@ -294,6 +294,13 @@ def test_ecg_dicom_waveform_and_bad_ecg_input(
     )
     assert response.status_code == 200, response.text
     assert response.json()["summary"]["beats"] >= 3
+    truncated = requests.post(
+        f"{served_model.url}/v1/monitor/dicom",
+        files={"file": ("ecg.dcm", waveform[:-100])},
+        headers=_auth(service_keys.all_models),
+        timeout=60,
+    )
+    assert truncated.status_code == 422, truncated.text
     payload, _ = _ecg_payload(shared_datasets, 20, 360)
     url = f"{served_model.url}/v1/monitor"
     for bad, status, message in (
@@ -390,6 +397,20 @@ def test_malformed_requests_get_a_4xx(served_model, service_keys, registered_mod
     assert unnamed.status_code == 422 and registered_model.model_name in unnamed.json()["error"]
     unknown = _screen(served_model, service_keys.all_models, b"x", "x.png", "no-such-model")
     assert unknown.status_code == 404 and "GET /v1/models" in unknown.json()["error"]
+    # A key that may not use a name learns nothing about whether it exists.
+    hidden = _screen(served_model, service_keys.pneumonia_only, b"x", "x.png", "no-such-model")
+    assert hidden.status_code == 403
+    route = requests.get(f"{served_model.url}/v1/no-such-route", headers=headers, timeout=30)
+    assert route.status_code == 404 and "no route" in route.json()["error"]
+    method = requests.get(url, headers=headers, timeout=30)
+    assert method.status_code == 405 and "GET is not allowed" in method.json()["error"]
+    nested = requests.post(
+        f"{served_model.url}/v1/screen/array",
+        data=b'{"array":' + b"[" * 100_000,
+        headers={**headers, "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert nested.status_code == 400 and "not valid JSON" in nested.json()["error"]
 
 
 def test_keys_are_required_and_bound_to_their_models(

@@ -161,7 +161,7 @@ def _signal_spec(lead: str) -> SignalSpec:
         window_after_samples=WINDOW_AFTER,
         preprocessing=(
             "The service resamples to the model's rate, removes baseline wander with a zero-phase "
-            "0.5 Hz Butterworth high-pass, detects R peaks (wfdb XQRS), cuts a window around each "
+            "0.5 Hz Butterworth high-pass, detects R peaks (wfdb GQRS), cuts a window around each "
             "peak and uses the median beat of the signal as the patient's template "
             "(datasets.ecg and datasets.waveforms, shared with training)."
         ),

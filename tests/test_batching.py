@@ -1,0 +1,97 @@
+"""The service's batcher: concurrent requests share batches, close drains, errors stay local."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from serving.batching import MicroBatcher
+
+
+def _slow_double(batch_sizes: list[int]):
+    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        batch_sizes.append(len(feeds["x"]))
+        time.sleep(0.02)  # long enough for the other requests to queue behind it
+        return feeds["x"] * 2
+
+    return run
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_rows():
+    sizes: list[int] = []
+    executor = ThreadPoolExecutor(max_workers=1)
+    batcher = MicroBatcher(_slow_double(sizes), executor, max_batch_size=16)
+
+    async def scenario() -> list[np.ndarray]:
+        return await asyncio.gather(
+            *(
+                batcher.submit({"x": np.full((1, 3), value, dtype=np.float32)})
+                for value in range(40)
+            )
+        )
+
+    results = asyncio.run(scenario())
+    for value, result in enumerate(results):
+        np.testing.assert_array_equal(result, np.full((1, 3), 2 * value))
+    assert sum(sizes) == 40 and max(sizes) <= 16
+    assert len(sizes) < 40  # joined: fewer runs than requests
+
+
+def test_an_idle_batcher_runs_a_lone_request_at_once():
+    sizes: list[int] = []
+    batcher = MicroBatcher(_slow_double(sizes), ThreadPoolExecutor(max_workers=1))
+
+    async def scenario() -> None:
+        for _ in range(3):
+            await batcher.submit({"x": np.ones((1, 2), dtype=np.float32)})
+
+    started = time.perf_counter()
+    asyncio.run(scenario())
+    assert sizes == [1, 1, 1]
+    assert time.perf_counter() - started < 3 * 0.02 + 0.5
+
+
+def test_a_failing_batch_fails_its_requests_and_the_batcher_lives_on():
+    calls = {"n": 0}
+
+    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("broken batch")
+        return feeds["x"]
+
+    batcher = MicroBatcher(run, ThreadPoolExecutor(max_workers=1))
+
+    async def scenario() -> np.ndarray:
+        with pytest.raises(RuntimeError, match="broken batch"):
+            await batcher.submit({"x": np.ones((1, 1))})
+        return await batcher.submit({"x": np.zeros((1, 1))})
+
+    np.testing.assert_array_equal(asyncio.run(scenario()), np.zeros((1, 1)))
+
+
+def test_close_from_another_thread_finishes_queued_requests():
+    sizes: list[int] = []
+    batcher = MicroBatcher(_slow_double(sizes), ThreadPoolExecutor(max_workers=1))
+
+    async def scenario() -> list[np.ndarray]:
+        tasks = [
+            asyncio.ensure_future(batcher.submit({"x": np.full((1, 1), value)}))
+            for value in range(10)
+        ]
+        await asyncio.sleep(0)
+        closer = threading.Thread(target=batcher.close)
+        closer.start()
+        closer.join()
+        results = await asyncio.gather(*tasks)
+        # After close, requests still succeed (unbatched).
+        results.append(await batcher.submit({"x": np.full((1, 1), 99)}))
+        return results
+
+    results = asyncio.run(scenario())
+    assert [float(result[0, 0]) for result in results] == [2.0 * v for v in range(10)] + [198.0]
