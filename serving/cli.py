@@ -26,7 +26,13 @@ def serve_command(
     reload_seconds: Annotated[
         float, typer.Option(help="How often aliases are checked for a new version (0: never).")
     ] = 5.0,
-    workers: Annotated[int, typer.Option(min=1, help="Server worker processes.")] = 1,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Server worker processes (each with its own batcher; the cores are shared).",
+        ),
+    ] = 2,
 ) -> None:
     """Serve registered models over HTTP with BentoML (/v1/screen, /v1/monitor, /v1/models)."""
     from serving.errors import ModelLoadError

@@ -57,6 +57,19 @@ class ModelReference:
         return self.selector.isdigit()
 
 
+def onnxruntime_threads() -> int:
+    """Intra-op threads per session: ``$MEDSCREEN_ORT_THREADS``, else the cores per worker.
+
+    Each server worker runs one batch at a time; sharing the cores between the workers keeps
+    their onnxruntime thread pools from contending for the same cores.
+    """
+    configured = os.environ.get("MEDSCREEN_ORT_THREADS")
+    if configured:
+        return int(configured)
+    workers = max(1, int(os.environ.get("MEDSCREEN_WORKERS", "1")))
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 class ServedModel:
     """One registered model version, verified against its card, ready for inference."""
 
@@ -65,7 +78,7 @@ class ServedModel:
         self.version = version
         self.alias = alias
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = int(os.environ.get("MEDSCREEN_ORT_THREADS", "0"))
+        options.intra_op_num_threads = onnxruntime_threads()
         self.session = onnxruntime.InferenceSession(
             str(onnx_path), options, providers=["CPUExecutionProvider"]
         )
@@ -76,6 +89,7 @@ class ServedModel:
             assert card.signal is not None
             self.input_names = tuple(tensor.name for tensor in card.signal.tensors)
             self.input_shape = ()
+        self._positive_columns = np.asarray(card.positive_classes, dtype=np.intp)
         graph_inputs = {graph_input.name for graph_input in self.session.get_inputs()}
         if graph_inputs != set(self.input_names):
             raise ModelLoadError(
@@ -105,7 +119,7 @@ class ServedModel:
 
     def positive_probability(self, probabilities: np.ndarray) -> np.ndarray:
         """Summed probability of the positive finding's classes."""
-        return probabilities[:, self.card.positive_classes].sum(axis=1)
+        return probabilities[:, self._positive_columns].sum(axis=1)
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /v1/models`` shows of this model: identity, operating point and card."""

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -244,9 +245,14 @@ class PredictionLog:
         path: The log file; it and its directory are created on the first append.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, head_interval_seconds: float = 0.0) -> None:
         self.path = Path(path)
         self.head_path = head_path_for(self.path)
+        # How often the head file is rewritten (it may lag; verify accepts a head behind the
+        # log); 0 rewrites it with every commit. close() always brings it up to date.
+        self.head_interval_seconds = head_interval_seconds
+        self._head_written_at = float("-inf")
+        self._head_due = False
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.commits = 0
         self.records_written = 0
@@ -366,16 +372,35 @@ class PredictionLog:
             self._seq, self._hash, self._needs_newline = seq, previous, False
             # No directory fsync: a head lost in a crash is merely behind, which verify accepts;
             # the file fsync still guarantees a head that survives is complete.
-            head = canonical_json({"seq": seq, "hash": previous}).encode("ascii")
-            try:
-                write_atomically(self.head_path, head, sync_directory=False)
-            except OSError as error:
-                # The records are durable; a head left behind is one verify accepts, so the
-                # callers' predictions stand (failing them now would contradict the log).
-                logger.warning("%s: head not updated: %s", self.head_path, error)
+            self._head_due = True
+            if time.monotonic() - self._head_written_at >= self.head_interval_seconds:
+                self._write_head()
             self.commits += 1
             self.records_written += len(records)
             return stored
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _write_head(self) -> None:
+        """Record the chain's end in the head file. Caller holds the flock."""
+        head = canonical_json({"seq": self._seq, "hash": self._hash}).encode("ascii")
+        try:
+            write_atomically(self.head_path, head, sync_directory=False)
+        except OSError as error:
+            # The records are durable; a head left behind is one verify accepts, so the
+            # callers' predictions stand (failing them now would contradict the log).
+            logger.warning("%s: head not updated: %s", self.head_path, error)
+            return
+        self._head_written_at, self._head_due = time.monotonic(), False
+
+    def _flush_head(self) -> None:
+        """Bring a lagging head up to date, unless another process has written since."""
+        if not self._head_due or self._lock_fd is None or self._log_fd is None:
+            return
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(self._log_fd).st_size == self._known_size:
+                self._write_head()
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
@@ -472,6 +497,8 @@ class PredictionLog:
         if writer is not None and writer is not threading.current_thread():
             writer.join()
         with self._mutex:
+            if self._pid == os.getpid():
+                self._flush_head()
             for descriptor in (self._log_fd, self._lock_fd):
                 if descriptor is not None and self._pid == os.getpid():
                     os.close(descriptor)

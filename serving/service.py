@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ import bentoml
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.api_keys import ApiKey, AuthError, KeyStore, KeyStoreError
@@ -52,6 +54,7 @@ from serving.inputs import (
     decode_volume,
     ecg_from_dicom,
     ecg_from_json,
+    is_dicom,
     is_nifti,
 )
 from serving.monitoring import monitoring_answer
@@ -280,6 +283,26 @@ def _checked_lead(served: Served, signal: EcgSignal) -> EcgSignal:
     return signal
 
 
+_INLINE_DECODE_PIXELS = 256 * 256
+
+
+async def _decode_picture(decode: Callable[[], DecodedImage], data: bytes) -> DecodedImage:
+    """Decode small PNG/JPEG pictures on the loop (a thread hop costs more), others in a thread.
+
+    The size is taken from the picture's header, not the file's length: a small file can hold a
+    very large picture.
+    """
+    if len(data) <= _INLINE_DECODE_BYTES and not is_dicom(data):
+        try:
+            with Image.open(io.BytesIO(data)) as header:
+                inline = header.width * header.height <= _INLINE_DECODE_PIXELS
+        except Exception:  # the decoder reports what is wrong with the file
+            inline = True
+        if inline:
+            return decode()
+    return await asyncio.to_thread(decode)
+
+
 async def _off_loop(size: int, function: Callable[[], Any]) -> Any:
     if size <= _INLINE_DECODE_BYTES:
         return function()
@@ -290,6 +313,11 @@ async def _off_loop(size: int, function: Callable[[], Any]) -> Any:
     name="medscreen",
     workers=int(os.environ.get("MEDSCREEN_WORKERS", "1")),
     traffic={"timeout": 60},
+    # The prediction log records every request; BentoML's access log would repeat it per
+    # request at a cost the batcher notices (MEDSCREEN_ACCESS_LOG=true turns it back on).
+    logging={
+        "access": {"enabled": os.environ.get("MEDSCREEN_ACCESS_LOG", "false").lower() == "true"}
+    },
 )
 @bentoml.asgi_app(api, path="/v1")
 class Screening:
@@ -309,7 +337,7 @@ class Screening:
         )
         self.pool.start_watching()
         self.keys = KeyStore(key_store_path())
-        self.log = PredictionLog(prediction_log_path())
+        self.log = PredictionLog(prediction_log_path(), head_interval_seconds=0.5)
         for served in self.pool.all():
             model = served.model
             logger.info(
@@ -366,14 +394,14 @@ class Screening:
                 )
             else:
                 channels = 1 if card_input.channels == "grayscale" else 3
-                # Always in a thread: a small file can hold a very large picture.
-                decoded = await asyncio.to_thread(
+                decoded = await _decode_picture(
                     lambda: decode_image(
                         data,
                         channels=channels,
                         height=card_input.height,
                         width=card_input.width,
                     ),
+                    data,
                 )
             return served, decoded
 
@@ -588,7 +616,7 @@ class Screening:
                 ),
                 HTTPStatus.SERVICE_UNAVAILABLE,
             )
-        logger.info(
+        logger.debug(
             "request %s %s model %s/%s score %.6f decision %s latency %.1f ms",
             exchange.request_id,
             exchange.route,

@@ -339,3 +339,18 @@ def test_audit_verify_defaults_to_the_state_directory(monkeypatch, tmp_path: Pat
     result = CliRunner().invoke(app, ["audit", "verify"])
     assert result.exit_code == 0, result.output
     assert "1 records, hash chain intact" in result.stdout
+
+
+def test_a_lagging_head_is_accepted_and_close_brings_it_up_to_date(tmp_path: Path):
+    path = tmp_path / "predictions.jsonl"
+    log = PredictionLog(path, head_interval_seconds=3600)
+    for number in range(5):
+        log.append(_record(number))
+    head = json.loads(head_path_for(path).read_text())
+    assert head["seq"] == 1  # written with the first commit only
+    assert verify_log(path).ok
+    log.close()
+    assert json.loads(head_path_for(path).read_text())["seq"] == 5
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n")  # delete the last record
+    assert not verify_log(path).ok

@@ -192,7 +192,7 @@ def test_real_dicom_is_screened_without_leaking_patient_tags(
         assert identifier not in response.text
         assert identifier not in served_model.log()
         assert identifier not in prediction_log_path().read_text()
-    assert body["request_id"] in served_model.log()
+    assert body["request_id"] in prediction_log_path().read_text()
 
 
 def test_nifti_volume_is_screened_by_the_3d_model(
