@@ -31,7 +31,6 @@ from datasets.ecg import (
 )
 from training.card import (
     ChangelogEntry,
-    GateCheck,
     ModelCard,
     OnnxArtifact,
     OperatingPoint,
@@ -54,6 +53,7 @@ from training.export import (
     check_onnx,
     enforce_gate,
     minimum_metric_checks,
+    parity_checks,
     register_version,
     utc_now,
 )
@@ -225,31 +225,19 @@ def export_ecg_and_register(run_id: str, *, records_dir: Path | None = None) -> 
         scores = positive_scores(runtime_probabilities, ECTOPIC_CLASSES)
         target = recipe.evaluation.sensitivity_target
         threshold = choose_threshold(truth, scores, target)
-        difference = float(np.abs(torch_probabilities - runtime_probabilities).max())
-        differing_classes = int(
-            (torch_probabilities.argmax(axis=1) != runtime_probabilities.argmax(axis=1)).sum()
-        )
-        differing_alerts = int(
-            (
-                (positive_scores(torch_probabilities, ECTOPIC_CLASSES) >= threshold)
-                != (scores >= threshold)
-            ).sum()
+        difference, parity = parity_checks(
+            torch_probabilities,
+            runtime_probabilities,
+            ECTOPIC_CLASSES,
+            threshold,
+            recipe.registration.parity_tolerance,
+            cases=f"{len(val)} validation beats",
+            compare_classes=True,
         )
         tolerance = recipe.registration.parity_tolerance
         gate = [
             checker,
-            GateCheck(
-                check="parity probabilities",
-                passed=difference <= tolerance,
-                detail=f"max abs difference {difference:.3g} on {len(val)} validation beats "
-                f"(tolerance {tolerance:g})",
-            ),
-            GateCheck(
-                check="parity decisions",
-                passed=differing_classes == 0 and differing_alerts == 0,
-                detail=f"{differing_classes} beat classes and {differing_alerts} ectopic alerts "
-                f"of {len(val)} differ",
-            ),
+            *parity,
             *minimum_metric_checks(run.data.metrics, recipe.registration.minimum_metrics),
         ]
         enforce_gate(gate)

@@ -161,6 +161,55 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
+def parity_checks(
+    reference: np.ndarray,
+    runtime: np.ndarray,
+    positive_classes: tuple[int, ...],
+    threshold: float,
+    tolerance: float,
+    *,
+    cases: str,
+    compare_classes: bool = False,
+) -> tuple[float, list[GateCheck]]:
+    """The gate's parity checks of onnxruntime's probabilities against the reference model's.
+
+    Args:
+        reference: Probabilities of the reference (PyTorch) model.
+        runtime: Probabilities of the exported graph on the same inputs.
+        positive_classes: Classes summed into the positive-finding score.
+        threshold: Threshold on that score.
+        tolerance: Largest allowed absolute difference of a probability.
+        cases: What was compared, for the detail ("524 validation images").
+        compare_classes: Also require the same most probable class (multi-class outputs).
+
+    Returns:
+        The largest absolute difference, and the checks of probabilities and of decisions.
+    """
+    difference = float(np.abs(reference - runtime).max())
+    differing = int(
+        (
+            (positive_scores(reference, positive_classes) >= threshold)
+            != (positive_scores(runtime, positive_classes) >= threshold)
+        ).sum()
+    )
+    what = f"decisions at threshold {threshold:.6f}"
+    if compare_classes:
+        differing += int((reference.argmax(axis=1) != runtime.argmax(axis=1)).sum())
+        what += " or most probable classes"
+    return difference, [
+        GateCheck(
+            check="parity probabilities",
+            passed=difference <= tolerance,
+            detail=f"max abs difference {difference:.3g} on {cases} (tolerance {tolerance:g})",
+        ),
+        GateCheck(
+            check="parity decisions",
+            passed=differing == 0,
+            detail=f"{differing} {what} differ on {cases}",
+        ),
+    ]
+
+
 def _split_metrics(metrics: dict[str, float]) -> tuple[dict[str, float], dict[str, tuple]]:
     """Separate point metrics from ``*_ci_low``/``*_ci_high`` into intervals."""
     values, intervals = {}, {}
@@ -358,28 +407,18 @@ def export_and_register(run_id: str, *, data_dir: Path | None = None) -> ExportR
 
         torch_probabilities = predict_probabilities(network, val.images, temperature)
         runtime_probabilities = onnx_probabilities(onnx_path, val.images)
-        difference = float(np.abs(torch_probabilities - runtime_probabilities).max())
-        positive = spec.positive_classes
-        differing = int(
-            (
-                (positive_scores(torch_probabilities, positive) >= threshold)
-                != (positive_scores(runtime_probabilities, positive) >= threshold)
-            ).sum()
-        )
         tolerance = recipe.registration.parity_tolerance
+        difference, parity = parity_checks(
+            torch_probabilities,
+            runtime_probabilities,
+            spec.positive_classes,
+            threshold,
+            tolerance,
+            cases=f"{len(val)} validation images",
+        )
         gate = [
             checker,
-            GateCheck(
-                check="parity probabilities",
-                passed=difference <= tolerance,
-                detail=f"max abs difference {difference:.3g} on {len(val)} validation images "
-                f"(tolerance {tolerance:g})",
-            ),
-            GateCheck(
-                check="parity decisions",
-                passed=differing == 0,
-                detail=f"{differing} of {len(val)} decisions differ at threshold {threshold:.6f}",
-            ),
+            *parity,
             *minimum_metric_checks(context.run.data.metrics, recipe.registration.minimum_metrics),
         ]
         enforce_gate(gate)
