@@ -118,9 +118,11 @@ class BeatClassifier(pl.LightningModule):
         weight_decay: float,
         max_epochs: int,
         class_weights: torch.Tensor | None,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         self.network = network
+        self.label_smoothing = label_smoothing
         self.learning_rate, self.weight_decay, self.max_epochs = (
             learning_rate,
             weight_decay,
@@ -138,7 +140,12 @@ class BeatClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, ...], _: int) -> torch.Tensor:
         """One optimisation step."""
         *inputs, labels = batch
-        loss = functional.cross_entropy(self(*inputs), labels, weight=self.class_weights)
+        loss = functional.cross_entropy(
+            self(*inputs),
+            labels,
+            weight=self.class_weights,
+            label_smoothing=self.label_smoothing,
+        )
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
@@ -269,6 +276,7 @@ def train_ecg(recipe: EcgRecipe, *, show_progress: bool = True) -> EcgTrainingRe
         recipe.optimisation.weight_decay,
         recipe.optimisation.max_epochs,
         class_weights,
+        recipe.optimisation.label_smoothing,
     )
     generator = torch.Generator().manual_seed(recipe.seed)
     train_loader = DataLoader(
