@@ -43,7 +43,7 @@ TINY_ECG = [
     "model.block_config=[2, 2]",
     "registration.minimum_metrics={val_accuracy: 0.0}",
 ]
-# A small 3D DenseNet for one epoch on VesselMNIST3D.
+# A small DenseNet for one epoch (2D or 3D), on part of the data.
 TINY_VOLUME = [
     "model.network=DenseNet",
     "model.network_params={init_features: 8, growth_rate: 8, block_config: [2, 2]}",

@@ -10,21 +10,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
 
-from tests.conftest import PROJECT_ROOT, QUICK_RECIPE, TINY_TRAINING
+from tests.conftest import PROJECT_ROOT, QUICK_RECIPE, TINY_TRAINING, TINY_VOLUME
 
 pytestmark = pytest.mark.slow
 
 RECIPES = PROJECT_ROOT / "training" / "recipes"
-SMALL_NETWORK = [
-    "model.network=DenseNet",
-    "model.network_params={init_features: 8, growth_rate: 8, block_config: [2, 2]}",
-    "model.network_input_size=32",
-    "optimisation.max_epochs=1",
-    "data.max_train_samples=160",
-    "data.max_test_samples=120",
-    "data.batch_size=32",
-    "registration.minimum_metrics={}",
-]
+SMALL_NETWORK = TINY_VOLUME  # the same small DenseNet serves 2D and 3D tasks
 PLOTS = {
     "val_roc_pr.png",
     "test_roc_pr.png",
