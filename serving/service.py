@@ -569,8 +569,8 @@ class Screening:
         if name is not None:
             # Authorisation first: a key learns nothing about models it may not use.
             self.keys.authorise(key, name)
+        # Without a name, only the key's models are candidates.
         served = self.pool.select(name, monitoring=monitoring, allowed=key.grants)
-        self.keys.authorise(key, served.model.name)
         exchange.served = served
         return served
 
