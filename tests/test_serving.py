@@ -402,6 +402,8 @@ def test_malformed_requests_get_a_4xx(served_model, service_keys, registered_mod
     assert hidden.status_code == 403
     route = requests.get(f"{served_model.url}/v1/no-such-route", headers=headers, timeout=30)
     assert route.status_code == 404 and "no route" in route.json()["error"]
+    outside = requests.get(f"{served_model.url}/no-such-path", headers=headers, timeout=30)
+    assert outside.status_code == 404 and "no route /no-such-path" in outside.json()["error"]
     method = requests.get(url, headers=headers, timeout=30)
     assert method.status_code == 405 and "GET is not allowed" in method.json()["error"]
     nested = requests.post(
