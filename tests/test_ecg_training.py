@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -39,6 +40,7 @@ def test_ecg_run_reports_aami_metrics_per_class_and_per_record(ecg_run):
     lineage = json.loads(mlflow.artifacts.load_text(f"runs:/{ecg_run.run_id}/data/lineage.json"))
     assert lineage["train_records"] == ["106", "118", "207", "209"]
     assert lineage["train_beats_per_class"]["S"] == 96 + 107 + 383
+    assert lineage["train_synthetic_premature_beats"] == 4 * 50  # the recipe's 50 per record
     assert {Path(a.path).name for a in client.list_artifacts(ecg_run.run_id, "plots")} == {
         "val_confusion.png"
     }
@@ -125,3 +127,39 @@ def test_export_command_refuses_int8_for_ecg(ecg_run, shared_datasets: Path):
         "export", "--run-id", ecg_run.run_id, "--int8", "--records-dir", str(shared_datasets)
     )
     assert "--int8 is for image models" in line
+
+
+def test_synthetic_premature_beats_are_early_copies_of_normal_beats_labelled_s():
+    from datasets.ecg import AAMI_CLASSES, BeatSet
+    from training.ecg import (
+        PREMATURE_FOLLOWING_RR,
+        PREMATURE_PREVIOUS_RR,
+        with_synthetic_premature_beats,
+    )
+
+    rng = np.random.default_rng(0)
+    count = 40
+    beats = BeatSet(
+        windows=rng.normal(size=(count, 1, 8)).astype(np.float32),
+        templates=np.zeros((count, 1, 8), np.float32),
+        rr_seconds=np.tile(np.array([0.8, 0.8, 0.8, 0.8], np.float32), (count, 1)),
+        labels=np.array([0] * 30 + [2] * 10),  # 30 N and 10 V beats
+        records=np.array(["100"] * 20 + ["101"] * 20),
+        fingerprint="f",
+    )
+    augmented = with_synthetic_premature_beats(beats, per_record=5, seed=0)
+    added = slice(count, None)
+    assert len(augmented) == count + 10  # five of each record's N beats
+    assert (augmented.labels[added] == AAMI_CLASSES.index("S")).all()
+    assert sorted(augmented.records[added].tolist()) == ["100"] * 5 + ["101"] * 5
+    # Each copy keeps the shape of one of its record's N beats and only its timing changes.
+    normal_shapes = {beats.windows[row].tobytes() for row in np.flatnonzero(beats.labels == 0)}
+    assert all(window.tobytes() in normal_shapes for window in augmented.windows[added])
+    previous, following, local, overall = augmented.rr_seconds[added].T
+    assert np.all(previous / local >= PREMATURE_PREVIOUS_RR[0] - 1e-6)
+    assert np.all(previous / local <= PREMATURE_PREVIOUS_RR[1] + 1e-6)
+    assert np.all(following / local >= PREMATURE_FOLLOWING_RR[0] - 1e-6)
+    assert np.all(overall == 0.8)
+    # The source beats are untouched, and no copies are made unless the recipe asks.
+    assert np.array_equal(augmented.labels[:count], beats.labels)
+    assert with_synthetic_premature_beats(beats, per_record=0, seed=0) is beats

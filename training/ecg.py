@@ -205,6 +205,44 @@ def _limit_normal_beats(beats: BeatSet, limit: int | None, seed: int) -> BeatSet
     return beats.subset(np.sort(np.concatenate(keep)))
 
 
+# Timing of a synthetic supraventricular premature beat, relative to the local mean RR: the
+# beat comes early, and the sinus node, reset by it, gives a roughly normal interval after it.
+PREMATURE_PREVIOUS_RR = (0.55, 0.85)
+PREMATURE_FOLLOWING_RR = (0.95, 1.25)
+
+
+def with_synthetic_premature_beats(beats: BeatSet, per_record: int, seed: int) -> BeatSet:
+    """Add copies of ``per_record`` N beats of each record with premature timing, labelled S.
+
+    S beats differ from N beats mostly by timing, and the DS1 training records hold them mostly
+    as runs of tachycardia in two patients; these copies show the network single premature
+    beats in every training patient's own beat shape.
+    """
+    if per_record == 0:
+        return beats
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for record in dict.fromkeys(beats.records.tolist()):
+        normal = np.flatnonzero((beats.records == record) & (beats.labels == 0))
+        chosen.append(rng.permutation(normal)[:per_record])
+    copies = beats.subset(np.sort(np.concatenate(chosen)))
+    rr = copies.rr_seconds.copy()
+    local = rr[:, 2]
+    rr[:, 0] = local * rng.uniform(*PREMATURE_PREVIOUS_RR, size=len(rr))
+    rr[:, 1] = local * rng.uniform(*PREMATURE_FOLLOWING_RR, size=len(rr))
+    supraventricular = AAMI_CLASSES.index("S")
+    return BeatSet(
+        windows=np.concatenate([beats.windows, copies.windows]),
+        templates=np.concatenate([beats.templates, copies.templates]),
+        rr_seconds=np.concatenate([beats.rr_seconds, rr.astype(beats.rr_seconds.dtype)]),
+        labels=np.concatenate(
+            [beats.labels, np.full(len(copies), supraventricular, dtype=beats.labels.dtype)]
+        ),
+        records=np.concatenate([beats.records, copies.records]),
+        fingerprint=beats.fingerprint,
+    )
+
+
 def _tensors(beats: BeatSet) -> TensorDataset:
     return TensorDataset(
         torch.from_numpy(beats.windows),
@@ -258,10 +296,13 @@ def train_ecg(recipe: EcgRecipe, *, show_progress: bool = True) -> EcgTrainingRe
     set_determinism(seed=recipe.seed)
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
     records_dir = records_dir_of(recipe)
-    train = _limit_normal_beats(
+    recorded = _limit_normal_beats(
         load_beats(records_dir, recipe.data.train_records, recipe.data.lead),
         recipe.data.max_normal_beats_per_record,
         recipe.seed,
+    )
+    train = with_synthetic_premature_beats(
+        recorded, recipe.data.synthetic_premature_per_record, recipe.seed
     )
     val = load_beats(records_dir, recipe.data.val_records, recipe.data.lead)
     counts = np.bincount(train.labels, minlength=len(AAMI_CLASSES))
@@ -310,7 +351,15 @@ def train_ecg(recipe: EcgRecipe, *, show_progress: bool = True) -> EcgTrainingRe
                 "classes": list(AAMI_CLASSES),
                 "train_records": recipe.data.train_records,
                 "val_records": recipe.data.val_records,
-                "train_beats_per_class": dict(zip(AAMI_CLASSES, counts.tolist(), strict=True)),
+                "train_beats_per_class": dict(
+                    zip(
+                        AAMI_CLASSES,
+                        np.bincount(recorded.labels, minlength=len(AAMI_CLASSES)).tolist(),
+                        strict=True,
+                    )
+                ),
+                # Copies of recorded N beats given premature timing, trained on as S.
+                "train_synthetic_premature_beats": len(train) - len(recorded),
                 "fingerprints": {"train": train.fingerprint, "val": val.fingerprint},
             },
             "data/lineage.json",

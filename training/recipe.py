@@ -235,6 +235,14 @@ class EcgDataSection(_Strict):
         gt=0,
         description="Training only: keep at most this many N beats of each record (all others).",
     )
+    synthetic_premature_per_record: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Training only: copies of this many N beats of each record, given premature timing "
+            "and labelled S (supraventricular ectopic: normal shape, early)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _records_do_not_cross(self) -> EcgDataSection:
