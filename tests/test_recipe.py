@@ -69,6 +69,12 @@ def test_wrong_or_unknown_field_is_named(tmp_path: Path, text: str, field: str):
         load_recipe(broken)
 
 
+def test_dropout_is_refused_where_the_network_has_none():
+    with pytest.raises(RecipeError, match=r"field 'model': model\.dropout applies to DenseNet"):
+        load_recipe(QUICK_RECIPE, ["model.network=ResNet", "model.dropout=0.2"])
+    assert load_recipe(QUICK_RECIPE, ["model.network=ResNet", "model.dropout=0"]).model.dropout == 0
+
+
 MANIFEST_RECIPE = PROJECT_ROOT / "training" / "recipes" / "hospital-manifest-example.yaml"
 
 

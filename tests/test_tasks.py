@@ -16,6 +16,11 @@ pytestmark = pytest.mark.slow
 
 RECIPES = PROJECT_ROOT / "training" / "recipes"
 SMALL_NETWORK = TINY_VOLUME  # the same small DenseNet serves 2D and 3D tasks
+# The recipe's own network family (breast-full's MONAI ResNet), made small.
+SMALL_RESNET = [
+    *TINY_VOLUME[2:],
+    "model.network_params={layers: [1, 1, 1, 1], block_inplanes: [8, 16, 32, 64]}",
+]
 PLOTS = {
     "val_roc_pr.png",
     "test_roc_pr.png",
@@ -32,22 +37,22 @@ def _client() -> MlflowClient:
 
 
 @pytest.mark.parametrize(
-    ("recipe_name", "input_shape"),
+    ("recipe_name", "input_shape", "small_network"),
     [
-        ("breast-full", [1, 28, 28]),
-        ("retina-full", [3, 28, 28]),
-        ("vessel3d-full", [1, 28, 28, 28]),
+        ("breast-full", [1, 28, 28], SMALL_RESNET),
+        ("retina-full", [3, 28, 28], SMALL_NETWORK),
+        ("vessel3d-full", [1, 28, 28, 28], SMALL_NETWORK),
     ],
 )
 def test_task_trains_evaluates_and_exports(
-    medmnist_dir: Path, recipe_name: str, input_shape: list[int]
+    medmnist_dir: Path, recipe_name: str, input_shape: list[int], small_network: list[str]
 ):
     from datasets import get_dataset_spec, load_split
     from training import export_and_register, load_recipe, train_recipe
     from training.export import onnx_probabilities
 
     recipe = load_recipe(
-        RECIPES / f"{recipe_name}.yaml", [f"data.data_dir={medmnist_dir}", *SMALL_NETWORK]
+        RECIPES / f"{recipe_name}.yaml", [f"data.data_dir={medmnist_dir}", *small_network]
     )
     result = train_recipe(recipe, show_progress=False)
     client = _client()

@@ -160,7 +160,20 @@ class ModelSection(_Strict):
     )
     intensity_mean: float = Field(default=0.5, description="Applied after scaling to [0, 1].")
     intensity_std: float = Field(default=0.5, gt=0)
-    dropout: float = Field(default=0.0, ge=0, lt=1)
+    dropout: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Dropout of the DenseNet networks (MONAI's ResNet has none).",
+    )
+
+    @model_validator(mode="after")
+    def _dropout_only_where_used(self) -> ModelSection:
+        if self.network == "ResNet" and self.dropout > 0:
+            raise ValueError(
+                "model.dropout applies to DenseNet networks only; MONAI's ResNet has none"
+            )
+        return self
 
 
 class OptimisationSection(_Strict):
