@@ -78,6 +78,17 @@ class BeatSet:
             fingerprint=self.fingerprint,
         )
 
+    def extended(self, more: BeatSet) -> BeatSet:
+        """These beats followed by ``more`` (the fingerprint stays that of the source records)."""
+        return BeatSet(
+            windows=np.concatenate([self.windows, more.windows]),
+            templates=np.concatenate([self.templates, more.templates]),
+            rr_seconds=np.concatenate([self.rr_seconds, more.rr_seconds]),
+            labels=np.concatenate([self.labels, more.labels]),
+            records=np.concatenate([self.records, more.records]),
+            fingerprint=self.fingerprint,
+        )
+
 
 def high_pass(signal: np.ndarray, sampling_rate: float) -> np.ndarray:
     """Remove baseline wander: zero-phase 0.5 Hz Butterworth high-pass."""

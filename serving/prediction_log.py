@@ -48,6 +48,12 @@ _HEX64 = r"^[0-9a-f]{64}$"
 _MAX_TAIL_BYTES = 1 << 20
 
 
+def _require_record(record: object) -> None:
+    """Only the closed schema is ever written: a plain dict could carry anything."""
+    if not isinstance(record, PredictionRecord):
+        raise TypeError(f"expected a PredictionRecord, got {type(record).__name__}")
+
+
 class PredictionLogError(RuntimeError):
     """The prediction log could not be written; the message names the file."""
 
@@ -416,8 +422,7 @@ class PredictionLog:
         Raises:
             PredictionLogError: if the log is closed or cannot be written.
         """
-        if not isinstance(record, PredictionRecord):
-            raise TypeError(f"expected a PredictionRecord, got {type(record).__name__}")
+        _require_record(record)
         if self._closed:
             raise PredictionLogError(f"{self.path}: the prediction log is closed")
         self._check_process()
@@ -445,8 +450,7 @@ class PredictionLog:
         Raises:
             PredictionLogError: if the log is closed or cannot be written.
         """
-        if not isinstance(record, PredictionRecord):
-            raise TypeError(f"expected a PredictionRecord, got {type(record).__name__}")
+        _require_record(record)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._check_process()

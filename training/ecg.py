@@ -8,6 +8,7 @@ Models are selected on validation records of DS1 only; DS2 is for evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass
@@ -230,17 +231,8 @@ def with_synthetic_premature_beats(beats: BeatSet, per_record: int, seed: int) -
     local = rr[:, 2]
     rr[:, 0] = local * rng.uniform(*PREMATURE_PREVIOUS_RR, size=len(rr))
     rr[:, 1] = local * rng.uniform(*PREMATURE_FOLLOWING_RR, size=len(rr))
-    supraventricular = AAMI_CLASSES.index("S")
-    return BeatSet(
-        windows=np.concatenate([beats.windows, copies.windows]),
-        templates=np.concatenate([beats.templates, copies.templates]),
-        rr_seconds=np.concatenate([beats.rr_seconds, rr.astype(beats.rr_seconds.dtype)]),
-        labels=np.concatenate(
-            [beats.labels, np.full(len(copies), supraventricular, dtype=beats.labels.dtype)]
-        ),
-        records=np.concatenate([beats.records, copies.records]),
-        fingerprint=beats.fingerprint,
-    )
+    supraventricular = np.full(len(copies), AAMI_CLASSES.index("S"), dtype=beats.labels.dtype)
+    return beats.extended(dataclasses.replace(copies, rr_seconds=rr, labels=supraventricular))
 
 
 def _tensors(beats: BeatSet) -> TensorDataset:
