@@ -30,9 +30,10 @@ def serve_command(
         int,
         typer.Option(
             min=1,
-            help="Server worker processes (each with its own batcher; the cores are shared).",
+            help="Server worker processes (each with its own batcher and event loop; the cores "
+            "are shared). One is fastest on 2 cores; measure others with benchmarks/serving.py.",
         ),
-    ] = 2,
+    ] = 1,
 ) -> None:
     """Serve registered models over HTTP with BentoML (/v1/screen, /v1/monitor, /v1/models)."""
     from serving.errors import ModelLoadError

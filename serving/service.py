@@ -26,10 +26,10 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -333,12 +333,17 @@ class Screening:
         tracking = tracking_uri()
         configured = [ref for ref in os.environ.get(MODELS_ENV, "").split(",") if ref.strip()]
         # One batch runs at a time per process: onnxruntime spreads it over the cores itself.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
+        run_lock = threading.Lock()
         max_batch_size = int(os.environ.get("MEDSCREEN_MAX_BATCH", "64"))
         self.pool = ModelPool(
             configured or default_references(tracking),
             tracking=tracking,
-            make_batcher=lambda model: MicroBatcher(model.run, self.executor, max_batch_size),
+            make_batcher=lambda model: MicroBatcher(
+                model.run,
+                max_batch_size,
+                run_lock=run_lock,
+                name=f"onnxruntime-{model.name}-{model.version}",
+            ),
             reload_seconds=float(os.environ.get("MEDSCREEN_RELOAD_SECONDS", "5")),
         )
         self.pool.start_watching()
@@ -363,8 +368,9 @@ class Screening:
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
         self.pool.stop()
+        for served in self.pool.all():
+            served.batcher.close()
         self.log.close()
-        self.executor.shutdown(wait=False)
 
     # -- the routes ---------------------------------------------------------------------------
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -24,8 +23,7 @@ def _slow_double(batch_sizes: list[int]):
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_rows():
     sizes: list[int] = []
-    executor = ThreadPoolExecutor(max_workers=1)
-    batcher = MicroBatcher(_slow_double(sizes), executor, max_batch_size=16)
+    batcher = MicroBatcher(_slow_double(sizes), max_batch_size=16)
 
     async def scenario() -> list[np.ndarray]:
         return await asyncio.gather(
@@ -42,9 +40,30 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_rows():
     assert len(sizes) < 40  # joined: fewer runs than requests
 
 
+def test_the_runner_takes_the_next_batch_while_the_event_loop_is_busy():
+    # A batch must not wait for the event loop to hand it over (onnxruntime would idle).
+    sizes: list[int] = []
+    batcher = MicroBatcher(_slow_double(sizes), max_batch_size=8)
+
+    async def scenario() -> int:
+        tasks = [
+            asyncio.ensure_future(batcher.submit({"x": np.full((1, 1), value)}))
+            for value in range(20)
+        ]
+        await asyncio.sleep(0)  # every request is queued
+        time.sleep(0.5)  # the loop is busy, e.g. decoding uploads
+        rows_run_meanwhile = sum(sizes)
+        results = await asyncio.gather(*tasks)
+        assert [float(result[0, 0]) for result in results] == [2.0 * v for v in range(20)]
+        return rows_run_meanwhile
+
+    assert asyncio.run(scenario()) == 20
+    assert len(sizes) >= 3 and max(sizes) <= 8
+
+
 def test_an_idle_batcher_runs_a_lone_request_at_once():
     sizes: list[int] = []
-    batcher = MicroBatcher(_slow_double(sizes), ThreadPoolExecutor(max_workers=1))
+    batcher = MicroBatcher(_slow_double(sizes))
 
     async def scenario() -> None:
         for _ in range(3):
@@ -65,7 +84,7 @@ def test_a_failing_batch_fails_its_requests_and_the_batcher_lives_on():
             raise RuntimeError("broken batch")
         return feeds["x"]
 
-    batcher = MicroBatcher(run, ThreadPoolExecutor(max_workers=1))
+    batcher = MicroBatcher(run)
 
     async def scenario() -> np.ndarray:
         with pytest.raises(RuntimeError, match="broken batch"):
@@ -77,7 +96,7 @@ def test_a_failing_batch_fails_its_requests_and_the_batcher_lives_on():
 
 def test_close_from_another_thread_finishes_queued_requests():
     sizes: list[int] = []
-    batcher = MicroBatcher(_slow_double(sizes), ThreadPoolExecutor(max_workers=1))
+    batcher = MicroBatcher(_slow_double(sizes))
 
     async def scenario() -> list[np.ndarray]:
         tasks = [
