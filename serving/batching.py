@@ -78,8 +78,6 @@ class MicroBatcher:
         self._closed = False
         self._runner = threading.Thread(target=self._serve, name=name, daemon=True)
         self._runner.start()
-        self.batches_run = 0
-        self.largest_batch = 0
 
     async def submit(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Run one request's rows with whatever else is waiting; return its output rows."""
@@ -128,9 +126,6 @@ class MicroBatcher:
             return self._run(feeds)
 
     def _run_batch(self, batch: list[_Pending]) -> None:
-        rows = sum(item.rows for item in batch)
-        self.batches_run += 1
-        self.largest_batch = max(self.largest_batch, rows)
         results: list[np.ndarray | BaseException]
         try:
             feeds = (
