@@ -332,7 +332,8 @@ class Screening:
     def __init__(self) -> None:
         tracking = tracking_uri()
         configured = [ref for ref in os.environ.get(MODELS_ENV, "").split(",") if ref.strip()]
-        # One batch runs at a time per process: onnxruntime spreads it over the cores itself.
+        # One batch at a time per process, whatever its model: the sessions' threads are sized
+        # to the cores the event loop leaves free.
         run_lock = threading.Lock()
         max_batch_size = int(os.environ.get("MEDSCREEN_MAX_BATCH", "64"))
         self.pool = ModelPool(
