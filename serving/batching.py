@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from typing import Any
 import numpy as np
 
 RunBatch = Callable[[dict[str, np.ndarray]], np.ndarray]
+
+logger = logging.getLogger("medscreen.serving")
 
 
 @dataclass
@@ -40,7 +43,10 @@ def _settle(future: asyncio.Future[np.ndarray], result: np.ndarray | BaseExcepti
     if future.done():  # a client that went away cancelled its future
         return
     if isinstance(result, BaseException):
-        future.set_exception(result)
+        try:
+            future.set_exception(result)
+        except TypeError:  # StopIteration cannot travel through a future
+            future.set_exception(RuntimeError(f"the batch failed: {type(result).__name__}"))
     else:
         future.set_result(result)
 
@@ -103,8 +109,18 @@ class MicroBatcher:
             self._changed.notify()
 
     def _serve(self) -> None:
-        while batch := self._next_batch():
-            self._run_batch(batch)
+        batch: list[_Pending] = []
+        try:
+            while batch := self._next_batch():
+                self._run_batch(batch)
+        except BaseException as error:  # the runner ends, but nobody may be left waiting on it
+            with self._changed:
+                self._closed = True  # later requests run unbatched
+                stranded = list(self._pending)
+                self._pending.clear()
+            logger.error("batch runner %s stopped: %r", threading.current_thread().name, error)
+            self._deliver(batch, [error] * len(batch))
+            self._deliver(stranded, [RuntimeError("the batch runner stopped")] * len(stranded))
 
     def _next_batch(self) -> list[_Pending]:
         """Wait for work; take every queued request that fits. Empty once closed and drained."""
@@ -141,7 +157,11 @@ class MicroBatcher:
             results = [outputs[start:end] for start, end in itertools.pairwise(offsets)]
         except Exception as error:  # one bad batch fails its own requests, not the runner
             results = [error] * len(batch)
-        # One wake-up per event loop and batch, not one per request.
+        self._deliver(batch, results)
+
+    @staticmethod
+    def _deliver(batch: list[_Pending], results: list[np.ndarray | BaseException]) -> None:
+        """Hand each request its result on its own event loop, one wake-up per loop."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for item, result in zip(batch, results, strict=True):
             by_loop.setdefault(item.loop, []).append((item.future, result))

@@ -94,6 +94,49 @@ def test_a_failing_batch_fails_its_requests_and_the_batcher_lives_on():
     np.testing.assert_array_equal(asyncio.run(scenario()), np.zeros((1, 1)))
 
 
+def test_a_run_that_raises_stop_iteration_still_answers_its_requests():
+    calls = {"n": 0}
+
+    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise StopIteration  # a future cannot carry it as such
+        return feeds["x"]
+
+    batcher = MicroBatcher(run)
+
+    async def scenario() -> np.ndarray:
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            await asyncio.wait_for(batcher.submit({"x": np.ones((1, 1))}), timeout=5)
+        return await asyncio.wait_for(batcher.submit({"x": np.zeros((1, 1))}), timeout=5)
+
+    np.testing.assert_array_equal(asyncio.run(scenario()), np.zeros((1, 1)))
+
+
+class _RunnerKilled(BaseException):
+    pass
+
+
+def test_a_runner_that_dies_leaves_no_request_waiting():
+    calls = {"n": 0}
+
+    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise _RunnerKilled
+        return feeds["x"] * 3
+
+    batcher = MicroBatcher(run)
+
+    async def scenario() -> np.ndarray:
+        with pytest.raises(_RunnerKilled):
+            await asyncio.wait_for(batcher.submit({"x": np.ones((1, 1))}), timeout=5)
+        # The runner is gone; later requests run unbatched instead of queueing for nobody.
+        return await asyncio.wait_for(batcher.submit({"x": np.ones((1, 1))}), timeout=5)
+
+    np.testing.assert_array_equal(asyncio.run(scenario()), np.full((1, 1), 3.0))
+
+
 def test_close_from_another_thread_finishes_queued_requests():
     sizes: list[int] = []
     batcher = MicroBatcher(_slow_double(sizes))
