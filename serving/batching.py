@@ -39,21 +39,18 @@ class _Pending:
     future: asyncio.Future[np.ndarray] = field(repr=False)
 
 
-def _settle(future: asyncio.Future[np.ndarray], result: np.ndarray | BaseException) -> None:
-    if future.done():  # a client that went away cancelled its future
-        return
-    if isinstance(result, BaseException):
+def _settle_all(settlements: list[tuple[asyncio.Future[np.ndarray], Any]]) -> None:
+    """Set each future's result or error, on its event loop's own thread."""
+    for future, result in settlements:
+        if future.done():  # a client that went away cancelled its future
+            continue
+        if not isinstance(result, BaseException):
+            future.set_result(result)
+            continue
         try:
             future.set_exception(result)
         except TypeError:  # StopIteration cannot travel through a future
             future.set_exception(RuntimeError(f"the batch failed: {type(result).__name__}"))
-    else:
-        future.set_result(result)
-
-
-def _settle_all(settlements: list[tuple[asyncio.Future[np.ndarray], Any]]) -> None:
-    for future, result in settlements:
-        _settle(future, result)
 
 
 class MicroBatcher:
@@ -82,8 +79,7 @@ class MicroBatcher:
         self._pending: collections.deque[_Pending] = collections.deque()
         self._changed = threading.Condition()
         self._closed = False
-        self._runner = threading.Thread(target=self._serve, name=name, daemon=True)
-        self._runner.start()
+        threading.Thread(target=self._serve, name=name, daemon=True).start()
 
     async def submit(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Run one request's rows with whatever else is waiting; return its output rows."""
