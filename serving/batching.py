@@ -53,6 +53,31 @@ def _settle_all(settlements: list[tuple[asyncio.Future[np.ndarray], Any]]) -> No
             future.set_exception(RuntimeError(f"the batch failed: {type(result).__name__}"))
 
 
+class FairLock:
+    """A lock granted in the order it was asked for.
+
+    The batchers of one process share it, so a model with a steady queue cannot win it again
+    and again while another model's batch waits (``threading.Lock`` promises no order).
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+
+    def __enter__(self) -> None:
+        with self._changed:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while ticket != self._serving:
+                self._changed.wait()
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._changed:
+            self._serving += 1
+            self._changed.notify_all()
+
+
 class MicroBatcher:
     """Join concurrent requests for one model into batches, run on a thread of its own.
 
@@ -61,7 +86,8 @@ class MicroBatcher:
             releases the GIL, so the event loop keeps parsing uploads meanwhile.
         max_batch_size: The most rows one batch may take; a single larger request runs alone.
         run_lock: Held around every run; share one between the batchers of a process so that
-            its models run one batch at a time (each session already uses the process's cores).
+            its models run one batch at a time (each session already uses the process's cores),
+            in the order they asked.
         name: Name of the runner thread.
     """
 
@@ -70,12 +96,12 @@ class MicroBatcher:
         run: RunBatch,
         max_batch_size: int = 64,
         *,
-        run_lock: threading.Lock | None = None,
+        run_lock: FairLock | None = None,
         name: str = "batcher",
     ) -> None:
         self._run = run
         self.max_batch_size = max_batch_size
-        self._run_lock = run_lock or threading.Lock()
+        self._run_lock = run_lock or FairLock()
         self._pending: collections.deque[_Pending] = collections.deque()
         self._changed = threading.Condition()
         self._closed = False

@@ -76,6 +76,8 @@ class ModelPool:
             self._references[name] = reference
         self._current: dict[str, Served] = {}
         self._rejected: set[tuple[str, str]] = set()  # versions not to download again
+        self._kept_because: dict[str, str] = {}  # last warning per name: said once, not per poll
+        self._swap_lock = threading.Lock()  # a swap and stop() never interleave
         for name, reference in self._references.items():
             self._current[name] = self._load(reference)
         self._reload_seconds = reload_seconds
@@ -147,6 +149,7 @@ class ModelPool:
                 _, version = resolve_version(reference, tracking=self._tracking)
                 target = (name, str(version.version))
                 if target[1] == current.model.version or target in self._rejected:
+                    self._kept_because.pop(name, None)
                     continue
                 try:
                     replacement = self._load(reference)
@@ -154,9 +157,16 @@ class ModelPool:
                     self._rejected.add(target)  # a broken version stays broken
                     raise
             except (ModelLoadError, MlflowException) as error:
-                logger.warning("keeping %s version %s: %s", name, current.model.version, error)
+                if self._kept_because.get(name) != str(error):
+                    self._kept_because[name] = str(error)
+                    logger.warning("keeping %s version %s: %s", name, current.model.version, error)
                 continue
-            self._current[name] = replacement  # one assignment: requests see old or new
+            with self._swap_lock:
+                if self._stop.is_set():  # shutting down: its batchers are being closed
+                    replacement.batcher.close()
+                    return changes
+                self._current[name] = replacement  # one assignment: requests see old or new
+            self._kept_because.pop(name, None)
             current.batcher.close()
             change = (
                 f"{reference} moved from version {current.model.version} "
@@ -181,5 +191,6 @@ class ModelPool:
                 logger.exception("registry watch failed; retrying")
 
     def stop(self) -> None:
-        """Stop following alias moves."""
-        self._stop.set()
+        """Stop following alias moves; after this, :meth:`all` no longer changes."""
+        with self._swap_lock:
+            self._stop.set()

@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import re
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -43,7 +42,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.api_keys import ApiKey, AuthError, KeyStore, KeyStoreError
-from serving.batching import MicroBatcher
+from serving.batching import FairLock, MicroBatcher
 from serving.errors import InputError, RequestError
 from serving.inputs import (
     MAX_UPLOAD_BYTES,
@@ -332,9 +331,9 @@ class Screening:
     def __init__(self) -> None:
         tracking = tracking_uri()
         configured = [ref for ref in os.environ.get(MODELS_ENV, "").split(",") if ref.strip()]
-        # One batch at a time per process, whatever its model: the sessions' threads are sized
-        # to the cores the event loop leaves free.
-        run_lock = threading.Lock()
+        # One batch at a time per process, whatever its model, in turn: the sessions' threads
+        # are sized to the cores the event loop leaves free.
+        run_lock = FairLock()
         max_batch_size = int(os.environ.get("MEDSCREEN_MAX_BATCH", "64"))
         self.pool = ModelPool(
             configured or default_references(tracking),

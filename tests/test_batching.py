@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from serving.batching import MicroBatcher
+from serving.batching import FairLock, MicroBatcher
 
 
 def _slow_double(batch_sizes: list[int]):
@@ -157,3 +158,51 @@ def test_close_from_another_thread_finishes_queued_requests():
 
     results = asyncio.run(scenario())
     assert [float(result[0, 0]) for result in results] == [2.0 * v for v in range(10)] + [198.0]
+
+
+def test_the_run_lock_is_granted_in_the_order_it_was_asked_for():
+    lock, granted = FairLock(), []
+
+    def take(number: int) -> None:
+        with lock:
+            granted.append(number)
+
+    with lock:
+        waiters = []
+        for number in range(5):
+            waiter = threading.Thread(target=take, args=(number,))
+            waiter.start()
+            waiters.append(waiter)
+            while lock._next_ticket != number + 2:  # this one is queued before the next starts
+                time.sleep(0.001)
+    for waiter in waiters:
+        waiter.join(timeout=10)
+    assert granted == [0, 1, 2, 3, 4]
+
+
+def test_two_busy_models_sharing_the_run_lock_take_turns():
+    lock, runs = FairLock(), []
+
+    def model(name: str):
+        def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+            runs.append(name)
+            time.sleep(0.01)
+            return feeds["x"]
+
+        return run
+
+    first = MicroBatcher(model("first"), max_batch_size=1, run_lock=lock)
+    second = MicroBatcher(model("second"), max_batch_size=1, run_lock=lock)
+
+    async def scenario() -> None:
+        await asyncio.gather(
+            *(
+                batcher.submit({"x": np.zeros((1, 1))})
+                for _ in range(8)
+                for batcher in (first, second)
+            )
+        )
+
+    asyncio.run(scenario())
+    assert sorted(runs) == ["first"] * 8 + ["second"] * 8
+    assert all(a != b for a, b in itertools.pairwise(runs)), runs

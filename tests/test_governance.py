@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import threading
 import time
 from pathlib import Path
 
@@ -204,3 +205,58 @@ def test_serving_refuses_unapproved_aliases_and_ungated_versions(registered_mode
         load_served_model(f"{name}@{ungated.version}")
     loaded = load_served_model(f"{name}@{registered_model.version}")
     assert loaded.version == registered_model.version
+
+
+def _watched_pool(reference: str):
+    from serving.batching import MicroBatcher
+    from serving.pool import ModelPool
+
+    return ModelPool(
+        [reference],
+        tracking=mlflow.get_tracking_uri(),
+        make_batcher=lambda model: MicroBatcher(
+            model.run, name=f"onnxruntime-{model.name}-{model.version}"
+        ),
+        reload_seconds=0,  # refreshed by hand
+    )
+
+
+def test_the_watcher_warns_once_while_an_alias_points_at_a_version_it_may_not_serve(
+    registered_model, caplog
+):
+    from training.registry import promote
+
+    name, version = registered_model.model_name, registered_model.version
+    promote(name, version, alias="watched", approver="ci", reason="watcher test")
+    pool = _watched_pool(f"{name}@watched")
+    client = _client()
+    ungated = client.create_model_version(name, client.get_model_version(name, version).source)
+    client.set_registered_model_alias(name, "watched", ungated.version)  # no gate, no approval
+    with caplog.at_level("WARNING", logger="medscreen.serving"):
+        changes = [pool.refresh() for _ in range(3)]
+    assert changes == [[], [], []]
+    warnings = [
+        record.getMessage() for record in caplog.records if "keeping" in record.getMessage()
+    ]
+    assert len(warnings) == 1 and "no passed release gate" in warnings[0]
+    assert pool.all()[0].model.version == version
+    pool.stop()
+
+
+def test_a_stopped_pool_swaps_in_nothing_and_leaves_no_runner(
+    registered_model, second_float_version
+):
+    from training.registry import promote
+
+    name, version = registered_model.model_name, registered_model.version
+    promote(name, version, alias="stopping", approver="ci", reason="shutdown test")
+    pool = _watched_pool(f"{name}@stopping")
+    pool.stop()  # the service is shutting down and closes the batchers of pool.all()
+    promote(name, second_float_version.version, alias="stopping", approver="ci", reason="test")
+    assert pool.refresh() == []
+    assert [served.model.version for served in pool.all()] == [version]
+    runner = f"onnxruntime-{name}-{second_float_version.version}"
+    deadline = time.monotonic() + 10
+    while any(thread.name == runner for thread in threading.enumerate()):
+        assert time.monotonic() < deadline, f"{runner} is still running"
+        time.sleep(0.05)
