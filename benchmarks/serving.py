@@ -638,7 +638,8 @@ def goals(
         ),
     }
     lines = [
-        f"service / limit at c={GOAL_LEVEL}: {_ratio(of_limit)} (goal >= {GOAL_OF_LIMIT:.2f}) "
+        # Three decimals: 0.497 printed as "0.50 ... FAIL" reads as a contradiction.
+        f"service / limit at c={GOAL_LEVEL}: {_ratio(of_limit, 3)} (goal >= {GOAL_OF_LIMIT:.2f}) "
         f"{verdict(checks['service_over_limit_at_32'][1])}",
         f"service / eager at c={GOAL_LEVEL}: {_ratio(over_eager)} (goal >= {GOAL_OVER_EAGER:.1f}) "
         f"{verdict(checks['service_over_eager_at_32'][1])}",
@@ -660,8 +661,8 @@ def goals(
     }
 
 
-def _ratio(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
+def _ratio(value: float | None, decimals: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{decimals}f}"
 
 
 # --- main -----------------------------------------------------------------------------------
