@@ -8,6 +8,7 @@ the model's is resized exactly as an uploaded picture (2D) or NIfTI volume (3D) 
 
 from __future__ import annotations
 
+import itertools
 from http import HTTPStatus
 
 import numpy as np
@@ -44,6 +45,17 @@ def _location(index: tuple[int, ...]) -> str:
     return "array" + "".join(f"[{int(i)}]" for i in index)
 
 
+def _first_boolean(payload: list, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Where a JSON ``true``/``false`` sits among numbers (numpy reads it as 1/0), if anywhere."""
+    flat: list = payload
+    for _ in range(len(shape) - 1):
+        flat = list(itertools.chain.from_iterable(flat))
+    if bool not in set(map(type, flat)):  # the common case, without a Python-level loop
+        return None
+    position = next(index for index, value in enumerate(flat) if isinstance(value, bool))
+    return tuple(int(i) for i in np.unravel_index(position, shape))
+
+
 def _to_uint8(payload: object) -> np.ndarray:
     """Nested lists of whole numbers 0-255 to a uint8 array, or a 4xx naming the problem."""
     if not isinstance(payload, list):
@@ -69,6 +81,9 @@ def _to_uint8(payload: object) -> np.ndarray:
             values.dtype.kind, "values that are not numbers (null, objects or huge integers)"
         )
         raise _error(f"contains {what}; send numbers only")
+    boolean = _first_boolean(payload, values.shape)
+    if boolean is not None:
+        raise _error(f"{_location(boolean)} is a boolean; send numbers only")
     if values.dtype.kind == "f":
         bad = np.argwhere(~np.isfinite(values))
         if len(bad):

@@ -76,6 +76,8 @@ def test_other_volume_sizes_are_zoomed(vessel: np.ndarray):
         ([[0, "1"], [2, 3]], GRAY, "strings"),
         ([[0, None], [2, 3]], GRAY, "not numbers"),
         ([[True, False], [False, True]], GRAY, "booleans"),
+        ([[0, 1], [True, 3]], GRAY, r"array\[1\]\[0\] is a boolean; send numbers only"),
+        ([[0.5, 1.0], [2.0, False]], GRAY, r"array\[1\]\[1\] is a boolean"),
         ([[0, float("nan")], [2, 3]], GRAY, r"array\[0\]\[1\] is not a finite number"),
         ([[0, 1], [2, 256]], GRAY, r"array\[1\]\[1\] is 256; the model expects raw uint8"),
         ([[0, 0.5], [1, 1]], GRAY, r"array\[0\]\[1\] is 0.5; .* 0-255"),
