@@ -21,8 +21,9 @@ import numpy as np
 import pydicom
 from PIL import Image, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 
 class ImageDecodeError(ValueError):
@@ -41,6 +42,9 @@ logger = logging.getLogger("medscreen.decoders")
 P = ParamSpec("P")
 R = TypeVar("R")
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
+# A 6000 x 6000 picture (larger than any radiograph or mammogram): a small compressed file can
+# declare a huge one, so the declared size is checked before any pixel is decoded.
+MAX_IMAGE_PIXELS = 6000 * 6000
 _DICOM_MAGIC_OFFSET = 128
 
 
@@ -118,21 +122,42 @@ def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
         return values
     values = values.astype(np.float64)
     low, high = float(values.min()), float(values.max())
+    if not np.isfinite(high - low):
+        # NaN or infinity (for DICOM, from the rescale or window values) would be scored as black.
+        raise ImageDecodeError(
+            "the pixel values are not finite numbers (for DICOM, check RescaleSlope, "
+            "RescaleIntercept, WindowCenter and WindowWidth)",
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+        )
     if high <= low:
         return np.zeros(values.shape, dtype=np.uint8)
-    return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
+    # In place: a large 16-bit picture would otherwise hold several float64 copies at once.
+    values -= low
+    values *= 255.0 / (high - low)
+    return np.round(values, out=values).astype(np.uint8)
 
 
 def read_dicom_dataset(data: bytes, *, tags: list[str] | None = None) -> pydicom.Dataset:
     """Parse DICOM bytes, keeping only ``tags`` (all when None) so that no other tag is read.
 
     Raises:
-        ImageDecodeError: (400) if the bytes are not a readable DICOM file.
+        ImageDecodeError: (400) if the bytes are not a readable DICOM file; (415) if they are
+            deflated, which pydicom would inflate without a size limit.
     """
     try:
-        return pydicom.dcmread(io.BytesIO(data), specific_tags=tags)
+        stream = io.BytesIO(data)
+        read_preamble(stream, False)
+        # The meta alone first (pydicom has no public reader of it for bytes).
+        syntax = _read_file_meta_info(stream).get("TransferSyntaxUID")
+        if syntax != DeflatedExplicitVRLittleEndian:
+            return pydicom.dcmread(io.BytesIO(data), specific_tags=tags)
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError) as error:
         raise ImageDecodeError(f"unreadable DICOM file ({type(error).__name__})") from error
+    raise ImageDecodeError(
+        f"DICOM transfer syntax {syntax} (Deflated Explicit VR Little Endian) is not accepted; "
+        "re-send the file uncompressed (Explicit VR Little Endian)",
+        HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+    )
 
 
 # Everything pydicom needs to decode and display pixels; no other tag (no patient tag) is parsed.
@@ -189,6 +214,12 @@ def _read_dicom(data: bytes) -> np.ndarray:
     """Return the displayed grayscale or RGB pixels of a single-frame DICOM image."""
     dataset = read_dicom_dataset(data, tags=list(_PIXEL_TAGS))
     if "PixelData" not in dataset:
+        if "FloatPixelData" in dataset or "DoubleFloatPixelData" in dataset:
+            raise ImageDecodeError(
+                "DICOM float pixel data (parametric maps) is not accepted; send an image with "
+                "integer pixel data",
+                HTTPStatus.UNPROCESSABLE_ENTITY,
+            )
         if "WaveformSequence" in dataset:
             raise ImageDecodeError(
                 "the DICOM file has no pixel data: it is a waveform (such as an ECG); "
@@ -206,6 +237,10 @@ def _read_dicom(data: bytes) -> np.ndarray:
             HTTPStatus.UNPROCESSABLE_ENTITY,
         )
     _check_decodable(dataset.file_meta.get("TransferSyntaxUID"))
+    _check_pixel_count(
+        int(dataset.get("Rows", 0) or 0) * int(dataset.get("Columns", 0) or 0),
+        int(dataset.get("SamplesPerPixel", 1) or 1),
+    )
     try:
         pixels = dataset.pixel_array
     except Image.DecompressionBombError as error:
@@ -229,8 +264,8 @@ def _read_dicom(data: bytes) -> np.ndarray:
             ) from error
         scaled = _scale_to_uint8(np.asarray(displayed))
         return 255 - scaled if photometric == "MONOCHROME1" else scaled
-    if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422"):
-        # pydicom's pixel_array already converts YBR colour to RGB.
+    if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT"):
+        # pydicom's pixel_array already converts YBR colour (JPEG 2000's RCT and ICT too) to RGB.
         return _scale_to_uint8(np.asarray(pixels))
     raise ImageDecodeError(
         f"DICOM photometric interpretation {photometric} is not supported",
@@ -238,22 +273,40 @@ def _read_dicom(data: bytes) -> np.ndarray:
     )
 
 
+def _check_pixel_count(pixels: int, samples: int) -> None:
+    """Answer 413 for a picture whose declared size is over :data:`MAX_IMAGE_PIXELS`."""
+    if pixels > MAX_IMAGE_PIXELS or pixels * samples > 3 * MAX_IMAGE_PIXELS:
+        raise ImageDecodeError(
+            f"the image declares {pixels} pixels; the limit is {MAX_IMAGE_PIXELS} "
+            "(6000 x 6000): send it downsampled",
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        )
+
+
 def _read_picture(data: bytes) -> tuple[np.ndarray, str]:
     try:
         with Image.open(io.BytesIO(data)) as picture:
             image_format = (picture.format or "").lower()
+            if image_format == "mpo":  # a multi-picture JPEG: its first picture is read
+                image_format = "jpeg"
             if image_format not in ("png", "jpeg"):
                 raise ImageDecodeError(
                     f"{image_format or 'this'} images are not accepted; send PNG, JPEG or DICOM",
                     HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                 )
+            _check_pixel_count(picture.width * picture.height, 1)
             picture.load()
             if picture.mode in ("I", "I;16", "I;16B", "F"):
                 return _scale_to_uint8(np.asarray(picture)), image_format
             # Bilevel, palette and alpha modes become plain grayscale or RGB.
             grayscale = picture.mode in ("1", "L", "LA")
             return np.asarray(picture.convert("L" if grayscale else "RGB")), image_format
-    except (UnidentifiedImageError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:
+        raise ImageDecodeError(
+            f"the image is too large to decode ({error}); send it downsampled",
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        ) from error
+    except UnidentifiedImageError as error:
         raise ImageDecodeError(
             "the upload is not a PNG, JPEG or DICOM image", HTTPStatus.UNSUPPORTED_MEDIA_TYPE
         ) from error

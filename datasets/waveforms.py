@@ -273,7 +273,8 @@ def ecg_from_dicom(data: bytes, lead: str = "II") -> EcgSignal:
                 candidates.append((original, samples, group_index, channel_index))
     if not candidates:
         raise _unprocessable(
-            f"the DICOM ECG has no lead {lead!r}; it has: {', '.join(found) or 'no labelled leads'}"
+            f"the DICOM ECG has no lead {lead!r}; it has: "
+            f"{', '.join(map(repr, found)) or 'no labelled leads'}"
         )
     _, _, group_index, channel_index = max(candidates)
     group = dataset.WaveformSequence[group_index]

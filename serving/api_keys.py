@@ -454,5 +454,5 @@ class KeyStore:
             HTTPStatus.FORBIDDEN,
             f"API key {key.key_id} of {key.hospital} ({key.region}) is not granted model "
             f"{model_name!r}; it is granted: {', '.join(key.models)}. Ask the service operator "
-            f"for a key with `--model {model_name}`",
+            f"for a key granted {model_name!r}",
         )

@@ -372,8 +372,14 @@ class PredictionLog:
             data = b"".join(chunks)
             # Until the write is known durable, the next commit must re-read the tail.
             self._known_size = None
-            _write_all(descriptor, data)
-            os.fsync(descriptor)
+            try:
+                _write_all(descriptor, data)
+                os.fsync(descriptor)
+            except OSError:
+                # The callers are refused: their records must not stay behind as predictions.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(descriptor, size)
+                raise
             self._known_size = size + len(data)
             self._seq, self._hash, self._needs_newline = seq, previous, False
             # No directory fsync: a head lost in a crash is merely behind, which verify accepts;

@@ -40,6 +40,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from serving.api_keys import ApiKey, AuthError, KeyStore, KeyStoreError
 from serving.batching import FairLock, MicroBatcher
@@ -89,6 +90,10 @@ _configure_logging()
 # thread so that the event loop keeps accepting requests.
 _INLINE_DECODE_BYTES = 64 * 1024
 _MULTIPART = "multipart/form-data"
+# BentoML answers a request still running after REQUEST_TIMEOUT_S with a 504 that bypasses the
+# prediction log; a slow upload is refused (408, logged) well before that.
+REQUEST_TIMEOUT_S = 60
+UPLOAD_TIMEOUT_S = 45.0
 
 api = FastAPI(
     title="medscreen",
@@ -185,8 +190,12 @@ def error_body(request_id: str, status: HTTPStatus, message: str) -> dict[str, A
     return {"error": message, "status": status.value, "request_id": request_id}
 
 
-async def _read_body(request: Request) -> bytes:
-    """The request body, refused with 413 past the upload limit (checked while reading)."""
+async def _read_body(request: Request, timeout_s: float = UPLOAD_TIMEOUT_S) -> bytes:
+    """The request body, refused with 413 past the upload limit (checked while reading).
+
+    An upload still arriving after ``timeout_s`` is refused with 408 (and logged), before
+    BentoML's own request timeout would answer 504 with nothing in the prediction log.
+    """
     declared = request.headers.get("content-length", "")
     limit = MAX_UPLOAD_BYTES + 64 * 1024  # room for the multipart envelope
     if declared.isdigit() and int(declared) > limit:
@@ -195,14 +204,26 @@ async def _read_body(request: Request) -> bytes:
             HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
         )
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(
-                f"the request is over the limit of {limit} bytes",
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-            )
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestError(
+                        f"the request is over the limit of {limit} bytes",
+                        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestError(
+            f"the upload did not complete within {timeout_s:g} s ({size} bytes arrived); check "
+            "the connection, or send a smaller file",
+            HTTPStatus.REQUEST_TIMEOUT,
+        ) from None
+    except ClientDisconnect:
+        raise RequestError(
+            f"the client disconnected before the upload was complete ({size} bytes arrived)"
+        ) from None
     return b"".join(chunks)
 
 
@@ -219,9 +240,18 @@ async def _multipart(request: Request, route: str) -> tuple[bytes, dict[str, str
     try:
         form = await request.form(max_files=1, max_fields=8)
     except Exception as error:  # the multipart parser raises several kinds on a broken body
-        raise RequestError(f"the multipart body cannot be parsed: {error}") from error
+        raise RequestError(
+            f"the multipart body cannot be parsed: {error} (send the upload as a file part, "
+            "with a filename; text fields are limited to 1 MB)"
+        ) from error
     upload = form.get("file")
-    if upload is None or isinstance(upload, str):
+    if isinstance(upload, str):
+        raise RequestError(
+            "field 'file' arrived as a text field: send it as a file part (its "
+            "Content-Disposition needs a filename)",
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+        )
+    if upload is None:
         raise RequestError(
             f"{route} needs the upload in a multipart field named 'file' "
             f"(got fields {sorted(form.keys())})",
@@ -263,7 +293,8 @@ def _model_field(fields: dict[str, Any]) -> str | None:
 
 
 # Quoted values in error messages come from the client or the file; the log keeps neither.
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+# A repr() escapes its own quote inside the value, so escapes are skipped over.
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
 
 
 def _finite(score: float) -> float:
@@ -314,7 +345,7 @@ async def _off_loop(size: int, function: Callable[[], Any]) -> Any:
 @bentoml.service(
     name="medscreen",
     workers=int(os.environ.get("MEDSCREEN_WORKERS", "1")),
-    traffic={"timeout": 60},
+    traffic={"timeout": REQUEST_TIMEOUT_S},
     # The prediction log records every request; BentoML's access log would repeat it per
     # request at a cost the batcher notices (MEDSCREEN_ACCESS_LOG=true turns it back on).
     logging={

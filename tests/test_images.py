@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zlib
 from collections.abc import Iterator
 from http import HTTPStatus
 from pathlib import Path
@@ -11,8 +12,17 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
-from pydicom.uid import JPEG2000, UID, JPEGLSLossless
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 from datasets.images import ImageDecodeError, decode_image
 
@@ -143,3 +153,104 @@ def test_patient_tags_never_reach_an_error_message(shared_datasets: Path):
     with pytest.raises(ImageDecodeError) as failure:
         decode_image(dataset_bytes(dataset), **INPUT_28)
     assert not any(value and value in str(failure.value) for value in identifiers)
+
+
+def _status_of(data: bytes) -> tuple[HTTPStatus, str]:
+    with pytest.raises(ImageDecodeError) as failure:
+        decode_image(data, **INPUT_28)
+    return failure.value.status, str(failure.value)
+
+
+def test_deflated_dicom_is_a_415_before_anything_is_inflated(shared_datasets: Path):
+    # pydicom inflates a deflated file whole and without a limit: a few KB could become GBs.
+    dataset = pydicom.dcmread(shared_datasets / DICOM_DIR / "pydicom_MR_small.dcm")
+    dataset.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    status, message = _status_of(dataset_bytes(dataset))
+    assert status == HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+    assert "Deflated" in message and "uncompressed" in message
+
+
+def test_compressed_dicom_declaring_a_huge_picture_is_a_413(shared_datasets: Path):
+    # An 8 KB RLE file claiming 20000 x 20000 pixels: refused before pydicom allocates them.
+    dataset = pydicom.dcmread(shared_datasets / DICOM_DIR / "pydicom_MR_small_RLE.dcm")
+    dataset.Rows = dataset.Columns = 20000
+    status, message = _status_of(dataset_bytes(dataset))
+    assert status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    assert "400000000 pixels" in message
+
+
+@pytest.mark.parametrize(
+    ("tag", "value"),
+    [("RescaleSlope", "1e308"), ("RescaleSlope", "nan"), ("RescaleIntercept", "inf")],
+)
+def test_dicom_rescale_giving_non_finite_pixels_is_a_422(shared_datasets: Path, tag: str, value):
+    # Such pixels used to become an all-black picture that was scored.
+    dataset = pydicom.dcmread(shared_datasets / DICOM_DIR / "pydicom_CT_small.dcm")
+    setattr(dataset, tag, value)
+    status, message = _status_of(dataset_bytes(dataset))
+    assert status == HTTPStatus.UNPROCESSABLE_ENTITY
+    assert "not finite" in message and "RescaleSlope" in message
+
+
+def test_float_pixel_data_is_named_as_such(shared_datasets: Path):
+    dataset = pydicom.dcmread(shared_datasets / DICOM_DIR / "pydicom_MR_small.dcm")
+    del dataset.PixelData
+    dataset.FloatPixelData = np.zeros(64 * 64, np.float32).tobytes()
+    status, message = _status_of(dataset_bytes(dataset))
+    assert status == HTTPStatus.UNPROCESSABLE_ENTITY and "float pixel data" in message
+
+
+@pytest.mark.parametrize("photometric", ["YBR_RCT", "YBR_ICT"])
+def test_colour_jpeg2000_dicom_decodes_to_rgb(photometric: str):
+    # JPEG 2000 colour is stored as YBR_RCT (lossless) or YBR_ICT (lossy), as DICOM requires.
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[..., 0], rgb[16:48, 16:48, 1] = 200, 150
+    lossless = photometric == "YBR_RCT"
+    codestream = io.BytesIO()
+    Image.fromarray(rgb).save(
+        codestream, format="JPEG2000", irreversible=not lossless, mct=1, no_jp2=True
+    )
+    dataset = pydicom.Dataset()
+    dataset.file_meta = pydicom.dataset.FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = JPEG2000Lossless if lossless else JPEG2000
+    dataset.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dataset.SOPClassUID = SecondaryCaptureImageStorage
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID
+    dataset.Rows = dataset.Columns = 64
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 3, photometric
+    dataset.PlanarConfiguration = 0
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 8, 8, 7
+    dataset.PixelRepresentation = 0
+    dataset.PixelData = encapsulate([codestream.getvalue()])
+    dataset["PixelData"].VR = "OB"
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    decoded = decode_image(buffer.getvalue(), channels=3, height=64, width=64)
+    np.testing.assert_allclose(decoded.pixels[:, 32, 32], [200, 150, 0], atol=2)
+    np.testing.assert_allclose(decoded.pixels[:, 4, 4], [200, 0, 0], atol=2)
+
+
+def test_pictures_over_the_pixel_limit_are_a_413():
+    big = io.BytesIO()
+    Image.new("L", (7000, 7000)).save(big, format="PNG")  # 49 M pixels in a 50 KB file
+    status, message = _status_of(big.getvalue())
+    assert status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE and "49000000 pixels" in message
+    # Past Pillow's own bomb limit (2 x 89 M pixels) the header alone is refused.
+    small = io.BytesIO()
+    Image.new("L", (50000, 1)).save(small, format="PNG")
+    header = bytearray(small.getvalue())
+    header[20:24] = (50000).to_bytes(4, "big")  # IHDR height
+    header[29:33] = zlib.crc32(bytes(header[12:29])).to_bytes(4, "big")
+    status, message = _status_of(bytes(header))
+    assert status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE and "too large" in message
+
+
+def test_multi_picture_jpeg_is_read_as_its_first_picture():
+    first, second = Image.fromarray(GRADIENT), Image.fromarray(255 - GRADIENT)
+    buffer = io.BytesIO()
+    first.save(buffer, format="MPO", save_all=True, append_images=[second], quality=95)
+    assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
+    decoded = decode_image(buffer.getvalue(), channels=1, height=48, width=64)
+    assert decoded.source_format == "jpeg"
+    assert np.abs(decoded.pixels[0].astype(int) - GRADIENT).mean() < 3

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import multiprocessing
+import os
 import stat
 import time
 from pathlib import Path
@@ -354,3 +355,26 @@ def test_a_lagging_head_is_accepted_and_close_brings_it_up_to_date(tmp_path: Pat
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:-1]) + "\n")  # delete the last record
     assert not verify_log(path).ok
+
+
+def test_a_failed_fsync_leaves_no_record_behind(tmp_path: Path, monkeypatch) -> None:
+    """A caller refused because its record is not durable must not appear in the log."""
+    log = PredictionLog(tmp_path / "predictions.jsonl")
+    log.append(_record(1))
+    real_fsync, calls = os.fsync, itertools.count()
+
+    def fsync_failing_once(descriptor: int) -> None:
+        if next(calls) == 0:
+            raise OSError(5, "Input/output error")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr("serving.prediction_log.os.fsync", fsync_failing_once)
+    with pytest.raises(PredictionLogError, match="Input/output error"):
+        log.append(_record(2))
+    log.append(_record(3))
+    log.close()
+
+    lines = [json.loads(line) for line in log.path.read_text().splitlines()]
+    assert [line["request_id"] for line in lines] == ["req-1", "req-3"]
+    assert [line["seq"] for line in lines] == [1, 2]
+    assert verify_log(log.path).ok

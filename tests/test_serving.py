@@ -376,6 +376,9 @@ def test_malformed_requests_get_a_4xx(served_model, service_keys, registered_mod
     url, headers = f"{served_model.url}/v1/screen", _auth(service_keys.all_models)
     no_field = requests.post(url, files={"image": ("x.png", b"abc")}, headers=headers, timeout=30)
     assert no_field.status_code == 422 and "'file'" in no_field.json()["error"]
+    # A part without a filename is a text field to the parser: say so, not "no field 'file'".
+    text_part = requests.post(url, files={"file": (None, b"abc")}, headers=headers, timeout=30)
+    assert text_part.status_code == 422 and "filename" in text_part.json()["error"]
     for response in (
         requests.post(url, json={"file": "x"}, headers=headers, timeout=30),
         requests.post(
@@ -468,6 +471,18 @@ def test_keys_are_required_and_bound_to_their_models(
     (record,) = [r for r in _log_records() if r["request_id"] == forbidden.json()["request_id"]]
     assert record["outcome"] == "failed" and record["status"] == 403
     assert record["hospital"] == "County General" and record.get("score") is None
+    # Whatever the client puts in a field never reaches the log, even with both kinds of quote.
+    named = """x'Doe"Jane Smith 1956-03-02"""
+    refused = requests.post(
+        url,
+        files=files,
+        data={"model": named},
+        headers=_auth(service_keys.pneumonia_only),
+        timeout=30,
+    )
+    assert refused.status_code == 403 and "Jane Smith 1956-03-02" in refused.json()["error"]
+    (record,) = [r for r in _log_records() if r["request_id"] == refused.json()["request_id"]]
+    assert "Jane Smith" not in record["error"] and "Jane Smith" not in served_model.log()
 
 
 def test_prediction_log_verifies_and_catches_tampering(served_model, tmp_path: Path):
