@@ -1,6 +1,7 @@
 """The ``medscreen`` command: one subcommand per job, composed from the three packages."""
 
 import logging
+import os
 
 import typer
 
@@ -13,6 +14,8 @@ from training.models_cli import app as models_app
 # The embedded store announces its schema migrations on first use; an error must stay one line.
 for noisy in ("mlflow.store.db.utils", "alembic.runtime.migration"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+# Artifacts here are small files; a bar per download would push an error line out of sight.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 app = typer.Typer(
     help="medscreen: train, track, export, register and serve medical screening models.",

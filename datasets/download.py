@@ -54,7 +54,10 @@ def download_file(
     Raises:
         DatasetError: if the transfer fails or a checksum does not match.
     """
-    destination.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # for example a cache directory that is a file
+        raise DatasetError(f"{destination.parent}: cannot create it ({error})") from error
     partial = destination.with_name(f".{destination.name}.{os.getpid()}.part")
     md5_digest, sha256_digest = hashlib.md5(usedforsecurity=False), hashlib.sha256()
     try:

@@ -40,6 +40,8 @@ DS2_RECORDS = (
 SAMPLING_RATE_HZ = 360
 WINDOW_BEFORE, WINDOW_AFTER = 90, 166  # samples around the R peak: 0.25 s before, 0.46 s after
 LOCAL_RR_BEATS = 10
+# MIT-format annotation codes (the top 6 bits of a 16-bit word) that are not annotations.
+_ANN_SKIP, _ANN_AUX = 59, 63
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,37 @@ def _record_digest(records_dir: Path, record: str) -> str:
     return digest.hexdigest()
 
 
+def check_annotation_file(path: Path) -> None:
+    """Raise unless ``path`` is a whole MIT-format annotation file.
+
+    The file is a run of little-endian 16-bit words (6-bit code, 10-bit value); a SKIP word is
+    followed by a 32-bit interval, an AUX word by its value in bytes, padded to an even count.
+    It ends with the end-of-file marker, a zero word; a truncated file lacks it, and wfdb reads
+    the annotations before the cut without complaint.
+
+    Raises:
+        DatasetError: naming the file, if it is truncated or unreadable.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise DatasetError(f"{path}: {error.strerror or 'cannot read'}") from error
+    position = 0
+    while position + 2 <= len(data):
+        word = int.from_bytes(data[position : position + 2], "little")
+        if word == 0:
+            if any(data[position + 2 :]):
+                raise DatasetError(f"{path}: data after the annotation end-of-file marker")
+            return
+        code, value = word >> 10, word & 0x3FF
+        position += 2
+        if code == _ANN_SKIP:
+            position += 4
+        elif code == _ANN_AUX:
+            position += value + value % 2
+    raise DatasetError(f"{path}: truncated annotation file (no end-of-file marker)")
+
+
 def load_beats(
     records_dir: Path, records: tuple[str, ...] | list[str], lead: str = "MLII"
 ) -> BeatSet:
@@ -142,7 +175,9 @@ def load_beats(
         All beats of an AAMI class, in record order.
 
     Raises:
-        DatasetError: naming the record file that is missing, corrupt or lacks the lead.
+        DatasetError: naming the record file that is missing, corrupt, truncated, sampled at
+            another rate than :data:`SAMPLING_RATE_HZ`, without beat annotations or without
+            the lead.
     """
     import wfdb  # imported here: the catalogue and image paths do not need it
 
@@ -154,6 +189,15 @@ def load_beats(
             header = wfdb.rdheader(str(path))
             if lead not in header.sig_name:
                 raise DatasetError(f"{path}.hea: no lead {lead!r} (has {header.sig_name})")
+            # The windows are a fixed number of samples (0.25 s before, 0.46 s after at
+            # 360 Hz), and the model is exported as a 360 Hz one; a record at another rate would
+            # give beats of another length in time. MIT-BIH is recorded at 360 Hz.
+            if header.fs != SAMPLING_RATE_HZ:
+                raise DatasetError(
+                    f"{path}.hea: sampled at {header.fs:g} Hz; the beat windows and the model "
+                    f"expect {SAMPLING_RATE_HZ} Hz (MIT-BIH)"
+                )
+            check_annotation_file(Path(f"{path}.atr"))
             signal_record = wfdb.rdrecord(str(path), channel_names=[lead])
             annotation = wfdb.rdann(str(path), "atr")
         except DatasetError:
@@ -166,13 +210,18 @@ def load_beats(
         if not np.isfinite(signal).all():
             raise DatasetError(f"{path}.dat: the {lead} signal has missing samples")
         rate = float(signal_record.fs)
-        keep = np.array([symbol in AAMI_BY_SYMBOL for symbol in annotation.symbol])
-        peaks = np.asarray(annotation.sample)[keep]
-        symbols = np.asarray(annotation.symbol)[keep]
+        symbols = np.asarray(annotation.symbol, dtype=object)
+        keep = np.array([symbol in AAMI_BY_SYMBOL for symbol in symbols], dtype=bool)
+        peaks = np.asarray(annotation.sample, dtype=np.int64)[keep]
+        symbols = symbols[keep]
+        if len(peaks) == 0:
+            raise DatasetError(f"{path}.atr: no beat annotations (of {len(keep)} annotations)")
         if len(peaks) < 2:
             raise DatasetError(f"{path}.atr: fewer than two annotated beats")
         rr = rr_intervals(peaks, rate)
         windows, inside = beat_windows(high_pass(signal, rate), peaks)
+        if not inside.any():
+            raise DatasetError(f"{path}.atr: no annotated beat has a full window in the signal")
         labels = np.array([AAMI_CLASSES.index(AAMI_BY_SYMBOL[s]) for s in symbols[inside]])
         template = np.median(windows, axis=0, keepdims=True)
         templates = np.repeat(template, len(windows), axis=0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +30,13 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 REQUIRED_COLUMNS = ("path", "label")
+
+
+def site_metric_name(site: str) -> str:
+    """The site as it appears in metric names (MLflow allows letters, digits, ``_`` and ``-``)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", site)
+
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
@@ -173,7 +181,7 @@ def load_manifest(path: Path, spec: TaskSpec) -> ManifestData:
         raw = path.read_bytes()
         reader = csv.DictReader(io.StringIO(raw.decode("utf-8-sig"), newline=""))
         rows = [(reader.line_num, row) for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
+    except (OSError, ValueError, csv.Error) as error:  # ValueError: not UTF-8, a NUL in the path
         raise DatasetError(f"{path}: cannot read manifest ({error})") from error
     if not rows:
         raise DatasetError(f"{path}: the manifest has no rows")
@@ -182,6 +190,7 @@ def load_manifest(path: Path, spec: TaskSpec) -> ManifestData:
     if missing:
         raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}")
     images, labels, digests, digest = [], [], [], hashlib.sha256()
+    first_line: dict[str, int] = {}
     for line, row in rows:
         label = _label_index(row["label"] or "", spec)
         if label is None:
@@ -193,17 +202,23 @@ def load_manifest(path: Path, spec: TaskSpec) -> ManifestData:
             image_path = path.parent / image_path
         try:
             data = image_path.read_bytes()
-        except OSError as error:
-            raise DatasetError(
-                f"{path}:{line}: {row['path']!r}: {error.strerror or 'cannot read'}"
-            ) from error
+        except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
+            reason = getattr(error, "strerror", None) or str(error) or "cannot read"
+            raise DatasetError(f"{path}:{line}: {row['path']!r}: {reason}") from error
         try:
             decoded = _decode_row(data, image_path.name, spec)
         except (ImageDecodeError, ValueError) as error:
             raise DatasetError(f"{path}:{line}: {row['path']!r}: {error}") from error
+        file_digest = hashlib.sha256(data).hexdigest()
+        earlier = first_line.setdefault(file_digest, line)
+        if earlier != line:
+            # Counted twice it would weigh double, and under two patients it would cross splits.
+            raise DatasetError(
+                f"{path}:{line}: {row['path']!r} is the same image as line {earlier}; list each "
+                "image once"
+            )
         images.append(decoded.pixels)
         labels.append(label)
-        file_digest = hashlib.sha256(data).hexdigest()
         digests.append(file_digest)
         digest.update(f"{file_digest}:{label}\n".encode())
 
@@ -212,12 +227,23 @@ def load_manifest(path: Path, spec: TaskSpec) -> ManifestData:
             return None
         return np.array([(row[column] or "").strip() for _, row in rows])
 
+    sites = optional("site")
+    named: dict[str, tuple[str, int]] = {}
+    for (line, _), site in zip(rows, [] if sites is None else sites.tolist(), strict=False):
+        other, other_line = named.setdefault(site_metric_name(site), (site, line))
+        if other != site:
+            # Their per-site metrics would overwrite each other.
+            raise DatasetError(
+                f"{path}:{line}: site {site!r} and site {other!r} (line {other_line}) have the "
+                f"same metric name {site_metric_name(site)!r}; rename one"
+            )
+
     return ManifestData(
         spec=spec,
         source=path,
         images=np.stack(images),
         labels=np.array(labels, dtype=np.int64),
-        sites=optional("site"),
+        sites=sites,
         patient_ids=optional("patient_id"),
         fingerprint=digest.hexdigest(),
         file_sha256=hashlib.sha256(raw).hexdigest(),
@@ -245,18 +271,6 @@ def patient_disjoint_split(
     return {"train": np.sort(rest[train]), "val": np.sort(rest[val]), "test": np.sort(test)}
 
 
-def _check_one_patient_per_image(data: ManifestData, groups: np.ndarray) -> None:
-    """The same image under two patients (or twice without an ID) would leak across splits."""
-    first_row: dict[str, int] = {}
-    for row, file_digest in enumerate(data.file_digests):
-        earlier = first_row.setdefault(file_digest, row)
-        if groups[earlier] != groups[row]:
-            raise DatasetError(
-                f"{data.source}:{data.lines[row]}: the same image as line {data.lines[earlier]} "
-                "but another patient (or no patient_id): it would cross splits"
-            )
-
-
 def split_manifest(
     data: ManifestData, *, val_fraction: float, test_fraction: float, seed: int
 ) -> dict[SplitName, ImageSplit]:
@@ -267,11 +281,10 @@ def split_manifest(
     group numbers, never patient IDs.
 
     Raises:
-        DatasetError: naming the file (and line) when an image would cross splits, or a split
-            would be empty or lack positive or negative rows.
+        DatasetError: naming the file when a split would be empty or lack positive or negative
+            rows (an image listed twice is refused when the manifest is read).
     """
     groups = data.patient_groups()
-    _check_one_patient_per_image(data, groups)
     patients = len(np.unique(groups))
     fractions = f"val_fraction={val_fraction:g}, test_fraction={test_fraction:g}"
     try:

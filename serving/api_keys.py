@@ -284,6 +284,8 @@ class KeyStore:
             stamp: tuple[int, int, int] | None = (info.st_ino, info.st_mtime_ns, info.st_size)
         except FileNotFoundError:
             stamp = None
+        except OSError as error:  # for example a parent that is a file
+            raise KeyStoreError(f"{self.path}: cannot read the key store: {error}") from None
         with self._cache_lock:
             if stamp is None:
                 self._stamp, self._keys = None, {}
@@ -303,16 +305,18 @@ class KeyStore:
 
     def _update(self, change: Callable[[dict[str, ApiKey]], ApiKey]) -> ApiKey:
         """Apply ``change`` to a fresh read of the store under the lock and write it back."""
-        with file_lock(self.lock_path):
-            # Re-read under the lock: the cache may predate another process's update.
-            _, keys = self._read()
-            changed = change(keys)
-            document = _StoreDocument(keys=sorted(keys.values(), key=lambda key: key.created_at))
-            data = json.dumps(document.model_dump(mode="json"), indent=2) + "\n"
-            try:
+        try:
+            with file_lock(self.lock_path):
+                # Re-read under the lock: the cache may predate another process's update.
+                _, keys = self._read()
+                changed = change(keys)
+                document = _StoreDocument(
+                    keys=sorted(keys.values(), key=lambda key: key.created_at)
+                )
+                data = json.dumps(document.model_dump(mode="json"), indent=2) + "\n"
                 write_atomically(self.path, data.encode("utf-8"))
-            except OSError as error:
-                raise KeyStoreError(f"{self.path}: cannot write the key store: {error}") from None
+        except OSError as error:  # the lock or the write: a parent that is a file, a full disk
+            raise KeyStoreError(f"{self.path}: cannot write the key store: {error}") from None
         self._current()
         return changed
 

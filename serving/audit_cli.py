@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from serving.api_keys import KeyStore, KeyStoreError, UnknownKeyError
-from serving.prediction_log import verify_log
-from serving.settings import key_store_path, prediction_log_path
+from serving.prediction_log import head_path_for, verify_log
+from serving.settings import key_store_path, prediction_log_path, tracking_uri
 
 keys_app = typer.Typer(
     help="Per-hospital API keys for the service: create, list, revoke.", no_args_is_help=True
@@ -39,6 +39,25 @@ def _store(path: Path | None) -> KeyStore:
     if store.is_dir():
         _fail(f"--store: {store} is a directory, not a key store file")
     return KeyStore(store)
+
+
+def _unregistered(names: list[str]) -> list[str]:
+    """The names (other than '*') the model registry does not hold; [] if it cannot be read."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    missing = []
+    for name in sorted(set(names) - {"*"}):
+        try:
+            client.get_registered_model(name)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                typer.echo(f"warning: cannot read the model registry {uri}: {error}", err=True)
+                return []
+            missing.append(name)
+    return missing
 
 
 @keys_app.command("create")
@@ -73,6 +92,13 @@ def create_command(
         field, _, reason = str(error).partition(": ")
         option = {"hospital": "--hospital", "region": "--region", "models": "--model"}.get(field)
         _fail(f"{option}: {reason}" if option else str(error))
+    for name in _unregistered(list(key.models)):
+        # Keys may be issued before their model is registered, so only a warning.
+        typer.echo(
+            f"warning: --model {name!r} is not a registered model in {tracking_uri()} (yet); "
+            "this key gets 403 for it until a model of that name is registered",
+            err=True,
+        )
     typer.echo(f"key id: {key.key_id}")
     typer.echo(f"hospital: {key.hospital} ({key.region})")
     typer.echo(f"models: {', '.join(key.models)}")
@@ -144,6 +170,9 @@ def verify_command(
 ) -> None:
     """Check the prediction log's hash chain: exit 0 if intact, 1 with one line per problem."""
     path = log or prediction_log_path()
+    if log is not None and not path.exists() and not head_path_for(path).exists():
+        # A mistyped path must not pass as an empty, intact log.
+        _fail(f"--log: {path}: no such prediction log (and no head file)")
     if path.is_dir():
         _fail(f"--log: {path} is a directory, not a prediction log")
     try:

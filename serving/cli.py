@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -21,7 +22,7 @@ def serve_command(
             "(default: every model with a 'champion' alias)."
         ),
     ] = None,
-    port: Annotated[int, typer.Option(help="TCP port.")] = 3000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 3000,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     reload_seconds: Annotated[
         float, typer.Option(help="How often aliases are checked for a new version (0: never).")
@@ -99,6 +100,12 @@ def predict_command(
 
     if not upload.is_file():
         typer.echo(f"error: {upload}: no such file", err=True)
+        raise typer.Exit(2)
+    if api_key is not None and not re.fullmatch(r"[!-~]+", api_key):  # visible ASCII only
+        # The key itself is never echoed: it is a secret.
+        typer.echo(
+            "error: --api-key: has spaces or control characters; copy the whole key", err=True
+        )
         raise typer.Exit(2)
     route = "/v1/monitor/dicom" if monitor else "/v1/screen"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

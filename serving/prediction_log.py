@@ -209,7 +209,7 @@ def _read_head(head_file: Path) -> tuple[tuple[int, str] | None, str | None]:
         return None, f"{head_file.name}: cannot read the head file: {error}"
     try:
         head = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply to be a head
         return None, f"{head_file.name}: the head file is not JSON"
     seq = head.get("seq") if isinstance(head, dict) else None
     digest = head.get("hash") if isinstance(head, dict) else None
@@ -336,7 +336,7 @@ class PredictionLog:
         # The second-to-last piece is a complete line when a newline precedes it (or it starts
         # the file); the last piece is empty or an interrupted write.
         if len(lines) >= 2 and (len(lines) >= 3 or start == 0):
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, RecursionError):
                 position = _chain_position(json.loads(lines[-2]))
                 if position is not None:
                     candidates.append((position[0], position[2]))
@@ -576,7 +576,7 @@ def verify_log(path: Path) -> VerificationResult:
                 continue
             try:
                 line = json.loads(text)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deeply
                 interrupted = "" if raw.endswith(b"\n") else " (an interrupted last write)"
                 problems.append(f"line {number}: not JSON{interrupted}")
                 continue

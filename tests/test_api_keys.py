@@ -196,6 +196,8 @@ def test_keys_commands_create_list_and_revoke(tmp_path: Path) -> None:
     plaintext = re.search(r"api key: (msk_\S+)", created.stdout)[1]
     key_id = re.search(r"key id: ([0-9a-f]{12})", created.stdout)[1]
     assert "cannot be shown again" in created.stderr
+    # A name the registry does not hold is issued (models may come later), with a warning.
+    assert "warning: --model 'ecg-arrhythmia' is not a registered model" in created.stderr
     assert KeyStore(path).authenticate(plaintext).models == [MODEL, "ecg-arrhythmia"]
 
     listed = runner.invoke(app, ["keys", "list", "--store", str(path)])
@@ -237,3 +239,14 @@ def test_a_bad_hospital_name_is_one_line_naming_the_option(tmp_path: Path) -> No
     )
     assert line.startswith("error: --model: ")
     assert not Path(store).exists()
+
+
+def test_a_store_under_a_file_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a folder")
+    store = str(tmp_path / "notes.txt" / "keys.json")
+    line = medscreen_error_line(
+        "keys", "create", "--hospital", "A", "--region", "eu", "--model", "*", "--store", store
+    )
+    assert line.startswith(f"error: {store}: cannot write the key store")
+    line = medscreen_error_line("keys", "list", "--store", store)
+    assert line.startswith(f"error: {store}: cannot read the key store")

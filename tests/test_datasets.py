@@ -161,3 +161,13 @@ def test_fingerprint_tracks_file_split_and_rows(medmnist_dir: Path):
     assert val.fingerprint == again.fingerprint
     assert len({val.fingerprint, test.fingerprint, subset.fingerprint}) == 3
     assert len(subset) == 100 and set(subset.labels.tolist()) == {0, 1}
+
+
+def test_fetch_cli_names_a_cache_directory_that_is_a_file(http_server: str, tmp_path: Path):
+    cache = tmp_path / "cache"
+    cache.write_text("a file where the cache directory should be")
+    line = medscreen_error_line(
+        "datasets", "fetch", "pneumoniamnist", "--cache-dir", str(cache), "--url",
+        f"{http_server}/good.bin",
+    )  # fmt: skip
+    assert line.startswith(f"error: {cache}") and "cannot create it" in line

@@ -68,3 +68,33 @@ def test_bad_records_are_named(mitdb: Path, tmp_path: Path):
         load_beats(tmp_path, ["999"])
     with pytest.raises(DatasetError, match=r"101\.hea: no lead 'V9'"):
         load_beats(mitdb, ["101"], lead="V9")
+
+
+def _copy_record(mitdb: Path, directory: Path, record: str) -> None:
+    for suffix in (".hea", ".dat", ".atr"):
+        shutil.copy(mitdb / f"{record}{suffix}", directory / f"{record}{suffix}")
+
+
+def test_a_record_without_beat_annotations_is_refused(mitdb: Path, tmp_path: Path):
+    _copy_record(mitdb, tmp_path, "124")
+    (tmp_path / "124.atr").write_bytes(bytes(4))  # an end-of-file marker and nothing else
+    with pytest.raises(DatasetError, match=r"124\.atr: no beat annotations"):
+        load_beats(tmp_path, ["124"])
+
+
+def test_a_record_at_another_sampling_rate_is_refused(mitdb: Path, tmp_path: Path):
+    _copy_record(mitdb, tmp_path, "124")
+    header = (tmp_path / "124.hea").read_text()
+    (tmp_path / "124.hea").write_text(header.replace("124 2 360 650000", "124 2 250 650000", 1))
+    with pytest.raises(DatasetError, match=r"124\.hea: sampled at 250 Hz.*360 Hz"):
+        load_beats(tmp_path, ["124"])
+
+
+def test_a_truncated_annotation_file_is_refused(mitdb: Path, tmp_path: Path):
+    _copy_record(mitdb, tmp_path, "115")
+    (tmp_path / "115.atr").write_bytes((mitdb / "115.atr").read_bytes()[:200])
+    with pytest.raises(DatasetError, match=r"115\.atr: truncated"):
+        load_beats(tmp_path, ["115"])
+    (tmp_path / "115.atr").write_bytes((mitdb / "115.atr").read_bytes()[:201])  # odd length
+    with pytest.raises(DatasetError, match=r"115\.atr: truncated"):
+        load_beats(tmp_path, ["115"])

@@ -80,16 +80,44 @@ def test_manifest_reads_pngs_and_dicom_with_sites(tmp_path, medmnist_dir, shared
         ({"path": "images/ok.png", "label": "bronchitis"}, "label 'bronchitis' is not one of"),
         # Indices are refused: "1" is malignant in one hospital and benign in BreastMNIST.
         ({"path": "images/ok.png", "label": "1"}, "label '1' is not one of"),
+        # Listed twice, even with another label, it would count double (or contradict itself).
+        ({"path": "images/ok.png", "label": "pneumonia"}, "is the same image as line 2"),
     ],
 )
 def test_bad_manifest_row_is_named_before_any_work(tmp_path: Path, bad_row: dict, message: str):
-    (tmp_path / "images").mkdir()
+    _check_bad_row(tmp_path, f"{bad_row['path']},{bad_row['label']}", message)
+
+
+def test_sites_whose_metric_names_would_collide_are_refused(tmp_path: Path):
+    (tmp_path / "b.png").write_bytes(_png(np.ones((28, 28), dtype=np.uint8)))
+    _check_bad_row(
+        tmp_path,
+        "b.png,normal,St Mary_s",
+        r"site 'St Mary_s' and site \"St Mary's\" \(line 2\) have the same metric name",
+        header="path,label,site",
+        first="images/ok.png,normal,St Mary's",
+    )
+
+
+def _png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(buffer, format="PNG")
-    (tmp_path / "images" / "ok.png").write_bytes(buffer.getvalue())
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _check_bad_row(
+    tmp_path: Path,
+    row: str,
+    message: str,
+    header: str = "path,label",
+    first: str = "images/ok.png,normal",
+) -> None:
+    """A manifest of a good first row and ``row``: loading it names line 3 and ``message``."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "ok.png").write_bytes(_png(np.zeros((28, 28), dtype=np.uint8)))
     (tmp_path / "notes.txt").write_text("not an image")
     manifest = tmp_path / "manifest.csv"
-    manifest.write_text(f"path,label\nimages/ok.png,normal\n{bad_row['path']},{bad_row['label']}\n")
+    manifest.write_text(f"{header}\n{first}\n{row}\n")
     with pytest.raises(DatasetError, match=rf"manifest.csv:3: .*{message}"):
         load_manifest(manifest, get_dataset_spec("pneumoniamnist"))
 
@@ -129,9 +157,68 @@ def test_evaluation_is_a_linked_run_without_patient_identifiers(
     run = MlflowClient().get_run(result.run_id)
     assert run.data.tags["mlflow.parentRunId"] == training.run_id
     assert run.data.tags["medscreen.evaluates_run_id"] == training.run_id
+    assert run.data.tags["medscreen.overlap_check"].startswith("passed")
     metrics = run.data.metrics
     assert metrics["eval_cases"] == 41 and metrics["eval_positives"] == 20
     assert metrics["eval_auc_ci_low"] <= metrics["eval_auc"] <= metrics["eval_auc_ci_high"]
     assert metrics["eval_site_north_cases"] == 20 and metrics["eval_site_south_cases"] == 21
     recorded = " ".join([*run.data.params.values(), *run.data.tags.values(), *metrics])
     assert SECRET not in recorded
+
+
+@pytest.mark.slow
+def test_a_run_that_did_not_finish_is_refused(trained_run, tmp_path: Path):
+    """A killed run has its recipe (logged first) but no model: one line, not a traceback."""
+    import mlflow
+
+    from training.tracking import configure_tracking
+
+    configure_tracking()
+    client = MlflowClient()
+    finished = client.get_run(trained_run[1].run_id)
+    killed = client.create_run(finished.info.experiment_id)
+    recipe = mlflow.artifacts.download_artifacts(
+        f"runs:/{finished.info.run_id}/recipe.yaml", dst_path=str(tmp_path)
+    )
+    client.log_artifact(killed.info.run_id, recipe)
+    client.set_terminated(killed.info.run_id, "KILLED")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label\n")
+    for command in (
+        ["export", "--run-id", killed.info.run_id],
+        ["evaluate", "--run-id", killed.info.run_id, "--manifest", str(manifest)],
+    ):
+        line = medscreen_error_line(*command)
+        assert f"run {killed.info.run_id} is killed, not finished" in line, line
+
+
+@pytest.mark.slow
+def test_training_images_are_refused_as_evaluation_data(trained_run, tmp_path, medmnist_dir):
+    """A hospital re-using the public training images would measure memory, not skill."""
+    from training.runs import load_run_context
+
+    context = load_run_context(trained_run[1].run_id)
+    train = context.split("train")
+    test = load_split(get_dataset_spec("pneumoniamnist"), "test", data_dir=medmnist_dir)
+    rows = [(test.images[0, 0], "normal"), (test.images[1, 0], "normal")]
+    rows.append((train.images[0, 0], ["normal", "pneumonia"][train.labels[0]]))
+    lines = ["path,label"]
+    for number, (pixels, label) in enumerate(rows):
+        Image.fromarray(pixels).save(tmp_path / f"case{number}.png")
+        lines.append(f"case{number}.png,{label}")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    line = medscreen_error_line(
+        "evaluate", "--run-id", trained_run[1].run_id, "--manifest", str(manifest)
+    )
+    assert "manifest.csv:4: this image is in the training or validation data" in line, line
+    assert "(1 of 3 rows are)" in line
+
+
+def test_unusable_manifest_paths_are_dataset_errors(tmp_path: Path):
+    with pytest.raises(DatasetError, match="cannot read manifest"):
+        load_manifest(tmp_path / "bad\0name.csv", get_dataset_spec("pneumoniamnist"))
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text('path,label\n"a\0b.png",normal\n')
+    with pytest.raises(DatasetError, match=r"manifest.csv:2: .*null byte"):
+        load_manifest(manifest, get_dataset_spec("pneumoniamnist"))

@@ -191,6 +191,80 @@ def test_history_answers_which_version_held_an_alias_at_a_time(
     assert name in listed.stdout
 
 
+def _shown_aliases(name: str) -> dict[str, str]:
+    """Run `medscreen models show NAME`; return its table as version -> aliases cell."""
+    import os
+    import subprocess
+
+    shown = subprocess.run(
+        [*medscreen_command(), "models", "show", name],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env={**os.environ, "COLUMNS": "300"},  # no wrapped or cut cells
+    )
+    rows = {}
+    for line in shown.stdout.splitlines():
+        cells = [cell.strip() for cell in line.split("│")[1:-1]]
+        if cells and cells[0].isdigit():
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def test_show_lists_every_version_with_its_aliases(registered_model, second_float_version):
+    from training.registry import promote
+
+    name = registered_model.model_name
+    first, second = registered_model.version, second_float_version.version
+    promote(name, first, alias="shown", approver="ci", reason="show test")
+    promote(name, second, alias="shown-too", approver="ci", reason="show test")
+    client = _client()
+    expected: dict[str, list[str]] = {
+        str(entry.version): [] for entry in client.search_model_versions(f"name='{name}'")
+    }
+    for alias, version in client.get_registered_model(name).aliases.items():
+        expected[str(version)].append(alias)
+    rows = _shown_aliases(name)
+    assert set(rows) == set(expected)
+    for version, aliases in expected.items():
+        shown = [] if rows[version] == "-" else rows[version].split(", ")
+        assert sorted(shown) == sorted(aliases), (version, rows[version])
+    assert "shown" in rows[first].split(", ")
+    assert "shown-too" in rows[second].split(", ")
+
+
+@pytest.mark.parametrize("alias", ["latest", "v2"])
+def test_promoting_to_a_reserved_alias_is_refused_and_leaves_no_history(registered_model, alias):
+    from training.registry import GovernanceError, alias_history, promote
+
+    name, version = registered_model.model_name, registered_model.version
+    with pytest.raises(GovernanceError, match=f"--to: '{alias}' is reserved"):
+        promote(name, version, alias=alias, approver="dr.who", reason="test")
+    line = medscreen_error_line(
+        "models", "promote", name, version, "--to", alias, "--approver", "dr.who", "--reason", "t"
+    )
+    assert line.startswith("error: --to: ") and "reserved" in line
+    assert [event for event in alias_history(name) if event.alias == alias] == []
+    assert alias not in _client().get_registered_model(name).aliases
+
+
+def test_an_alias_mlflow_refuses_leaves_no_history(registered_model, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    from training.registry import GovernanceError, alias_history, promote
+
+    def refuse(self, name, alias, version):
+        raise MlflowException(f"refused\n{alias}")
+
+    name, version = registered_model.model_name, registered_model.version
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", refuse)
+    with pytest.raises(GovernanceError, match="--to: MLflow refused") as refusal:
+        promote(name, version, alias="refused", approver="ci", reason="registry says no")
+    assert "\n" not in str(refusal.value)
+    assert [event for event in alias_history(name) if event.alias == "refused"] == []
+
+
 def test_serving_refuses_unapproved_aliases_and_ungated_versions(registered_model):
     from serving import ModelLoadError, load_served_model
 

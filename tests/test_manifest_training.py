@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import mlflow
+import nibabel as nib
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
@@ -51,10 +52,13 @@ def _write_rows(folder: Path, rows: list[dict[str, str]]) -> Path:
     return manifest
 
 
-def write_hospital_manifest(folder: Path, medmnist_dir: Path) -> Path:
-    """PNGs of real PneumoniaMNIST images: 22 patients of 3 images, 6 rows without a patient."""
+def write_hospital_manifest(folder: Path, medmnist_dir: Path, skip: int = 0) -> Path:
+    """PNGs of real PneumoniaMNIST images: 22 patients of 3 images, 6 rows without a patient.
+
+    ``skip`` images of each class are passed over first, so that manifests can be disjoint.
+    """
     test = load_split(get_dataset_spec("pneumoniamnist"), "test", data_dir=medmnist_dir)
-    pools = {label: iter(np.flatnonzero(test.labels == label)) for label in (0, 1)}
+    pools = {label: iter(np.flatnonzero(test.labels == label)[skip:]) for label in (0, 1)}
     (folder / "images").mkdir(parents=True)
     rows = []
     owners = [patient for patient in range(PATIENTS) for _ in range(IMAGES_PER_PATIENT)]
@@ -189,11 +193,16 @@ def test_manifest_run_exports_and_checks_the_manifest(
 
 
 @pytest.mark.slow
-def test_manifest_run_evaluates_on_another_manifest(manifest_run, hospital_manifest: Path):
+def test_manifest_run_evaluates_on_another_manifest(
+    manifest_run, hospital_manifest: Path, tmp_path: Path, medmnist_dir: Path
+):
     from training.evaluate import evaluate_manifest
 
     _, result = manifest_run
-    evaluation = evaluate_manifest(result.run_id, hospital_manifest)
+    with pytest.raises(DatasetError, match="in the training or validation data"):
+        evaluate_manifest(result.run_id, hospital_manifest)  # its own training data
+    other = write_hospital_manifest(tmp_path, medmnist_dir, skip=72)
+    evaluation = evaluate_manifest(result.run_id, other)
     metrics = evaluation.metrics
     assert metrics["eval_cases"] == 72
     assert metrics["eval_site_north_cases"] + metrics["eval_site_south_cases"] == 72
@@ -217,7 +226,7 @@ def _valid_rows(folder: Path, count: int = 12) -> list[dict[str, str]]:
     [
         ({"path": "images/nowhere.png"}, r"manifest.csv:5: 'images/nowhere.png': No such file"),
         ({"label": "bronchitis"}, r"manifest.csv:5: label 'bronchitis' is not one of"),
-        ({"path": "images/ok0.png"}, r"manifest.csv:5: the same image as line 2 but another"),
+        ({"path": "images/ok0.png"}, r"manifest.csv:5: 'images/ok0.png' is the same image as"),
         ({"path": "scan.nii.gz"}, r"manifest.csv:5: 'scan.nii.gz': a NIfTI volume cannot be"),
     ],
 )
@@ -267,7 +276,10 @@ def test_train_cli_names_the_bad_manifest_line(tmp_path: Path):
 
 def test_nifti_rows_feed_a_3d_task(tmp_path: Path):
     volume = NIFTI_VOLUME
-    (tmp_path / "manifest.csv").write_text(f"path,label\n{volume},vessel\n{volume},aneurysm\n")
+    original = nib.load(volume)
+    flipped = tmp_path / "flipped.nii.gz"  # a second, different volume
+    nib.save(nib.Nifti1Image(np.asarray(original.dataobj)[::-1], original.affine), flipped)
+    (tmp_path / "manifest.csv").write_text(f"path,label\n{volume},vessel\n{flipped},aneurysm\n")
     spec = get_dataset_spec("vesselmnist3d")
     data = load_manifest(tmp_path / "manifest.csv", spec)
     assert data.images.shape == (2, 1, 28, 28, 28) and data.images.dtype == np.uint8

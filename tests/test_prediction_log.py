@@ -330,6 +330,13 @@ def test_audit_verify_exit_codes(log_path: Path, tmp_path: Path) -> None:
     assert (
         directory.stderr.strip() == f"error: --log: {tmp_path} is a directory, not a prediction log"
     )
+    mistyped = runner.invoke(app, ["audit", "verify", "--log", str(tmp_path / "typo.jsonl")])
+    assert mistyped.exit_code == 2 and "no such prediction log" in mistyped.stderr
+
+    # Nested too deeply for the JSON parser: a problem on its line, not a traceback.
+    log_path.write_text("".join(lines[:2]) + "[" * 100_000 + "\n")
+    deep = runner.invoke(app, ["audit", "verify", "--log", str(log_path)])
+    assert deep.exit_code == 1 and f"{log_path}: line 3: not JSON" in deep.stdout
 
 
 def test_audit_verify_defaults_to_the_state_directory(monkeypatch, tmp_path: Path) -> None:

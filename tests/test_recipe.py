@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,9 @@ def test_wrong_or_unknown_field_is_named(tmp_path: Path, text: str, field: str):
 def test_dropout_is_refused_where_the_network_has_none():
     with pytest.raises(RecipeError, match=r"field 'model': model\.dropout applies to DenseNet"):
         load_recipe(QUICK_RECIPE, ["model.network=ResNet", "model.dropout=0.2"])
-    assert load_recipe(QUICK_RECIPE, ["model.network=ResNet", "model.dropout=0"]).model.dropout == 0
+    # The quick recipe's network_params are DenseNet's: ResNet takes none of them.
+    resnet = ["model.network=ResNet", "model.network_params={}", "model.dropout=0"]
+    assert load_recipe(QUICK_RECIPE, resnet).model.dropout == 0
 
 
 MANIFEST_RECIPE = PROJECT_ROOT / "training" / "recipes" / "hospital-manifest-example.yaml"
@@ -143,3 +146,96 @@ def test_missing_recipe_and_bad_yaml(tmp_path: Path):
 def test_train_cli_prints_one_line_naming_the_field():
     line = medscreen_error_line("train", str(QUICK_RECIPE), "--set", "optimisation.max_epochs=-1")
     assert "field 'optimisation.max_epochs'" in line
+
+
+ECG_RECIPE = PROJECT_ROOT / "training" / "recipes" / "ecg-full.yaml"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"name: x\xff\xfe\n", r":1:8: not UTF-8 text \(byte 0xff\)"),
+        (b"name: x\nseed: [1,\n  2\n", r":4:1: not valid YAML: expected ',' or ']'"),
+        (b"name: x\nseed: 1\n  kind: y\n", r":3:7: not valid YAML: mapping values are not"),
+        (b"name: x\x07\n", r":1:8: not valid YAML: character 0x0007: special characters are not"),
+    ],
+)
+def test_unreadable_recipe_names_file_line_and_column(tmp_path: Path, content: bytes, message: str):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(content)
+    with pytest.raises(RecipeError, match=f"^{re.escape(str(bad))}{message}") as caught:
+        load_recipe(bad)
+    assert "\n" not in str(caught.value) and "<unicode string>" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "content", [b"name: x\xff\xfe\n", b"name: [unclosed\n"], ids=["not-utf8", "bad-yaml"]
+)
+def test_train_cli_prints_one_line_for_an_unreadable_recipe(tmp_path: Path, content: bytes):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(content)
+    assert medscreen_error_line("train", str(bad)).startswith(f"error: {bad}:")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["model.network_params.grwth_rate=12"],
+            r"'model\.network_params\.grwth_rate': not a parameter of MONAI's DenseNet; "
+            r"accepted: act, block_config, bn_size, growth_rate, init_features, norm$",
+        ),
+        (
+            ["model.network=DenseNet121", "model.network_params={bn_siz: 2}"],
+            r"'model\.network_params\.bn_siz': not a parameter of MONAI's DenseNet121; "
+            r"accepted: act, block_config, bn_size, growth_rate, init_features, norm, pretrained, "
+            r"progress$",
+        ),
+        (
+            ["model.network=ResNet", "model.network_params={layer: [1, 1, 1, 1]}"],
+            r"'model\.network_params\.layer': not a parameter of MONAI's ResNet; accepted: act, "
+            r"bias_downsample, block, block_inplanes, conv1_t_size, .*, widen_factor$",
+        ),
+        (
+            ["model.network_params.dropout_prob=0.3"],
+            r"'model\.network_params\.dropout_prob': set by medscreen from model\.dropout",
+        ),
+        (
+            ["model.network_params.in_channels=3"],
+            r"'model\.network_params\.in_channels': set by medscreen from the data",
+        ),
+        (
+            ["model.network=ResNet", "model.network_params={num_classes: 3}"],
+            r"'model\.network_params\.num_classes': set by medscreen from the data",
+        ),
+    ],
+)
+def test_unknown_network_params_are_named(overrides: list[str], message: str):
+    with pytest.raises(RecipeError, match=f"{QUICK_RECIPE}: field {message}"):
+        load_recipe(QUICK_RECIPE, overrides)
+
+
+def test_network_params_medscreen_does_not_set_are_accepted():
+    recipe = load_recipe(
+        QUICK_RECIPE, ["model.network=DenseNet121", "model.network_params={bn_size: 2}"]
+    )
+    assert recipe.model.network_params == {"bn_size": 2}
+    resnet = load_recipe(
+        QUICK_RECIPE,
+        ["model.network=ResNet", "model.network_params={block: bottleneck, widen_factor: 0.5}"],
+    )
+    assert resnet.model.network_params["block"] == "bottleneck"
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("model.block_config=[-1]", "model.block_config.0"),
+        ("model.block_config=[3, 0]", "model.block_config.1"),
+        ("model.block_config=[]", "model.block_config"),
+    ],
+)
+def test_ecg_block_sizes_must_be_positive(override: str, field: str):
+    with pytest.raises(RecipeError, match=rf"{ECG_RECIPE}: field '{field}': "):
+        load_recipe(ECG_RECIPE, [override])
+    assert load_recipe(ECG_RECIPE, ["model.block_config=[1, 2]"]).model.block_config == [1, 2]

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 
-from datasets import DatasetError, load_manifest
+from datasets import DatasetError, ManifestData, load_manifest
 from training.evaluation import is_positive, positive_scores, screening_report
 from training.models import predict_probabilities
 from training.plots import log_figures, screening_figures
-from training.runs import load_run_context
+from training.runs import RunContext, RunError, load_run_context
 from training.tracking import provenance
+
+logger = logging.getLogger(__name__)
+OVERLAP_CHECK_TAG = "medscreen.overlap_check"
 
 
 @dataclass(frozen=True)
@@ -40,12 +46,14 @@ def evaluate_manifest(run_id: str, manifest: Path) -> EvaluationResult:
         The evaluation run id and its metrics.
 
     Raises:
-        DatasetError: naming the manifest line that is wrong.
+        DatasetError: naming the manifest line that is wrong, or the first row whose image the
+            model was trained or selected on.
         RunError: if the training run does not exist.
     """
     context = load_run_context(run_id)
     spec = context.spec
     data = load_manifest(manifest, spec)
+    overlap_check = _refuse_training_images(context, data)
     network = context.network()
     probabilities = predict_probabilities(network, data.images, context.temperature)
     truth = is_positive(data.labels, spec.positive_classes)
@@ -66,6 +74,7 @@ def evaluate_manifest(run_id: str, manifest: Path) -> EvaluationResult:
             "medscreen.evaluates_run_id": run_id,
             "medscreen.dataset": spec.name,
             "medscreen.manifest.fingerprint": data.fingerprint,
+            OVERLAP_CHECK_TAG: overlap_check,
             **provenance(),
         },
     ) as run:
@@ -97,3 +106,38 @@ def evaluate_manifest(run_id: str, manifest: Path) -> EvaluationResult:
             )
         )
     return EvaluationResult(run_id=run.info.run_id, evaluated_run_id=run_id, metrics=metrics)
+
+
+def _pixel_digest(image: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
+
+
+def _refuse_training_images(context: RunContext, data: ManifestData) -> str:
+    """Refuse rows whose pixels the run trained or selected on (its train and val splits).
+
+    Pixels, not files, are compared: a MedMNIST training image saved as a PNG is still caught.
+
+    Returns:
+        What was checked, for the evaluation run's tag.
+
+    Raises:
+        DatasetError: naming the first such row and how many there are.
+    """
+    try:
+        seen = {
+            _pixel_digest(image)
+            for split in ("train", "val")
+            for image in context.split(split).images
+        }
+    except (DatasetError, RunError, OSError) as error:
+        # A region evaluating a shared model may not hold the data it was trained on.
+        logger.warning("training data not readable here, overlap not checked: %s", error)
+        return "not checked: the run's training data is not readable here"
+    overlapping = [row for row, image in enumerate(data.images) if _pixel_digest(image) in seen]
+    if overlapping:
+        raise DatasetError(
+            f"{data.source}:{data.lines[overlapping[0]]}: this image is in the training or "
+            f"validation data of run {context.run.info.run_id} ({len(overlapping)} of "
+            f"{len(data)} rows are); evaluate on images the model has never seen"
+        )
+    return "passed: no row is in the run's training or validation data"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -12,6 +11,8 @@ from scipy.special import log_softmax, softmax
 from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 from torchmetrics.functional.classification import binary_calibration_error
+
+from datasets.manifest import site_metric_name
 
 
 def positive_scores(probabilities: np.ndarray, positive_classes: tuple[int, ...]) -> np.ndarray:
@@ -261,7 +262,7 @@ def screening_report(
     }
     for site in [] if sites is None else sorted(set(sites.tolist())):
         rows = sites == site
-        name = re.sub(r"[^A-Za-z0-9_-]", "_", str(site))
+        name = site_metric_name(str(site))
         if truth[rows].all() or not truth[rows].any():
             report[f"{prefix}_site_{name}_cases"] = float(rows.sum())
             continue  # AUC and intervals need both classes at the site

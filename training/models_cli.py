@@ -5,11 +5,14 @@ from __future__ import annotations
 import datetime
 import json
 import re
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 app = typer.Typer(
     help="Registered models: approvals, aliases and their history.", no_args_is_help=True
@@ -68,23 +71,28 @@ def show_command(
         _fail(f"{selector}: {error.message}")
 
 
-def _show_model(client, name: str) -> None:
+def _show_model(client: MlflowClient, name: str) -> None:
     from training.registry import unrecorded_aliases
 
     table = Table(
         "version", "aliases", "variant", "gate", "threshold", "test AUC", "run", title=name
     )
+    # search_model_versions leaves aliases empty; the registered model holds alias→version.
+    aliases_by_version: dict[str, list[str]] = {}
+    for alias, version in sorted(client.get_registered_model(name).aliases.items()):
+        aliases_by_version.setdefault(str(version), []).append(alias)
     versions = client.search_model_versions(f"name='{name}'")
     for entry in sorted(versions, key=lambda item: int(item.version)):
         tags = entry.tags
+        # Rich renders only strings: MLflow gives the version as an int.
         table.add_row(
-            entry.version,
-            ", ".join(entry.aliases) or "-",
+            str(entry.version),
+            ", ".join(aliases_by_version.get(str(entry.version), [])) or "-",
             tags.get("medscreen.variant", "?"),
             tags.get("medscreen.release_gate", "none"),
             tags.get("medscreen.threshold", "?"),
             tags.get("medscreen.test_auc", "?"),
-            entry.run_id,
+            entry.run_id or "-",
         )
     console.print(table)
     for alias, held in unrecorded_aliases(name).items():

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -148,6 +150,46 @@ class AugmentationSection(_Strict):
     horizontal_flip_probability: float = Field(default=0.0, ge=0, le=1)
 
 
+# Arguments that ``training.models.build_network`` passes to each MONAI constructor itself;
+# giving one in ``model.network_params`` as well would be a duplicate keyword argument.
+_SET_BY_MEDSCREEN: dict[str, dict[str, str]] = {
+    "DenseNet": {
+        "spatial_dims": "the data",
+        "in_channels": "the data",
+        "out_channels": "the data",
+        "dropout_prob": "model.dropout",
+    },
+    "ResNet": {
+        "spatial_dims": "the data",
+        "n_input_channels": "the data",
+        "num_classes": "the data",
+    },
+}
+_SET_BY_MEDSCREEN["DenseNet121"] = _SET_BY_MEDSCREEN["DenseNet"]
+
+
+@functools.cache
+def _network_parameters(network: str) -> frozenset[str]:
+    """Keyword arguments the MONAI constructor of ``network`` takes, following ``**kwargs``.
+
+    MONAI (and with it torch) is imported only here, when a recipe gives network_params.
+    """
+    from monai.networks import nets
+
+    names: set[str] = set()
+    for cls in getattr(nets, network).__mro__:
+        if "__init__" not in vars(cls):
+            continue
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        names.update(
+            p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        )
+        # DenseNet121(**kwargs) hands the rest to DenseNet.__init__: read that one too.
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return frozenset(names)
+
+
 class ModelSection(_Strict):
     """The MONAI network and the preprocessing that is baked into the exported graph."""
 
@@ -174,6 +216,27 @@ class ModelSection(_Strict):
                 "model.dropout applies to DenseNet networks only; MONAI's ResNet has none"
             )
         return self
+
+    def check_network_params(self) -> None:
+        """Refuse network_params the MONAI constructor does not take, or medscreen sets itself.
+
+        Raises:
+            _FieldError: naming ``network_params.KEY``.
+        """
+        if not self.network_params:
+            return
+        set_by_medscreen = _SET_BY_MEDSCREEN[self.network]
+        accepted = sorted(_network_parameters(self.network) - set_by_medscreen.keys())
+        for key in self.network_params:
+            if key in set_by_medscreen:
+                raise _FieldError(
+                    f"network_params.{key}", f"set by medscreen from {set_by_medscreen[key]}"
+                )
+            if key not in accepted:
+                raise _FieldError(
+                    f"network_params.{key}",
+                    f"not a parameter of MONAI's {self.network}; accepted: {', '.join(accepted)}",
+                )
 
 
 class OptimisationSection(_Strict):
@@ -228,6 +291,16 @@ class Recipe(_Strict):
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     registration: RegistrationSection
 
+    @model_validator(mode="after")
+    def _network_params_are_arguments(self) -> Recipe:
+        # Here, not on ModelSection: a model validator runs only once every field is valid, so
+        # MONAI (seconds to import) is imported only for a recipe that is otherwise good.
+        try:
+            self.model.check_network_params()
+        except _FieldError as error:
+            raise _FieldError(f"model.{error.field}", str(error)) from None
+        return self
+
     def flat(self) -> dict[str, Any]:
         """Return the recipe as dotted keys, the form MLflow params take."""
         return _flatten(self.model_dump(mode="json"))
@@ -270,7 +343,9 @@ class EcgModelSection(_Strict):
 
     init_features: int = Field(default=16, gt=0)
     growth_rate: int = Field(default=12, gt=0)
-    block_config: list[int] = Field(default_factory=lambda: [3, 3, 3], min_length=1)
+    block_config: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [3, 3, 3], min_length=1, description="Layers of each dense block."
+    )
     embedding_features: int = Field(default=32, gt=0)
     dropout: float = Field(default=0.1, ge=0, lt=1)
 
@@ -325,6 +400,29 @@ def _describe(error: ValidationError, source: str) -> str:
     field = ".".join(location) or "(top level)"
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
     return f"{source}: field '{field}': {message}{more}"
+
+
+def _line_and_column(text: str | bytes, offset: int) -> tuple[int, int]:
+    """1-based line and column of ``offset`` in ``text``."""
+    newline = "\n" if isinstance(text, str) else b"\n"
+    start = text.rfind(newline, 0, offset) + 1
+    return text.count(newline, 0, offset) + 1, offset - start + 1
+
+
+def _describe_yaml(error: yaml.YAMLError, path: Path, text: str) -> str:
+    """``file:line:col: not valid YAML: problem``, on one line."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}"
+        problem = error.problem or error.context or "not valid YAML"
+    elif isinstance(error, yaml.reader.ReaderError):
+        line, column = _line_and_column(text, error.position)
+        where = f"{path}:{line}:{column}"
+        code = error.character if isinstance(error.character, int) else ord(error.character)
+        problem = f"character {code:#06x}: {error.reason}"
+    else:
+        where, problem = str(path), "not valid YAML"
+    return f"{where}: not valid YAML: {' '.join(str(problem).split())}"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -400,11 +498,21 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> AnyRecipe:
         RecipeError: naming the file and field when anything is wrong.
     """
     try:
-        tree = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
     except OSError as error:
         raise RecipeError(f"{path}: cannot read recipe ({error.strerror})") from error
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line, column = _line_and_column(data, error.start)
+        raise RecipeError(
+            f"{path}:{line}:{column}: not UTF-8 text (byte 0x{data[error.start]:02x}); "
+            "save the recipe as UTF-8"
+        ) from error
+    try:
+        tree = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise RecipeError(f"{path}: not valid YAML ({error})") from error
+        raise RecipeError(_describe_yaml(error, path, text)) from error
     if not isinstance(tree, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping of fields")
     recipe_class = EcgRecipe if tree.get("kind") == "ecg-monitoring" else Recipe

@@ -26,6 +26,8 @@ from training.tracking import configure_tracking
 EVENT_TAG_PREFIX = "medscreen.alias_event."
 APPROVER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{1,63}$")
 ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+# MLflow refuses these alias names: ``latest`` and ``v<digits>`` name versions.
+RESERVED_ALIAS_PATTERN = re.compile(r"^(?:latest|v\d+)$", re.IGNORECASE)
 
 
 class GovernanceError(ValueError):
@@ -102,9 +104,10 @@ def _validate_approval(approver: str | None, reason: str | None) -> tuple[str, s
     return approver, reason.strip()
 
 
-def _record(client: MlflowClient, name: str, event: AliasEvent) -> None:
+def _record(client: MlflowClient, name: str, event: AliasEvent) -> str:
     key = f"{EVENT_TAG_PREFIX}{time.time_ns():020d}.{uuid.uuid4().hex[:8]}"
     client.set_registered_model_tag(name, key, json.dumps(asdict(event), sort_keys=True))
+    return key
 
 
 def _move_alias(
@@ -114,6 +117,7 @@ def _move_alias(
     version: ModelVersion,
     *,
     action: str,
+    option: str,
     approver: str,
     reason: str,
 ) -> AliasEvent:
@@ -130,8 +134,17 @@ def _move_alias(
         reason=reason,
     )
     # History first: an alias never moves without its record.
-    _record(client, name, event)
-    client.set_registered_model_alias(name, alias, str(version.version))
+    key = _record(client, name, event)
+    try:
+        client.set_registered_model_alias(name, alias, str(version.version))
+    except MlflowException as error:
+        # The alias did not move: its record must not say it did.
+        client.delete_registered_model_tag(name, key)
+        detail = " ".join(str(error.message).split())  # one line for the CLI
+        raise GovernanceError(
+            f"{option}: MLflow refused to point {name}@{alias} at version {version.version}: "
+            f"{detail}"
+        ) from error
     if previous is not None and str(previous) != str(version.version):
         # The approval went with the alias: the old version may not be served under it again
         # unless someone approves it again.
@@ -157,12 +170,16 @@ def promote(
     """Point ``alias`` at ``version`` after checking its release gate and the approval.
 
     Raises:
-        GovernanceError: if the approval is incomplete, the version is unknown, or its release
-            gate did not pass.
+        GovernanceError: if the approval is incomplete, the alias is malformed or reserved, the
+            version is unknown, its release gate did not pass, or MLflow refused the alias.
     """
     approver, reason = _validate_approval(approver, reason)
     if not ALIAS_PATTERN.match(alias):
         raise GovernanceError(f"--to: {alias!r} is not an alias (lower-case letters, digits, -_)")
+    if RESERVED_ALIAS_PATTERN.match(alias):
+        raise GovernanceError(
+            f"--to: {alias!r} is reserved by MLflow ('latest' and 'v<number>' name versions)"
+        )
     client = _client()
     model_version = _version(client, name, version)
     if model_version.tags.get(GATE_PASSED_TAG) != "passed":
@@ -171,7 +188,14 @@ def promote(
             "register it with `medscreen export`"
         )
     return _move_alias(
-        client, name, alias, model_version, action="promote", approver=approver, reason=reason
+        client,
+        name,
+        alias,
+        model_version,
+        action="promote",
+        option="--to",
+        approver=approver,
+        reason=reason,
     )
 
 
@@ -179,7 +203,8 @@ def rollback(name: str, *, alias: str, approver: str | None, reason: str | None)
     """Point ``alias`` back at the version it held before its latest recorded change.
 
     Raises:
-        GovernanceError: if the approval is incomplete or the alias has no earlier version.
+        GovernanceError: if the approval is incomplete, the alias has no earlier version, or
+            MLflow refused the alias.
     """
     approver, reason = _validate_approval(approver, reason)
     client = _client()
@@ -194,7 +219,14 @@ def rollback(name: str, *, alias: str, approver: str | None, reason: str | None)
         )
     target = _version(client, name, events[-1].previous_version)
     return _move_alias(
-        client, name, alias, target, action="rollback", approver=approver, reason=reason
+        client,
+        name,
+        alias,
+        target,
+        action="rollback",
+        option="--alias",
+        approver=approver,
+        reason=reason,
     )
 
 

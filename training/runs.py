@@ -138,9 +138,16 @@ def read_run_recipe(run_id: str) -> dict:
     """The resolved recipe a training run logged.
 
     Raises:
-        RunError: if the run does not exist, or has no recipe (it is not a training run).
+        RunError: if the run does not exist, did not finish, or has no recipe (it is not a
+            training run).
     """
-    _get_run(run_id)
+    status = _get_run(run_id).info.status
+    if status != "FINISHED":
+        # The recipe is logged first: a killed or failed run has it, but no model.
+        raise RunError(
+            f"run {run_id} is {status.lower()}, not finished: it has no model to use; "
+            "train the recipe again"
+        )
     try:
         tree = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/{RECIPE_ARTIFACT}"))
     except (mlflow.exceptions.MlflowException, OSError) as error:
