@@ -22,7 +22,7 @@ def serve_command(
             "(default: every model with a 'champion' alias)."
         ),
     ] = None,
-    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 3000,
+    port: Annotated[int, typer.Option(help="TCP port (1-65535).")] = 3000,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     reload_seconds: Annotated[
         float, typer.Option(help="How often aliases are checked for a new version (0: never).")
@@ -41,6 +41,9 @@ def serve_command(
     from serving.model import load_served_model
     from serving.pool import default_references
 
+    if not 1 <= port <= 65535:  # checked here, not by click, so the error is one line
+        typer.echo(f"error: --port: {port} is not a TCP port (1-65535)", err=True)
+        raise typer.Exit(2)
     uri = tracking_uri()
     try:
         references = model or default_references(uri)

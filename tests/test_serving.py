@@ -597,3 +597,13 @@ def test_serve_cli_names_an_unknown_model_or_a_bad_reference():
     assert "no-such-model@champion" in line
     line = medscreen_error_line("serve", "--model", "pneumonia-screening", "--port", "1")
     assert "NAME@ALIAS or NAME@VERSION" in line
+    line = medscreen_error_line("serve", "--port", "99999")
+    assert line == "error: --port: 99999 is not a TCP port (1-65535)"
+
+
+def test_predict_cli_never_echoes_a_malformed_key(shared_datasets: Path):
+    secret = "msk_0123456789ab_secret\npart"
+    line = medscreen_error_line(
+        "predict", str(shared_datasets / CHEST_XRAY_DICOM), "--api-key", secret
+    )
+    assert line.startswith("error: --api-key:") and "secret" not in line
