@@ -254,3 +254,10 @@ def test_multi_picture_jpeg_is_read_as_its_first_picture():
     decoded = decode_image(buffer.getvalue(), channels=1, height=48, width=64)
     assert decoded.source_format == "jpeg"
     assert np.abs(decoded.pixels[0].astype(int) - GRADIENT).mean() < 3
+
+
+def test_a_window_that_blanks_the_picture_is_a_422(shared_datasets: Path):
+    dataset = pydicom.dcmread(shared_datasets / DICOM_DIR / "pydicom_CT_small.dcm")
+    dataset.WindowCenter, dataset.WindowWidth = -1e6, 10  # every pixel above the window
+    status, message = _status_of(dataset_bytes(dataset))
+    assert status == HTTPStatus.UNPROCESSABLE_ENTITY and "map every pixel to one value" in message
