@@ -9,7 +9,15 @@ InputError = ImageDecodeError
 
 
 class ModelLoadError(RuntimeError):
-    """A registered model could not be found, downloaded or verified. The message says why."""
+    """A registered model could not be found, downloaded or verified. The message says why.
+
+    ``transient`` marks a failure a later attempt may not repeat (the registry or the artifact
+    store unreachable), as opposed to a version that fails its checks and always will.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class RequestError(ValueError):

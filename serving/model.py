@@ -81,9 +81,14 @@ class ServedModel:
         self.alias = alias
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = onnxruntime_threads()
-        self.session = onnxruntime.InferenceSession(
-            str(onnx_path), options, providers=["CPUExecutionProvider"]
-        )
+        try:
+            self.session = onnxruntime.InferenceSession(
+                str(onnx_path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as error:  # onnxruntime raises its own types (InvalidProtobuf, Fail)
+            raise ModelLoadError(
+                f"{card.model_name} version {version}: onnxruntime cannot load the graph: {error}"
+            ) from error
         if card.input is not None:
             self.input_names: tuple[str, ...] = (card.input.name,)
             self.input_shape: tuple[int, ...] = tuple(int(dim) for dim in card.input.shape[1:])
@@ -179,7 +184,8 @@ def resolve_version(
             version = client.get_model_version_by_alias(parsed.name, parsed.selector)
     except MlflowException as error:
         raise ModelLoadError(
-            f"no registered model version {reference!r} in {uri}: {error.message}"
+            f"no registered model version {reference!r} in {uri}: {error.message}",
+            transient=True,  # also when the registry is unreachable
         ) from error
     _check_governance(reference, parsed, version)
     return parsed, version
@@ -211,7 +217,9 @@ def load_served_model(reference: str, *, tracking: str | None = None) -> ServedM
                 )
             )
         except MlflowException as error:
-            raise ModelLoadError(f"cannot download {reference!r}: {error.message}") from error
+            raise ModelLoadError(
+                f"cannot download {reference!r}: {error.message}", transient=True
+            ) from error
         card_path = model_dir / "extra_files" / CARD_FILENAME
         try:
             card = ServedCard.model_validate_json(card_path.read_bytes())

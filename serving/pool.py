@@ -153,10 +153,11 @@ class ModelPool:
                     continue
                 try:
                     replacement = self._load(reference)
-                except ModelLoadError:
-                    self._rejected.add(target)  # a broken version stays broken
+                except ModelLoadError as error:
+                    if not error.transient:
+                        self._rejected.add(target)  # a broken version stays broken
                     raise
-            except (ModelLoadError, MlflowException) as error:
+            except (ModelLoadError, MlflowException, OSError) as error:
                 if self._kept_because.get(name) != str(error):
                     self._kept_because[name] = str(error)
                     logger.warning("keeping %s version %s: %s", name, current.model.version, error)

@@ -91,9 +91,13 @@ _configure_logging()
 _INLINE_DECODE_BYTES = 64 * 1024
 _MULTIPART = "multipart/form-data"
 # BentoML answers a request still running after REQUEST_TIMEOUT_S with a 504 that bypasses the
-# prediction log; a slow upload is refused (408, logged) well before that.
-REQUEST_TIMEOUT_S = 60
+# prediction log, so the service keeps its own, earlier deadlines, each answered and logged: a
+# slow upload is a 408, and a request not answered within ANSWER_DEADLINE_S a 503. Once its
+# record is being written a request is no longer cut short (the record and the answer must
+# agree); BentoML's timeout stays only as a backstop for a stalled disk.
 UPLOAD_TIMEOUT_S = 45.0
+ANSWER_DEADLINE_S = 55.0
+REQUEST_TIMEOUT_S = 120
 
 api = FastAPI(
     title="medscreen",
@@ -180,6 +184,7 @@ class _Exchange:
     served: Served | None = None
     input_sha256: str | None = None
     input_format: str | None = None
+    deadline: asyncio.Timeout | None = None
 
     def latency_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
@@ -581,19 +586,25 @@ class Screening:
     ) -> JSONResponse:
         """Run a request; every way it can fail is answered in one JSON form and logged."""
         try:
-            return await handle(exchange)
+            async with asyncio.timeout(ANSWER_DEADLINE_S) as exchange.deadline:
+                return await handle(exchange)
         except (AuthError, RequestError, InputError) as error:
             return await self._refuse(exchange, error)
-        except Exception:
-            logger.exception("request %s %s failed", exchange.request_id, exchange.route)
-            return await self._refuse(
-                exchange,
-                RequestError(
+        except Exception as error:
+            if isinstance(error, TimeoutError) and exchange.deadline.expired():
+                failure = RequestError(
+                    f"the service could not answer within {ANSWER_DEADLINE_S:g} s (it is "
+                    "overloaded); try again later",
+                    HTTPStatus.SERVICE_UNAVAILABLE,
+                )
+            else:
+                logger.exception("request %s %s failed", exchange.request_id, exchange.route)
+                failure = RequestError(
                     "the service could not process this request; it is logged under its "
                     "request id for the operators",
                     HTTPStatus.INTERNAL_SERVER_ERROR,
-                ),
-            )
+                )
+            return await self._refuse(exchange, failure)
 
     def _authenticate(self, request: Request, exchange: _Exchange) -> ApiKey:
         presented = request.headers.get("authorization") or request.headers.get("x-api-key")
@@ -631,6 +642,10 @@ class Screening:
         model = exchange.served.model
         response = self._json(exchange, answer)  # serialised before it is recorded as sent
         latency_ms = exchange.latency_ms()
+        if exchange.deadline is not None:
+            if exchange.deadline.expired():
+                await asyncio.sleep(0)  # its cancellation lands here: nothing recorded as sent
+            exchange.deadline.reschedule(None)  # a record being written is not cut short
         try:
             await self.log.append_async(
                 PredictionRecord(

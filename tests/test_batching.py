@@ -206,3 +206,27 @@ def test_two_busy_models_sharing_the_run_lock_take_turns():
     asyncio.run(scenario())
     assert sorted(runs) == ["first"] * 8 + ["second"] * 8
     assert all(a != b for a, b in itertools.pairwise(runs)), runs
+
+
+def test_requests_cancelled_while_queued_are_not_run():
+    """Callers that are gone (timed out, disconnected) must not delay the ones still waiting."""
+    sizes: list[int] = []
+    batcher = MicroBatcher(_slow_double(sizes), max_batch_size=8)
+
+    async def scenario() -> np.ndarray:
+        first = asyncio.ensure_future(batcher.submit({"x": np.full((1, 1), 1.0)}))
+        await asyncio.sleep(0.005)  # the first batch is running
+        gone = [
+            asyncio.ensure_future(batcher.submit({"x": np.full((1, 1), 9.0)})) for _ in range(30)
+        ]
+        await asyncio.sleep(0)
+        for task in gone:
+            task.cancel()
+        live = await batcher.submit({"x": np.full((1, 1), 3.0)})
+        await first
+        return live
+
+    live = asyncio.run(scenario())
+    batcher.close()
+    assert float(live[0, 0]) == 6.0
+    assert sum(sizes) == 2, sizes  # the first and the live request, none of the 30

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -334,3 +335,41 @@ def test_a_stopped_pool_swaps_in_nothing_and_leaves_no_runner(
     while any(thread.name == runner for thread in threading.enumerate()):
         assert time.monotonic() < deadline, f"{runner} is still running"
         time.sleep(0.05)
+
+
+def test_a_failed_download_is_retried_at_the_next_poll(
+    registered_model, second_float_version, monkeypatch
+):
+    """An artifact store hiccup must not reject an approved version until a restart."""
+    from mlflow.exceptions import MlflowException
+
+    from training.registry import promote
+
+    name, version = registered_model.model_name, registered_model.version
+    promote(name, version, alias="retried", approver="ci", reason="retry test")
+    pool = _watched_pool(f"{name}@retried")
+    promote(name, second_float_version.version, alias="retried", approver="ci", reason="test")
+    download, calls = mlflow.artifacts.download_artifacts, itertools.count()
+
+    def failing_once(*args, **kwargs):
+        if next(calls) == 0:
+            raise MlflowException("the artifact store answered 503")
+        return download(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", failing_once)
+    assert pool.refresh() == []  # kept the old version at this poll
+    assert len(pool.refresh()) == 1  # and switched at the next
+    assert pool.all()[0].model.version == second_float_version.version
+    pool.stop()
+
+
+def test_a_graph_onnxruntime_cannot_load_is_a_model_load_error(registered_model, tmp_path):
+    from serving.errors import ModelLoadError
+    from serving.model import ServedModel, load_served_model
+
+    served = load_served_model(f"{registered_model.model_name}@{registered_model.version}")
+    corrupt = tmp_path / "model.onnx"
+    corrupt.write_bytes(b"not an onnx graph")
+    with pytest.raises(ModelLoadError, match="onnxruntime cannot load the graph") as failure:
+        ServedModel(served.card, corrupt, version="99", alias=None)
+    assert not failure.value.transient  # the pool will not download it again

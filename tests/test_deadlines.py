@@ -1,0 +1,89 @@
+"""The service's own deadline: a late request is answered and logged, and the two always agree.
+
+BentoML's request timeout cancels a request and answers 504 without the prediction log ever
+hearing of it; the service's earlier deadline answers 503 and logs the request as failed. A
+request whose record is already being written is not cut short, so that no record says
+"prediction" for an answer the hospital never received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from serving import service
+from serving.prediction_log import PredictionLog
+
+DEADLINE_S = 0.3
+
+
+@pytest.fixture
+def screening(tmp_path: Path, monkeypatch):
+    """The service's request handling over a real prediction log (no models are needed)."""
+    monkeypatch.setattr(service, "ANSWER_DEADLINE_S", DEADLINE_S)
+    instance = object.__new__(service.Screening.inner)
+    instance.log = PredictionLog(tmp_path / "predictions.jsonl")
+    yield instance
+    instance.log.close()
+
+
+def _records(screening) -> list[dict]:
+    return [json.loads(line) for line in screening.log.path.read_text().splitlines()]
+
+
+def _answered(exchange) -> None:
+    """What a request has established by the time it answers: who asked, which model."""
+    exchange.key = SimpleNamespace(hospital="St Mary", region="eu-west", key_id="0123456789ab")
+    model = SimpleNamespace(name="pneumonia-screening", version="3", alias="champion")
+    model.threshold = 0.5
+    exchange.served = SimpleNamespace(model=model)
+
+
+def test_a_request_past_the_deadline_is_a_logged_503(screening):
+    async def stuck(exchange):
+        await asyncio.sleep(10)  # e.g. a queue behind an overloaded runner
+
+    started = time.monotonic()
+    response = asyncio.run(screening._guarded(service._Exchange("/v1/screen"), stuck))
+    assert time.monotonic() - started < 5
+    assert response.status_code == 503
+    assert "could not answer within 0.3 s" in json.loads(response.body)["error"]
+    (record,) = _records(screening)
+    assert record["outcome"] == "failed" and record["status"] == 503
+
+
+def test_a_record_being_written_at_the_deadline_is_not_cut_short(screening):
+    """The answer is sent and recorded as sent, even when the log is slow past the deadline."""
+    screening.log.append(service.PredictionRecord(
+        request_id="warm-up", outcome="failed", status=400, route="/v1/screen",
+        error="x", latency_ms=1.0,
+    ))  # fmt: skip
+    held = threading.Event()
+
+    def hold_the_log_lock() -> None:  # another worker process writing, or a slow disk
+        descriptor = os.open(screening.log.lock_path, os.O_RDWR)
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        held.set()
+        time.sleep(2 * DEADLINE_S)
+        os.close(descriptor)
+
+    async def answer(exchange):
+        _answered(exchange)
+        threading.Thread(target=hold_the_log_lock).start()
+        held.wait()
+        await asyncio.sleep(DEADLINE_S / 2)
+        answer = {"request_id": exchange.request_id, "decision": "positive"}
+        return await screening._answer(exchange, answer, score=0.9, decision="positive")
+
+    response = asyncio.run(screening._guarded(service._Exchange("/v1/screen"), answer))
+    assert response.status_code == 200
+    record = _records(screening)[-1]
+    assert record["outcome"] == "prediction" and record["decision"] == "positive"
