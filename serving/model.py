@@ -126,7 +126,8 @@ class ServedModel:
 
     def positive_probability(self, probabilities: np.ndarray) -> np.ndarray:
         """Summed probability of the positive finding's classes."""
-        return probabilities[:, self._positive_columns].sum(axis=1)
+        # Clipped: a float32 sum of several classes can come out at 1.0000001.
+        return np.clip(probabilities[:, self._positive_columns].sum(axis=1), 0.0, 1.0)
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /v1/models`` shows of this model: identity, operating point and card."""

@@ -32,7 +32,10 @@ def test_ecg_run_reports_aami_metrics_per_class_and_per_record(ecg_run):
     # Record 220 has no V beat: its V sensitivity is undefined and not logged as a number.
     assert metrics["val_S_beats"] == 94 and metrics["val_V_beats"] == 0
     assert "val_V_sensitivity" not in metrics
-    assert [point.step for point in client.get_metric_history(ecg_run.run_id, "val_sv_f1")] == [0]
+    history = client.get_metric_history(ecg_run.run_id, "val_sv_f1")
+    assert [point.step for point in history] == [0]
+    # The selected checkpoint's score has its own metric (the curve holds the last epoch's).
+    assert metrics["selected_val_sv_f1"] == pytest.approx(max(point.value for point in history))
     per_record = json.loads(
         mlflow.artifacts.load_text(f"runs:/{ecg_run.run_id}/evaluation/val_per_record.json")
     )
@@ -100,6 +103,8 @@ def test_ecg_export_registers_a_beat_graph_with_its_card(ecg_model, shared_datas
         "minimum val_accuracy",
     ]
     assert card.metrics["selected_val_sensitivity"] >= card.operating_point.sensitivity_target
+    # Intervals resample records (patients), and the per-epoch curve is not a card figure.
+    assert "selected_val_ci_resamples" in card.metrics and "val_sv_f1" not in card.metrics
     assert "360 Hz" in card.to_markdown()
 
     version = MlflowClient().get_model_version(result.model_name, result.version)

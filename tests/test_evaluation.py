@@ -7,8 +7,10 @@ import pytest
 
 from training.evaluation import (
     choose_threshold,
+    expected_calibration_error,
     metric_intervals,
     operating_point_metrics,
+    positive_scores,
     proportion_interval,
 )
 
@@ -57,3 +59,26 @@ def test_patient_bootstrap_is_wider_than_treating_images_as_independent():
     for name in ("auc", "sensitivity", "specificity"):
         width = clustered[f"t_{name}_ci_high"] - clustered[f"t_{name}_ci_low"]
         assert width > 1.8 * (independent[f"t_{name}_ci_high"] - independent[f"t_{name}_ci_low"])
+
+
+def test_summed_positive_scores_stay_in_the_unit_interval():
+    """A float32 sum of several classes can exceed 1; torchmetrics then took all for logits."""
+    probabilities = np.array([[0.0, 0.0, 0.5000001, 0.25, 0.25]] + [[0.2] * 5] * 3, np.float32)
+    assert probabilities[0, 2:].sum() > 1.0
+    scores = positive_scores(probabilities, (2, 3, 4))
+    assert scores.max() == 1.0
+    truth = np.array([True, False, True, False])
+    # Unclipped, the one score above 1 made the ECE a sigmoid of every score.
+    assert expected_calibration_error(truth, scores) == pytest.approx(
+        expected_calibration_error(truth, np.clip(probabilities[:, 2:].sum(1), 0, 1))
+    )
+
+
+def test_patient_bootstrap_says_how_many_resamples_it_used():
+    # Only one patient of ten is positive: a third of resamples hold no positive at all.
+    truth = np.repeat(np.arange(10) == 0, 3)
+    scores = np.linspace(0, 1, 30)
+    groups = np.repeat(np.arange(10).astype(str), 3)
+    used = metric_intervals(truth, scores, 0.5, "t", groups=groups)["t_ci_resamples"]
+    assert 500 < used < 1000
+    assert "t_ci_resamples" not in metric_intervals(truth, scores, 0.5, "t")

@@ -368,6 +368,8 @@ def train_ecg(recipe: EcgRecipe, *, show_progress: bool = True) -> EcgTrainingRe
             trainer.fit(module, train_loader, val_loader)
             state = torch.load(best.best_model_path, weights_only=True)["state_dict"]
             module.load_state_dict(state)
+            # val_sv_f1 is a per-epoch curve; the selected checkpoint's value is its own metric.
+            mlflow.log_metric("selected_val_sv_f1", float(best.best_model_score))
         metrics = _log_evaluation(val, predict_beats(network, val), "val")
         with tempfile.TemporaryDirectory() as weights_dir:
             weights_path = Path(weights_dir) / Path(WEIGHTS_ARTIFACT).name

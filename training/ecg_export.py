@@ -244,10 +244,20 @@ def export_ecg_and_register(run_id: str, *, records_dir: Path | None = None) -> 
         metrics = {
             key: float(value)
             for key, value in run.data.metrics.items()
-            if key.startswith("val_") and key != "val_loss" and np.isfinite(value)
+            # Per-epoch curves (loss, the selection score) hold their last epoch, not the
+            # selected one; the selection score is recorded as selected_val_sv_f1.
+            if np.isfinite(value)
+            and (
+                (key.startswith("val_") and key not in ("val_loss", "val_sv_f1"))
+                or key == "selected_val_sv_f1"
+            )
         }
         metrics |= operating_point_metrics(truth, scores, threshold).as_dict("selected_val")
-        intervals_flat = metric_intervals(truth, scores, threshold, "selected_val", recipe.seed)
+        # Beats of one record (one patient) are not independent: resample records.
+        intervals_flat = metric_intervals(
+            truth, scores, threshold, "selected_val", recipe.seed, groups=val.records
+        )
+        metrics["selected_val_ci_resamples"] = intervals_flat["selected_val_ci_resamples"]
         intervals = {
             name.removesuffix("_ci_low"): (value, intervals_flat[f"{name[:-7]}_ci_high"])
             for name, value in intervals_flat.items()

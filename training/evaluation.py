@@ -16,8 +16,12 @@ from datasets.manifest import site_metric_name
 
 
 def positive_scores(probabilities: np.ndarray, positive_classes: tuple[int, ...]) -> np.ndarray:
-    """Probability of the positive finding: the summed probability of its classes."""
-    return probabilities[:, list(positive_classes)].sum(axis=1)
+    """Probability of the positive finding: the summed probability of its classes.
+
+    Clipped to [0, 1]: a float32 sum can come out at 1.0000001, and metrics that take scores
+    outside [0, 1] for logits (torchmetrics) would then transform every score.
+    """
+    return np.clip(probabilities[:, list(positive_classes)].sum(axis=1), 0.0, 1.0)
 
 
 def is_positive(labels: np.ndarray, positive_classes: tuple[int, ...]) -> np.ndarray:
@@ -150,8 +154,12 @@ def _cluster_bootstrap(
     resamples: int,
     seed: int,
     confidence: float,
-) -> dict[str, tuple[float, float]]:
-    """Percentile intervals resampling whole groups (patients), not single images."""
+) -> tuple[dict[str, tuple[float, float]], int]:
+    """Percentile intervals resampling whole groups (patients), not single images.
+
+    Resamples that hold one class only are skipped; how many were used is returned with the
+    intervals, so that a report can say so.
+    """
     rng = np.random.default_rng(seed)
     names, members = np.unique(groups, return_inverse=True)
     rows_of = [np.flatnonzero(members == index) for index in range(len(names))]
@@ -167,12 +175,13 @@ def _cluster_bootstrap(
         for name, value in _rates(sample_truth, sample_scores >= threshold).items():
             samples[name].append(value)
     tail = (1 - confidence) / 2 * 100
-    return {
+    intervals = {
         name: tuple(float(v) for v in np.nanpercentile(values, [tail, 100 - tail]))
         if values
         else (float("nan"), float("nan"))
         for name, values in samples.items()
     }
+    return intervals, len(samples["auc"])
 
 
 def metric_intervals(
@@ -190,12 +199,15 @@ def metric_intervals(
     patients, since images of one patient are not independent.
 
     Returns:
-        ``{prefix}_{metric}_ci_low`` and ``..._ci_high`` for each metric.
+        ``{prefix}_{metric}_ci_low`` and ``..._ci_high`` for each metric; with ``groups`` also
+        ``{prefix}_ci_resamples``, the resamples used of 1000 (those with both classes).
     """
+    flat: dict[str, float] = {}
     if groups is not None:
-        intervals = _cluster_bootstrap(
+        intervals, used = _cluster_bootstrap(
             truth, scores, threshold, groups, resamples=1000, seed=seed, confidence=0.95
         )
+        flat[f"{prefix}_ci_resamples"] = float(used)
     else:
         tp, fp, fn, tn = _counts(truth, scores >= threshold)
         intervals = {
@@ -205,7 +217,6 @@ def metric_intervals(
             "ppv": proportion_interval(tp, tp + fp),
             "npv": proportion_interval(tn, tn + fn),
         }
-    flat = {}
     for name, (low, high) in intervals.items():
         flat[f"{prefix}_{name}_ci_low"] = low
         flat[f"{prefix}_{name}_ci_high"] = high

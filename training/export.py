@@ -544,7 +544,9 @@ def export_int8(float_result: ExportResult, *, data_dir: Path | None = None) -> 
         metrics = {
             **operating_point_metrics(val_truth, int8_scores, threshold).as_dict("selected_val"),
             **operating_point_metrics(test_truth, test_scores, threshold).as_dict("test"),
-            **metric_intervals(test_truth, test_scores, threshold, "test", seed=recipe.seed),
+            **metric_intervals(
+                test_truth, test_scores, threshold, "test", seed=recipe.seed, groups=test.groups
+            ),
             "test_accuracy": float(np.mean(test_probabilities.argmax(axis=1) == test.labels)),
         }
         gate = [

@@ -49,7 +49,8 @@ class ScreeningClassifier(pl.LightningModule):
 
     def positive_score(self, logits: torch.Tensor) -> torch.Tensor:
         """Probability of the positive finding."""
-        return torch.softmax(logits, dim=1)[:, self.positive_classes].sum(dim=1)
+        # Clipped: a float32 sum can exceed 1, and torchmetrics would then take all for logits.
+        return torch.softmax(logits, dim=1)[:, self.positive_classes].sum(dim=1).clamp(0.0, 1.0)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         """One optimisation step."""
