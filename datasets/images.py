@@ -262,16 +262,15 @@ def _read_dicom(data: bytes) -> np.ndarray:
                 f"the DICOM display settings (modality or VOI LUT, window) are invalid ({error})",
                 HTTPStatus.UNPROCESSABLE_ENTITY,
             ) from error
-        displayed = np.asarray(displayed)
-        low, high = displayed.min(), displayed.max()
-        if low == high and np.isfinite(low) and pixels.min() != pixels.max():
-            # A window far outside the stored values would be scored as a blank picture.
+        scaled = _scale_to_uint8(np.asarray(displayed))
+        # All zeros after scaling means one displayed value: a window far outside the stored
+        # values, which would otherwise be scored as a blank picture.
+        if not scaled.any() and pixels.min() != pixels.max():
             raise ImageDecodeError(
                 "the DICOM display settings (window or VOI LUT) map every pixel to one value; "
                 "check WindowCenter and WindowWidth",
                 HTTPStatus.UNPROCESSABLE_ENTITY,
             )
-        scaled = _scale_to_uint8(displayed)
         return 255 - scaled if photometric == "MONOCHROME1" else scaled
     if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT"):
         # pydicom's pixel_array already converts YBR colour (JPEG 2000's RCT and ICT too) to RGB.

@@ -30,14 +30,12 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 REQUIRED_COLUMNS = ("path", "label")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def site_metric_name(site: str) -> str:
     """The site as it appears in metric names (MLflow allows letters, digits, ``_`` and ``-``)."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", site)
-
-
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 @dataclass(frozen=True)
@@ -205,10 +203,6 @@ def load_manifest(path: Path, spec: TaskSpec) -> ManifestData:
         except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
             reason = getattr(error, "strerror", None) or str(error) or "cannot read"
             raise DatasetError(f"{path}:{line}: {row['path']!r}: {reason}") from error
-        try:
-            decoded = _decode_row(data, image_path.name, spec)
-        except (ImageDecodeError, ValueError) as error:
-            raise DatasetError(f"{path}:{line}: {row['path']!r}: {error}") from error
         file_digest = hashlib.sha256(data).hexdigest()
         earlier = first_line.setdefault(file_digest, line)
         if earlier != line:
@@ -217,6 +211,10 @@ def load_manifest(path: Path, spec: TaskSpec) -> ManifestData:
                 f"{path}:{line}: {row['path']!r} is the same image as line {earlier}; list each "
                 "image once"
             )
+        try:
+            decoded = _decode_row(data, image_path.name, spec)
+        except (ImageDecodeError, ValueError) as error:
+            raise DatasetError(f"{path}:{line}: {row['path']!r}: {error}") from error
         images.append(decoded.pixels)
         labels.append(label)
         digests.append(file_digest)

@@ -184,11 +184,13 @@ def intensities_to_uint8(values: np.ndarray) -> np.ndarray:
         raise ImageDecodeError(
             "the volume has no finite voxel value", HTTPStatus.UNPROCESSABLE_ENTITY
         )
-    low, high = (float(finite.min()), float(finite.max()))
-    window = np.percentile(finite, INTENSITY_WINDOW_PERCENTILES, overwrite_input=True)
+    # overwrite_input reorders ``finite`` (a copy) in place; its minimum and maximum stay.
+    low, high = (
+        float(v) for v in np.percentile(finite, INTENSITY_WINDOW_PERCENTILES, overwrite_input=True)
+    )
+    if high <= low:
+        low, high = float(finite.min()), float(finite.max())
     del finite
-    if window[1] > window[0]:
-        low, high = float(window[0]), float(window[1])
     if high <= low:
         raise ImageDecodeError(
             "the volume is constant (every voxel has the same value); send the image volume, "

@@ -146,26 +146,24 @@ class MicroBatcher:
 
     def _next_batch(self) -> list[_Pending]:
         """Wait for work; take every queued request that fits. Empty once closed and drained."""
+        batch: list[_Pending] = []
+        rows = 0
         with self._changed:
-            while True:
+            while not batch:
                 while not self._pending and not self._closed:
                     self._changed.wait()
                 if not self._pending:
                     return []
-                batch: list[_Pending] = []
-                rows = 0
                 while self._pending and (
                     not batch or rows + self._pending[0].rows <= self.max_batch_size
                 ):
                     following = self._pending.popleft()
-                    # A caller that is gone (timed out, disconnected) would only delay the rest.
-                    # Reading the state from this thread is a benign race: at worst it runs.
-                    if following.future.cancelled():
-                        continue
-                    batch.append(following)
-                    rows += following.rows
-                if batch:
-                    return batch
+                    # A caller that is gone (timed out, disconnected) would only delay the rest;
+                    # reading its state from this thread is a benign race (at worst it runs).
+                    if not following.future.cancelled():
+                        batch.append(following)
+                        rows += following.rows
+        return batch
 
     def _run_locked(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         with self._run_lock:

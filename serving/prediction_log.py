@@ -184,6 +184,14 @@ class PredictionRecord(BaseModel):
         return self
 
 
+def _parse_json(raw: bytes) -> Any:
+    """``json.loads``, with nesting too deep for the parser raised as the ValueError it is."""
+    try:
+        return json.loads(raw)
+    except RecursionError as error:
+        raise ValueError("JSON nested too deeply") from error
+
+
 def _chain_position(line: Any) -> tuple[int, str, str] | None:
     """``(seq, prev_hash, hash)`` of a parsed line, or None if it is not a chained record."""
     if not isinstance(line, dict):
@@ -208,8 +216,8 @@ def _read_head(head_file: Path) -> tuple[tuple[int, str] | None, str | None]:
     except OSError as error:
         return None, f"{head_file.name}: cannot read the head file: {error}"
     try:
-        head = json.loads(raw)
-    except (ValueError, RecursionError):  # RecursionError: nested too deeply to be a head
+        head = _parse_json(raw)
+    except ValueError:
         return None, f"{head_file.name}: the head file is not JSON"
     seq = head.get("seq") if isinstance(head, dict) else None
     digest = head.get("hash") if isinstance(head, dict) else None
@@ -336,8 +344,8 @@ class PredictionLog:
         # The second-to-last piece is a complete line when a newline precedes it (or it starts
         # the file); the last piece is empty or an interrupted write.
         if len(lines) >= 2 and (len(lines) >= 3 or start == 0):
-            with contextlib.suppress(ValueError, RecursionError):
-                position = _chain_position(json.loads(lines[-2]))
+            with contextlib.suppress(ValueError):
+                position = _chain_position(_parse_json(lines[-2]))
                 if position is not None:
                     candidates.append((position[0], position[2]))
         head, _ = _read_head(self.head_path)
@@ -575,8 +583,8 @@ def verify_log(path: Path) -> VerificationResult:
                 problems.append(f"line {number}: empty line")
                 continue
             try:
-                line = json.loads(text)
-            except (ValueError, RecursionError):  # RecursionError: nested too deeply
+                line = _parse_json(text)
+            except ValueError:
                 interrupted = "" if raw.endswith(b"\n") else " (an interrupted last write)"
                 problems.append(f"line {number}: not JSON{interrupted}")
                 continue
