@@ -12,7 +12,7 @@ from datasets.catalogue import DatasetSpec, SplitName, get_dataset_spec, list_da
 from datasets.download import download_file, fetch_dataset
 from datasets.errors import DatasetError
 from datasets.images import DecodedImage, ImageDecodeError, InputDecodeError, decode_image
-from datasets.manifest import ManifestData, load_manifest, patient_disjoint_split
+from datasets.manifest import ManifestData, load_manifest, patient_disjoint_split, pixel_sha256
 from datasets.medmnist import ImageSplit, load_split
 
 _LAZY_EXPORTS = {
@@ -58,6 +58,7 @@ __all__ = [
     "load_manifest",
     "load_split",
     "patient_disjoint_split",
+    "pixel_sha256",
 ]
 
 

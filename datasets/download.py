@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import requests
@@ -15,6 +16,9 @@ from datasets.errors import DatasetError
 DATA_DIR_ENV = "MEDSCREEN_DATA_DIR"
 CACHE_DIR_ENV = "MEDSCREEN_CACHE_DIR"
 _CHUNK_BYTES = 1 << 20
+# A live download writes at least once a minute (its read timeout); a partial file left alone
+# this long was left by a process that was killed, and is removed.
+_STALE_PARTIAL_S = 3600
 
 
 def default_cache_dir() -> Path:
@@ -58,6 +62,7 @@ def download_file(
         destination.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # for example a cache directory that is a file
         raise DatasetError(f"{destination.parent}: cannot create it ({error})") from error
+    _remove_stale_partials(destination)
     partial = destination.with_name(f".{destination.name}.{os.getpid()}.part")
     md5_digest, sha256_digest = hashlib.md5(usedforsecurity=False), hashlib.sha256()
     try:
@@ -98,13 +103,32 @@ def download_file(
                     "the file is corrupt or not the official one, and was discarded"
                 )
         os.replace(partial, destination)
+    except OSError as error:  # a read-only or full disk, a directory in the file's place
+        raise DatasetError(
+            f"{destination}: cannot write it ({error.strerror or error}); nothing was kept"
+        ) from error
     finally:
         partial.unlink(missing_ok=True)
     return destination
 
 
-def verify_local_file(path: Path, spec: DatasetSpec) -> str:
+def _remove_stale_partials(destination: Path) -> None:
+    """Remove partial downloads of ``destination`` that killed processes left behind."""
+    for partial in destination.parent.glob(f".{destination.name}.*.part"):
+        try:
+            if time.time() - partial.stat().st_mtime > _STALE_PARTIAL_S:
+                partial.unlink()
+        except OSError:
+            pass  # gone already, or not ours to remove: it is never read either way
+
+
+def verify_local_file(path: Path, spec: DatasetSpec, *, remedy: str = "") -> str:
     """Check a local copy of a dataset file against the catalogue and return its SHA-256.
+
+    Args:
+        path: The local copy.
+        spec: The catalogue entry it should match.
+        remedy: What to do about a wrong file, appended to the error.
 
     Raises:
         DatasetError: if the file is missing or its SHA-256 is not the catalogue's.
@@ -115,6 +139,7 @@ def verify_local_file(path: Path, spec: DatasetSpec) -> str:
     if actual != spec.sha256:
         raise DatasetError(
             f"{path}: SHA-256 is {actual}, expected {spec.sha256} for dataset {spec.name!r}"
+            + (f"; {remedy}" if remedy else "")
         )
     return actual
 
@@ -129,14 +154,15 @@ def fetch_dataset(
 ) -> Path:
     """Return a verified local path to a dataset's raw file, downloading it if needed.
 
-    A local directory (``data_dir`` or ``$MEDSCREEN_DATA_DIR``) wins over the cache and is never
-    written to. Otherwise the file is looked up in the cache and downloaded from ``url`` (default:
-    the catalogue's official URL) when missing.
+    A local directory (``data_dir``) wins over the cache and is never written to. Otherwise
+    the file is looked up in the cache and downloaded from ``url`` (default: the catalogue's
+    official URL) when missing. ``$MEDSCREEN_DATA_DIR`` stands in for ``data_dir`` only when
+    neither a cache directory nor a URL is given.
 
     Raises:
         DatasetError: if the file is missing, corrupt, or cannot be downloaded.
     """
-    if data_dir is None and os.environ.get(DATA_DIR_ENV):
+    if data_dir is None and cache_dir is None and url is None and os.environ.get(DATA_DIR_ENV):
         data_dir = Path(os.environ[DATA_DIR_ENV])
     if data_dir is not None:
         path = data_dir / spec.filename
@@ -144,7 +170,7 @@ def fetch_dataset(
         return path
     path = (cache_dir or default_cache_dir()) / spec.filename
     if path.is_file():
-        verify_local_file(path, spec)
+        verify_local_file(path, spec, remedy="delete it to download it again")
         return path
     return download_file(
         url or spec.url, path, md5=spec.md5, sha256=spec.sha256, show_progress=show_progress

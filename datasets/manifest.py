@@ -33,6 +33,11 @@ REQUIRED_COLUMNS = ("path", "label")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
+def pixel_sha256(pixels: np.ndarray) -> str:
+    """SHA-256 of decoded pixels: the same image whatever file format or encoding held it."""
+    return hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
+
+
 def site_metric_name(site: str) -> str:
     """The site as it appears in metric names (MLflow allows letters, digits, ``_`` and ``-``)."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", site)
@@ -189,6 +194,7 @@ def load_manifest(path: Path, spec: TaskSpec) -> ManifestData:
         raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}")
     images, labels, digests, digest = [], [], [], hashlib.sha256()
     first_line: dict[str, int] = {}
+    first_pixels_line: dict[str, int] = {}
     for line, row in rows:
         label = _label_index(row["label"] or "", spec)
         if label is None:
@@ -215,6 +221,13 @@ def load_manifest(path: Path, spec: TaskSpec) -> ManifestData:
             decoded = _decode_row(data, image_path.name, spec)
         except (ImageDecodeError, ValueError) as error:
             raise DatasetError(f"{path}:{line}: {row['path']!r}: {error}") from error
+        # The same picture saved again (another compression, a new DICOM UID) has other bytes.
+        earlier = first_pixels_line.setdefault(pixel_sha256(decoded.pixels), line)
+        if earlier != line:
+            raise DatasetError(
+                f"{path}:{line}: {row['path']!r} has the same pixels as line {earlier} (a copy "
+                "of the same image); list each image once"
+            )
         images.append(decoded.pixels)
         labels.append(label)
         digests.append(file_digest)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -171,3 +173,34 @@ def test_fetch_cli_names_a_cache_directory_that_is_a_file(http_server: str, tmp_
         f"{http_server}/good.bin",
     )  # fmt: skip
     assert line.startswith(f"error: {cache}") and "cannot create it" in line
+
+
+def test_a_directory_in_the_files_place_is_named_and_leaves_nothing(
+    http_server: str, tmp_path: Path
+):
+    destination = tmp_path / "good.bin"
+    destination.mkdir()  # os.replace cannot put the file there
+    with pytest.raises(DatasetError, match=rf"{destination}: cannot write it \(Is a directory"):
+        download_file(
+            f"{http_server}/good.bin", destination, md5=PAYLOAD_MD5, sha256=PAYLOAD_SHA256
+        )
+    assert _leftovers(tmp_path) == ["good.bin"]
+
+
+def test_partial_downloads_of_killed_processes_are_removed(http_server: str, tmp_path: Path):
+    destination = tmp_path / "good.bin"
+    killed = tmp_path / ".good.bin.99999999.part"  # a SIGKILL gives `finally` no chance
+    live = tmp_path / ".good.bin.99999998.part"  # another process, still downloading
+    killed.write_bytes(b"half")
+    live.write_bytes(b"half")
+    an_hour_and_more_ago = time.time() - 3700
+    os.utime(killed, (an_hour_and_more_ago, an_hour_and_more_ago))
+    download_file(f"{http_server}/good.bin", destination, md5=PAYLOAD_MD5, sha256=PAYLOAD_SHA256)
+    assert _leftovers(tmp_path) == [live.name, "good.bin"]
+
+
+def test_a_corrupt_cached_file_says_how_to_recover(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("MEDSCREEN_DATA_DIR", str(tmp_path / "elsewhere"))  # a cache dir wins
+    (tmp_path / "pneumoniamnist.npz").write_bytes(b"not the official file")
+    with pytest.raises(DatasetError, match=r"SHA-256 is .*; delete it to download it again"):
+        fetch_dataset(get_dataset_spec("pneumoniamnist"), cache_dir=tmp_path)

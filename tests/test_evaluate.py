@@ -88,6 +88,15 @@ def test_bad_manifest_row_is_named_before_any_work(tmp_path: Path, bad_row: dict
     _check_bad_row(tmp_path, f"{bad_row['path']},{bad_row['label']}", message)
 
 
+def test_the_same_picture_saved_again_is_refused(tmp_path: Path):
+    # Other file bytes, the same pixels: under another patient it could land in train and test.
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(buffer, "PNG", compress_level=0)
+    (tmp_path / "copy.png").write_bytes(buffer.getvalue())
+    assert buffer.getvalue() != _png(np.zeros((28, 28), dtype=np.uint8))
+    _check_bad_row(tmp_path, "copy.png,normal", r"'copy.png' has the same pixels as line 2")
+
+
 def test_sites_whose_metric_names_would_collide_are_refused(tmp_path: Path):
     (tmp_path / "b.png").write_bytes(_png(np.ones((28, 28), dtype=np.uint8)))
     _check_bad_row(

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from monai.data.utils import worker_init_fn
 from monai.transforms import Compose, RandAffine, RandFlip
 from torch.utils.data import DataLoader, Dataset
 
@@ -201,6 +202,9 @@ class ScreeningDataModule(pl.LightningDataModule):
             shuffle=shuffle,
             num_workers=self.recipe.data.num_workers,
             generator=generator,
+            # Each worker starts from a copy of the transforms' random state: MONAI reseeds it
+            # from the worker's seed, which the seeded generator draws anew every epoch.
+            worker_init_fn=worker_init_fn,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-import numpy as np
 
-from datasets import DatasetError, ManifestData, load_manifest
+from datasets import DatasetError, ManifestData, load_manifest, pixel_sha256
 from training.evaluation import is_positive, positive_scores, screening_report
 from training.models import predict_probabilities
 from training.plots import log_figures, screening_figures
@@ -108,10 +106,6 @@ def evaluate_manifest(run_id: str, manifest: Path) -> EvaluationResult:
     return EvaluationResult(run_id=run.info.run_id, evaluated_run_id=run_id, metrics=metrics)
 
 
-def _pixel_digest(image: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
-
-
 def _refuse_training_images(context: RunContext, data: ManifestData) -> str:
     """Refuse rows whose pixels the run trained or selected on (its train and val splits).
 
@@ -125,7 +119,7 @@ def _refuse_training_images(context: RunContext, data: ManifestData) -> str:
     """
     try:
         seen = {
-            _pixel_digest(image)
+            pixel_sha256(image)
             for split in ("train", "val")
             for image in context.split(split).images
         }
@@ -133,7 +127,7 @@ def _refuse_training_images(context: RunContext, data: ManifestData) -> str:
         # A region evaluating a shared model may not hold the data it was trained on.
         logger.warning("training data not readable here, overlap not checked: %s", error)
         return "not checked: the run's training data is not readable here"
-    overlapping = [row for row, image in enumerate(data.images) if _pixel_digest(image) in seen]
+    overlapping = [row for row, image in enumerate(data.images) if pixel_sha256(image) in seen]
     if overlapping:
         raise DatasetError(
             f"{data.source}:{data.lines[overlapping[0]]}: this image is in the training or "

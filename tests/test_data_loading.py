@@ -1,0 +1,48 @@
+"""Training batches: augmentation draws differ between loader workers and between epochs."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+
+from tests.conftest import QUICK_RECIPE
+
+
+def _augmented_batch_digests(medmnist_dir: Path, workers: int, epochs: int) -> list[list[str]]:
+    from training import load_recipe
+    from training.data import ScreeningDataModule
+
+    recipe = load_recipe(
+        QUICK_RECIPE,
+        [
+            f"data.data_dir={medmnist_dir}",
+            "data.max_train_samples=32",
+            "data.batch_size=4",
+            f"data.num_workers={workers}",
+        ],
+    )
+    pl.seed_everything(recipe.seed, workers=True, verbose=False)
+    module = ScreeningDataModule(recipe)
+    module.setup()
+    train = module.splits["train"]
+    # One image everywhere: a batch's pixels then show only the augmentation's random draws.
+    module.splits["train"] = dataclasses.replace(
+        train, images=np.repeat(train.images[:1], len(train), axis=0)
+    )
+    loader = module.train_dataloader()  # Lightning builds it once and reuses it every epoch
+    return [
+        [hashlib.sha256(images.numpy().tobytes()).hexdigest() for images, _ in loader]
+        for _ in range(epochs)
+    ]
+
+
+def test_loader_workers_draw_their_own_augmentations_every_epoch(medmnist_dir: Path):
+    epochs = _augmented_batch_digests(medmnist_dir, workers=2, epochs=2)
+    every_batch = [digest for epoch in epochs for digest in epoch]
+    assert len(set(every_batch)) == len(every_batch) == 16
+    # Seeded: the same recipe draws the same augmentations again.
+    assert _augmented_batch_digests(medmnist_dir, workers=2, epochs=2) == epochs
