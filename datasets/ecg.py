@@ -40,6 +40,15 @@ DS2_RECORDS = (
 SAMPLING_RATE_HZ = 360
 WINDOW_BEFORE, WINDOW_AFTER = 90, 166  # samples around the R peak: 0.25 s before, 0.46 s after
 LOCAL_RR_BEATS = 10
+# The beat model's inputs, by name: beat windows, the median-beat templates, RR seconds.
+ECG_INPUTS = ("beats", "templates", "rr_seconds")
+# gqrs marks beats this many samples (at 360 Hz) before MIT-BIH's annotated R peak (median over
+# the first 5 minutes of the DS1 records; see datasets.waveforms).
+GQRS_TO_R_PEAK_SAMPLES = 12
+# A detected beat is the annotated beat within 150 ms of it (the match window of AAMI EC57).
+MATCH_WINDOW_SAMPLES = 54
+# The label of a detected beat that matches no annotated beat (noise taken for a QRS).
+NO_ANNOTATED_BEAT = -1
 # MIT-format annotation codes (the top 6 bits of a 16-bit word) that are not annotations.
 _ANN_SKIP, _ANN_AUX = 59, 63
 
@@ -161,6 +170,95 @@ def check_annotation_file(path: Path) -> None:
     raise DatasetError(f"{path}: truncated annotation file (no end-of-file marker)")
 
 
+def _read_record(
+    records_dir: Path, record: str, lead: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One record's high-passed lead, its annotated beat positions and their AAMI labels.
+
+    Raises:
+        DatasetError: naming the record file that is wrong (see :func:`load_beats`).
+    """
+    import wfdb  # imported here: the catalogue and image paths do not need it
+
+    path = records_dir / record
+    try:
+        header = wfdb.rdheader(str(path))
+        if lead not in header.sig_name:
+            raise DatasetError(f"{path}.hea: no lead {lead!r} (has {header.sig_name})")
+        # The windows are a fixed number of samples (0.25 s before, 0.46 s after at 360 Hz),
+        # and the model is exported as a 360 Hz one; a record at another rate would give
+        # beats of another length in time. MIT-BIH is recorded at 360 Hz.
+        if header.fs != SAMPLING_RATE_HZ:
+            raise DatasetError(
+                f"{path}.hea: sampled at {header.fs:g} Hz; the beat windows and the model "
+                f"expect {SAMPLING_RATE_HZ} Hz (MIT-BIH)"
+            )
+        check_annotation_file(Path(f"{path}.atr"))
+        signal_record = wfdb.rdrecord(str(path), channel_names=[lead])
+        annotation = wfdb.rdann(str(path), "atr")
+    except DatasetError:
+        raise
+    except Exception as error:  # wfdb raises many kinds on a corrupt record
+        raise DatasetError(
+            f"{path}: unreadable WFDB record ({type(error).__name__}: {error})"
+        ) from error
+    signal = signal_record.p_signal[:, 0]
+    if not np.isfinite(signal).all():
+        raise DatasetError(f"{path}.dat: the {lead} signal has missing samples")
+    symbols = np.asarray(annotation.symbol, dtype=object)
+    keep = np.array([symbol in AAMI_BY_SYMBOL for symbol in symbols], dtype=bool)
+    peaks = np.asarray(annotation.sample, dtype=np.int64)[keep]
+    if len(peaks) == 0:
+        raise DatasetError(f"{path}.atr: no beat annotations (of {len(keep)} annotations)")
+    if len(peaks) < 2:
+        raise DatasetError(f"{path}.atr: fewer than two annotated beats")
+    labels = np.array([AAMI_CLASSES.index(AAMI_BY_SYMBOL[s]) for s in symbols[keep]])
+    return high_pass(signal, float(signal_record.fs)), peaks, labels
+
+
+def _cut_beats(filtered: np.ndarray, peaks: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Windows, templates and RR features of the beats at ``peaks`` that have a full window."""
+    rr = rr_intervals(peaks, SAMPLING_RATE_HZ)
+    windows, inside = beat_windows(filtered, peaks)
+    template = np.median(windows, axis=0, keepdims=True)
+    return windows, np.repeat(template, len(windows), axis=0), rr[inside], inside
+
+
+def _beat_set(parts: list[tuple[np.ndarray, ...]], fingerprint: str) -> BeatSet:
+    if not parts:
+        raise DatasetError("no records given")
+    windows, templates, rr_seconds, labels, record_names = (
+        np.concatenate([part[index] for part in parts]) for index in range(5)
+    )
+    return BeatSet(
+        windows=windows,
+        templates=templates.astype(np.float32),
+        rr_seconds=rr_seconds,
+        labels=labels.astype(np.int64),
+        records=record_names,
+        fingerprint=fingerprint,
+    )
+
+
+def detect_r_peaks(filtered: np.ndarray) -> np.ndarray:
+    """R-peak sample positions in a high-passed 360 Hz signal (mV), aligned as MIT-BIH's.
+
+    The monitoring service finds beats with this function; :func:`load_detected_beats` lets
+    evaluation find them the same way.
+
+    Args:
+        filtered: Output of :func:`high_pass` at 360 Hz.
+
+    Returns:
+        Sorted, distinct int64 sample indices inside the signal.
+    """
+    from wfdb import processing  # imported here: training on annotated beats does not need it
+
+    marks = processing.gqrs_detect(sig=filtered.astype(np.float64), fs=SAMPLING_RATE_HZ)
+    peaks = np.asarray(marks, dtype=np.int64) + GQRS_TO_R_PEAK_SAMPLES
+    return np.unique(peaks[peaks < len(filtered)])
+
+
 def load_beats(
     records_dir: Path, records: tuple[str, ...] | list[str], lead: str = "MLII"
 ) -> BeatSet:
@@ -179,63 +277,63 @@ def load_beats(
             another rate than :data:`SAMPLING_RATE_HZ`, without beat annotations or without
             the lead.
     """
-    import wfdb  # imported here: the catalogue and image paths do not need it
-
     parts, digest = [], hashlib.sha256()
     for record in records:
-        path = records_dir / record
         digest.update(f"{record}:{_record_digest(records_dir, record)}\n".encode())
-        try:
-            header = wfdb.rdheader(str(path))
-            if lead not in header.sig_name:
-                raise DatasetError(f"{path}.hea: no lead {lead!r} (has {header.sig_name})")
-            # The windows are a fixed number of samples (0.25 s before, 0.46 s after at
-            # 360 Hz), and the model is exported as a 360 Hz one; a record at another rate would
-            # give beats of another length in time. MIT-BIH is recorded at 360 Hz.
-            if header.fs != SAMPLING_RATE_HZ:
-                raise DatasetError(
-                    f"{path}.hea: sampled at {header.fs:g} Hz; the beat windows and the model "
-                    f"expect {SAMPLING_RATE_HZ} Hz (MIT-BIH)"
-                )
-            check_annotation_file(Path(f"{path}.atr"))
-            signal_record = wfdb.rdrecord(str(path), channel_names=[lead])
-            annotation = wfdb.rdann(str(path), "atr")
-        except DatasetError:
-            raise
-        except Exception as error:  # wfdb raises many kinds on a corrupt record
-            raise DatasetError(
-                f"{path}: unreadable WFDB record ({type(error).__name__}: {error})"
-            ) from error
-        signal = signal_record.p_signal[:, 0]
-        if not np.isfinite(signal).all():
-            raise DatasetError(f"{path}.dat: the {lead} signal has missing samples")
-        rate = float(signal_record.fs)
-        symbols = np.asarray(annotation.symbol, dtype=object)
-        keep = np.array([symbol in AAMI_BY_SYMBOL for symbol in symbols], dtype=bool)
-        peaks = np.asarray(annotation.sample, dtype=np.int64)[keep]
-        symbols = symbols[keep]
-        if len(peaks) == 0:
-            raise DatasetError(f"{path}.atr: no beat annotations (of {len(keep)} annotations)")
-        if len(peaks) < 2:
-            raise DatasetError(f"{path}.atr: fewer than two annotated beats")
-        rr = rr_intervals(peaks, rate)
-        windows, inside = beat_windows(high_pass(signal, rate), peaks)
+        filtered, peaks, labels = _read_record(records_dir, record, lead)
+        windows, templates, rr, inside = _cut_beats(filtered, peaks)
         if not inside.any():
-            raise DatasetError(f"{path}.atr: no annotated beat has a full window in the signal")
-        labels = np.array([AAMI_CLASSES.index(AAMI_BY_SYMBOL[s]) for s in symbols[inside]])
-        template = np.median(windows, axis=0, keepdims=True)
-        templates = np.repeat(template, len(windows), axis=0)
-        parts.append((windows, templates, rr[inside], labels, np.full(len(labels), record)))
-    if not parts:
-        raise DatasetError("no records given")
-    windows, templates, rr_seconds, labels, record_names = (
-        np.concatenate([part[index] for part in parts]) for index in range(5)
-    )
-    return BeatSet(
-        windows=windows,
-        templates=templates.astype(np.float32),
-        rr_seconds=rr_seconds,
-        labels=labels.astype(np.int64),
-        records=record_names,
-        fingerprint=digest.hexdigest(),
-    )
+            raise DatasetError(
+                f"{records_dir / record}.atr: no annotated beat has a full window in the signal"
+            )
+        parts.append((windows, templates, rr, labels[inside], np.full(inside.sum(), record)))
+    return _beat_set(parts, digest.hexdigest())
+
+
+def load_detected_beats(
+    records_dir: Path, records: tuple[str, ...] | list[str], lead: str = "MLII"
+) -> tuple[BeatSet, np.ndarray]:
+    """The beats of the given records as the monitoring service finds them, labelled.
+
+    Beats are cut at :func:`detect_r_peaks`, not at the annotations, with RR intervals and
+    templates from the detected beats, so that a model is evaluated on what it is served.
+    Each detected beat takes the label of the annotated beat within
+    :data:`MATCH_WINDOW_SAMPLES` (nearest first, each annotation used once), else
+    :data:`NO_ANNOTATED_BEAT`.
+
+    Returns:
+        The detected beats, and per AAMI class the annotated beats (with a full window) that
+        no detected beat matched: missed beats, which count against sensitivity.
+
+    Raises:
+        DatasetError: as :func:`load_beats`.
+    """
+    parts, digest = [], hashlib.sha256()
+    missed = np.zeros(len(AAMI_CLASSES), dtype=np.int64)
+    for record in records:
+        digest.update(f"{record}:{_record_digest(records_dir, record)}\n".encode())
+        filtered, annotated, annotated_labels = _read_record(records_dir, record, lead)
+        peaks = detect_r_peaks(filtered)
+        if len(peaks) < 2:
+            raise DatasetError(f"{records_dir / record}.dat: fewer than two beats detected")
+        windows, templates, rr, inside = _cut_beats(filtered, peaks)
+        detected = peaks[inside]
+        labels = np.full(len(detected), NO_ANNOTATED_BEAT, dtype=np.int64)
+        _, has_window = beat_windows(filtered, annotated)
+        for position, label in zip(
+            annotated[has_window], annotated_labels[has_window], strict=True
+        ):
+            nearest = np.searchsorted(detected, position)
+            candidates = [
+                index
+                for index in (nearest - 1, nearest)
+                if 0 <= index < len(detected)
+                and labels[index] == NO_ANNOTATED_BEAT
+                and abs(detected[index] - position) <= MATCH_WINDOW_SAMPLES
+            ]
+            if candidates:
+                labels[min(candidates, key=lambda index: abs(detected[index] - position))] = label
+            else:
+                missed[label] += 1
+        parts.append((windows, templates, rr, labels, np.full(len(labels), record)))
+    return _beat_set(parts, digest.hexdigest()), missed

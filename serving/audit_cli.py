@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from serving.api_keys import KeyStore, KeyStoreError, UnknownKeyError
-from serving.prediction_log import head_path_for, verify_log
+from serving.prediction_log import head_path_for, parse_head, verify_log
 from serving.settings import key_store_path, prediction_log_path, tracking_uri
 
 keys_app = typer.Typer(
@@ -167,8 +167,26 @@ def verify_command(
             show_default=False,
         ),
     ] = None,
+    expect_head: Annotated[
+        str | None,
+        typer.Option(
+            "--expect-head",
+            help="SEQ:HASH printed by an earlier verification: the log must still hold that "
+            "record unchanged (catches a log and head file replaced together).",
+        ),
+    ] = None,
 ) -> None:
-    """Check the prediction log's hash chain: exit 0 if intact, 1 with one line per problem."""
+    """Check the prediction log's hash chain: exit 0 if intact, 1 with one line per problem.
+
+    On success it prints the last record's SEQ:HASH; keep it outside the server, and give it
+    to the next verification with ``--expect-head``.
+    """
+    kept_head = None
+    if expect_head is not None:
+        try:
+            kept_head = parse_head(expect_head)
+        except ValueError as error:
+            _fail(f"--expect-head: {error}")
     path = log or prediction_log_path()
     if log is not None and not path.exists() and not head_path_for(path).exists():
         # A mistyped path must not pass as an empty, intact log.
@@ -176,11 +194,14 @@ def verify_command(
     if path.is_dir():
         _fail(f"--log: {path} is a directory, not a prediction log")
     try:
-        result = verify_log(path)
+        result = verify_log(path, kept_head=kept_head)
     except OSError as error:
         _fail(f"--log: {path}: {error.strerror or error}")
     if result.ok:
-        typer.echo(f"prediction log {path}: {result.records} records, hash chain intact")
+        typer.echo(
+            f"prediction log {path}: {result.records} records, hash chain intact; "
+            f"head {result.last_seq}:{result.last_hash}"
+        )
         return
     for problem in result.problems:
         typer.echo(f"{path}: {problem}")

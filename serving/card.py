@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from datasets.ecg import SAMPLING_RATE_HZ, WINDOW_AFTER, WINDOW_BEFORE
+from datasets.ecg import ECG_INPUTS, SAMPLING_RATE_HZ, WINDOW_AFTER, WINDOW_BEFORE
 
 SUPPORTED_CARD_SCHEMAS = ("medscreen.model-card/v1",)
 CARD_FILENAME = "card.json"
@@ -17,11 +17,29 @@ class ServedInput(BaseModel):
 
     name: str
     dtype: str
-    shape: list[int | str]
+    shape: list[int | str] = Field(min_length=3)
     height: int = Field(gt=0)
     width: int = Field(gt=0)
     depth: int | None = None
     channels: str
+
+    @model_validator(mode="after")
+    def _sizes_agree(self) -> ServedInput:
+        sizes = self.shape[1:]  # the first axis is the batch, named or sized
+        if not all(isinstance(size, int) and size > 0 for size in sizes):
+            raise ValueError(f"input shape {self.shape}: every axis after the first needs a size")
+        spatial = (
+            (self.height, self.width)
+            if self.depth is None
+            else (self.depth, self.height, self.width)
+        )
+        channels = 1 if self.channels == "grayscale" else 3
+        if tuple(sizes) != (channels, *spatial):
+            raise ValueError(
+                f"input shape {self.shape} disagrees with {self.channels} "
+                f"{'x'.join(map(str, spatial))}"
+            )
+        return self
 
 
 class ServedTensor(BaseModel):
@@ -96,6 +114,14 @@ class ServedCard(BaseModel):
             raise ValueError(
                 f"card schema {self.card_schema!r} is not one of {SUPPORTED_CARD_SCHEMAS}"
             )
+        columns = range(len(self.classes))
+        if len(set(self.positive_classes)) != len(self.positive_classes) or not set(
+            self.positive_classes
+        ) <= set(columns):
+            raise ValueError(
+                f"positive classes {self.positive_classes} are not distinct indices of the "
+                f"{len(self.classes)} classes"
+            )
         if self.kind == "image-screening":
             if self.input is None:
                 raise ValueError("an image-screening card needs an 'input' section")
@@ -106,6 +132,9 @@ class ServedCard(BaseModel):
         elif self.kind == "ecg-monitoring":
             if self.signal is None:
                 raise ValueError("an ecg-monitoring card needs a 'signal' section")
+            names = [tensor.name for tensor in self.signal.tensors]
+            if sorted(names) != sorted(ECG_INPUTS):
+                raise ValueError(f"the ECG inputs {names} are not {list(ECG_INPUTS)}")
             if self.signal.sampling_rate_hz != SAMPLING_RATE_HZ or (
                 self.signal.window_before_samples,
                 self.signal.window_after_samples,

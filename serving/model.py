@@ -18,11 +18,13 @@ from mlflow.tracking import MlflowClient
 from pydantic import ValidationError
 
 from datasets.download import file_sha256
+from datasets.ecg import ECG_INPUTS
 from serving.card import CARD_FILENAME, ServedCard
 from serving.errors import ModelLoadError
 from serving.settings import tracking_uri
 
 GATE_TAG = "medscreen.release_gate"
+_APPROVAL_PREFIX = "medscreen.approval."  # medscreen.approval.<alias>.approved_by, on the version
 # The lengths match what the prediction log records.
 _REFERENCE = re.compile(
     r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]{0,127})@(?P<selector>[A-Za-z0-9_.-]{1,64})$"
@@ -93,15 +95,46 @@ class ServedModel:
             self.input_names: tuple[str, ...] = (card.input.name,)
             self.input_shape: tuple[int, ...] = tuple(int(dim) for dim in card.input.shape[1:])
         else:
-            assert card.signal is not None
-            self.input_names = tuple(tensor.name for tensor in card.signal.tensors)
+            self.input_names = ECG_INPUTS  # the card lists these names (checked on reading)
             self.input_shape = ()
         self._positive_columns = np.asarray(card.positive_classes, dtype=np.intp)
-        graph_inputs = {graph_input.name for graph_input in self.session.get_inputs()}
-        if graph_inputs != set(self.input_names):
+        self._check_graph()
+
+    def _check_graph(self) -> None:
+        """Refuse a graph that the card describes wrongly: it would fail every request.
+
+        Raises:
+            ModelLoadError: naming the input or output that differs.
+        """
+        what = f"{self.card.model_name} version {self.version}"
+        graph_inputs = {graph_input.name: graph_input for graph_input in self.session.get_inputs()}
+        if set(graph_inputs) != set(self.input_names):
             raise ModelLoadError(
-                f"{card.model_name} version {version}: the graph's inputs {sorted(graph_inputs)} "
-                f"differ from its card's {list(self.input_names)}"
+                f"{what}: the graph's inputs {sorted(graph_inputs)} differ from its card's "
+                f"{list(self.input_names)}"
+            )
+        if self.input_shape:
+            graph_shape = graph_inputs[self.input_names[0]].shape[1:]
+            if len(graph_shape) != len(self.input_shape) or any(
+                isinstance(size, int) and size != card_size
+                for size, card_size in zip(graph_shape, self.input_shape, strict=False)
+            ):
+                raise ModelLoadError(
+                    f"{what}: the graph takes {graph_shape} per image, its card says "
+                    f"{list(self.input_shape)}"
+                )
+        graph_outputs = {output.name: output for output in self.session.get_outputs()}
+        output = graph_outputs.get(self.card.output.name)
+        if output is None:
+            raise ModelLoadError(
+                f"{what}: the card's output {self.card.output.name!r} is not among the graph's "
+                f"{sorted(graph_outputs)}"
+            )
+        width = output.shape[-1] if output.shape else None
+        if isinstance(width, int) and width != len(self.card.classes):
+            raise ModelLoadError(
+                f"{what}: the graph gives {width} class probabilities, the card names "
+                f"{len(self.card.classes)} classes"
             )
 
     @property
@@ -151,15 +184,27 @@ class ServedModel:
 
 
 def _check_governance(reference: str, parsed: ModelReference, version: ModelVersion) -> None:
-    """Serve only versions that passed the release gate, and aliases set by an approval."""
+    """Serve only versions that passed the release gate and hold an approved alias.
+
+    A version named by number must hold one too (it is served without following the alias):
+    every answer must go back to a recorded approval.
+    """
     if version.tags.get(GATE_TAG) != "passed":
         raise ModelLoadError(
             f"{reference!r} (version {version.version}) has no passed release gate; "
             "register models with `medscreen export`"
         )
-    if not parsed.is_version and not version.tags.get(
-        f"medscreen.approval.{parsed.selector}.approved_by"
-    ):
+    if parsed.is_version:
+        if not any(
+            key.startswith(_APPROVAL_PREFIX) and key.endswith(".approved_by") and value
+            for key, value in version.tags.items()
+        ):
+            raise ModelLoadError(
+                f"{reference!r}: version {version.version} holds no approved alias; approve it "
+                "with `medscreen models promote` first, or serve NAME@ALIAS"
+            )
+        return
+    if not version.tags.get(f"{_APPROVAL_PREFIX}{parsed.selector}.approved_by"):
         raise ModelLoadError(
             f"alias {parsed.selector!r} points at version {version.version} without a recorded "
             "approval; move aliases with `medscreen models promote`"

@@ -157,6 +157,11 @@ class ModelPool:
                     if not error.transient:
                         self._rejected.add(target)  # a broken version stays broken
                     raise
+                except Exception as error:  # unforeseen: it must not hold up the other models
+                    self._rejected.add(target)
+                    raise ModelLoadError(
+                        f"version {target[1]} cannot be loaded ({type(error).__name__}: {error})"
+                    ) from error
             except (ModelLoadError, MlflowException, OSError) as error:
                 if self._kept_because.get(name) != str(error):
                     self._kept_because[name] = str(error)

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -330,10 +331,11 @@ class PredictionLog:
     def _resume(self, descriptor: int, size: int) -> None:
         """Continue the chain after whatever is in the file (another process may have written).
 
-        Takes the later of the last complete line and the head file, so that a log truncated
-        behind the writer's back shows up as a seq gap instead of being silently re-chained.
+        Takes the latest of the last complete line, the head file and this process's own last
+        commit, so that a log truncated, emptied or deleted behind the writer's back shows up
+        as a seq gap instead of being silently re-chained.
         """
-        candidates: list[tuple[int, str]] = []
+        candidates: list[tuple[int, str]] = [(self._seq, self._hash)] if self._seq else []
         self._needs_newline = size > 0 and os.pread(descriptor, 1, size - 1) != b"\n"
         buffer, start = b"", size
         while start > 0 and buffer.count(b"\n") < 2 and size - start < _MAX_TAIL_BYTES:
@@ -480,13 +482,34 @@ class PredictionLog:
             self._condition.notify()
         return await future
 
+    def _head_wait_seconds(self) -> float | None:
+        """How long the writer may sleep before a lagging head is due; None: nothing due."""
+        if not self._head_due:
+            return None
+        return self.head_interval_seconds - (time.monotonic() - self._head_written_at)
+
     def _write_pending(self) -> None:
-        """Writer thread: take everything pending, commit it with one fsync, wake the callers."""
+        """Writer thread: take everything pending, commit it with one fsync, wake the callers.
+
+        When records stop arriving, it brings the head up to date once the interval has
+        passed: a head left behind would let the last records be cut off unnoticed.
+        """
         while True:
+            head_due = False
             with self._condition:
                 while not self._pending and not self._stopping:
-                    self._condition.wait()
+                    wait_seconds = self._head_wait_seconds()
+                    if wait_seconds is not None and wait_seconds <= 0:
+                        head_due = True
+                        break
+                    self._condition.wait(wait_seconds)
                 batch, self._pending = self._pending, []
+            if head_due:
+                with self._mutex:
+                    with contextlib.suppress(OSError):
+                        self._flush_head()
+                    self._head_due = False  # one try per pause; the next commit tries again
+                continue
             if not batch:
                 return
             results: list[tuple[dict[str, Any] | None, BaseException | None]]
@@ -541,9 +564,23 @@ class VerificationResult:
     ok: bool
     records: int
     problems: list[str] = field(default_factory=list)
+    last_seq: int = 0
+    last_hash: str = GENESIS_HASH
 
 
-def verify_log(path: Path) -> VerificationResult:
+def parse_head(text: str) -> tuple[int, str]:
+    """Parse a kept head, ``SEQ:HASH`` (as ``audit verify`` prints it).
+
+    Raises:
+        ValueError: if the text is not a positive seq and a 64-digit hex hash.
+    """
+    seq, _, digest = text.strip().partition(":")
+    if not (seq.isdigit() and int(seq) > 0 and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise ValueError(f"{text!r} is not SEQ:HASH (a record number and its 64-digit hash)")
+    return int(seq), digest
+
+
+def verify_log(path: Path, *, kept_head: tuple[int, str] | None = None) -> VerificationResult:
     """Check a prediction log's hash chain and its head file.
 
     Reports edited records (hash mismatch), inserted, deleted or reordered records (seq gap or
@@ -552,6 +589,9 @@ def verify_log(path: Path) -> VerificationResult:
 
     Args:
         path: The prediction log.
+        kept_head: ``(seq, hash)`` an auditor kept from an earlier verification: the log must
+            still hold that record, unchanged. Unlike the head file, it is out of reach of
+            whoever can write to the log's directory.
 
     Returns:
         ``ok`` with the number of records, and one message per problem. A missing log with no
@@ -573,9 +613,20 @@ def verify_log(path: Path) -> VerificationResult:
                 + (f" and records seq {head[0]}" if head else "")
                 + ": the log was deleted"
             )
+        if kept_head is not None:
+            problems.append(f"{path.name} is missing but the kept head is seq {kept_head[0]}")
         return VerificationResult(ok=not problems, records=0, problems=problems)
 
-    records, last_seq, last_hash, head_match = 0, 0, GENESIS_HASH, None
+    heads = {
+        (name, what): position
+        for name, what, position in (
+            (head_file.name, "the head file", head),
+            ("the kept head", "the kept head", kept_head),
+        )
+        if position is not None
+    }
+    hashes_at: dict[int, str] = {}
+    records, last_seq, last_hash = 0, 0, GENESIS_HASH
     with path.open("rb") as stream:
         for number, raw in enumerate(stream, start=1):
             text = raw.rstrip(b"\n")
@@ -606,6 +657,12 @@ def verify_log(path: Path) -> VerificationResult:
                     f"line {number} (seq {seq}): the record was altered after it was written "
                     "(hash mismatch)"
                 )
+            elif canonical_json(line).encode("ascii") != text:
+                # The values hash right but the text differs (a shadowing duplicate key, say):
+                # whoever reads the text could be shown what the chain never recorded.
+                problems.append(
+                    f"line {number} (seq {seq}): not the text the writer wrote (not canonical JSON)"
+                )
             if seq != last_seq + 1:
                 problems.append(
                     f"line {number}: seq {seq} where {last_seq + 1} was expected: records were "
@@ -616,23 +673,29 @@ def verify_log(path: Path) -> VerificationResult:
                     f"line {number} (seq {seq}): prev_hash is not the previous record's hash: "
                     "a record was replaced, inserted or reordered"
                 )
-            if head is not None and seq == head[0]:
-                head_match = digest
+            if any(seq == position[0] for position in heads.values()):
+                hashes_at.setdefault(seq, digest)
             last_seq, last_hash = seq, digest
 
-    if head is not None:
-        if head[0] > last_seq:
+    for (name, what), (head_seq, head_hash) in heads.items():
+        if head_seq > last_seq:
             problems.append(
-                f"{head_file.name} records seq {head[0]} but the last record is seq {last_seq}: "
+                f"{name} records seq {head_seq} but the last record is seq {last_seq}: "
                 "records were removed from the end of the log"
             )
-        elif head_match is not None and head_match != head[1]:
+        elif head_seq in hashes_at and hashes_at[head_seq] != head_hash:
             problems.append(
-                f"{head_file.name}: the record with seq {head[0]} does not have the hash the "
-                "head file records: the log was rewritten"
+                f"{name}: the record with seq {head_seq} does not have the hash {what} "
+                "records: the log was rewritten"
             )
-    elif records and not head_problem:
+    if head is None and records and not head_problem:
         problems.append(
             f"{head_file.name} is missing: records removed from the end cannot be ruled out"
         )
-    return VerificationResult(ok=not problems, records=records, problems=problems)
+    return VerificationResult(
+        ok=not problems,
+        records=records,
+        problems=problems,
+        last_seq=last_seq,
+        last_hash=last_hash,
+    )

@@ -10,9 +10,11 @@ Routes (mounted on the BentoML server, which keeps ``/readyz``, ``/livez`` and `
 - ``POST /v1/monitor/dicom``: multipart ``file`` with a DICOM ECG waveform, optional ``lead``.
 
 Every request needs ``Authorization: Bearer <key>`` (``medscreen keys create``). Every answer
-names the model version and threshold behind it, and every request, answered or refused, is
-written to the hash-chained prediction log before the response leaves. Requests are parsed here
-rather than by BentoML's typed IO so that every client mistake gets a 4xx in one JSON form.
+names the model version and threshold behind it, and every prediction request, answered or
+refused (and every refused model listing), is written to the hash-chained prediction log before
+the response leaves; a model listing that is answered and a path that is no route are not.
+Requests are parsed here rather than by BentoML's typed IO so that every client mistake gets a
+4xx in one JSON form.
 """
 
 from __future__ import annotations

@@ -32,6 +32,9 @@ def test_ecg_run_reports_aami_metrics_per_class_and_per_record(ecg_run):
     # Record 220 has no V beat: its V sensitivity is undefined and not logged as a number.
     assert metrics["val_S_beats"] == 94 and metrics["val_V_beats"] == 0
     assert "val_V_sensitivity" not in metrics
+    # The same records with beats found as the service finds them.
+    assert metrics["val_served_S_beats"] == 94
+    assert 0 <= metrics["val_served_S_sensitivity"] <= 1
     history = client.get_metric_history(ecg_run.run_id, "val_sv_f1")
     assert [point.step for point in history] == [0]
     # The selected checkpoint's score has its own metric (the curve holds the last epoch's).
@@ -132,6 +135,20 @@ def test_export_command_refuses_int8_for_ecg(ecg_run, shared_datasets: Path):
         "export", "--run-id", ecg_run.run_id, "--int8", "--records-dir", str(shared_datasets)
     )
     assert "--int8 is for image models" in line
+
+
+def test_aami_report_counts_missed_beats_and_detections_of_no_beat():
+    from training.ecg import aami_report
+
+    truth = np.array([0, 0, 1, 1, -1])  # the last detection is no annotated beat
+    predicted = np.array([0, 1, 1, 0, 1])
+    report = aami_report(truth, predicted, "x", missed=np.array([0, 2, 0, 0, 0]))
+    assert report["x_S_beats"] == 4  # two detected, two never detected
+    assert report["x_S_sensitivity"] == pytest.approx(1 / 4)
+    assert report["x_S_ppv"] == pytest.approx(1 / 3)  # called S: one right, one N, one noise
+    assert report["x_missed_beats"] == 2 and report["x_unannotated_detections"] == 1
+    plain = aami_report(truth[:4], predicted[:4], "y")
+    assert plain["y_S_sensitivity"] == pytest.approx(1 / 2) and "y_missed_beats" not in plain
 
 
 def test_synthetic_premature_beats_are_early_copies_of_normal_beats_labelled_s():

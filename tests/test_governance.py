@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -182,6 +183,9 @@ def test_history_answers_which_version_held_an_alias_at_a_time(
         check=True,
     )
     assert "parity probabilities" in shown.stdout and "test_auc" in shown.stdout
+    # The way back to the run, the code and the data, without leaving the command line.
+    for label in ("run id", "code commit", "val fingerprint", "threshold chosen on"):
+        assert label in shown.stdout, label
     listed = subprocess.run(
         [*medscreen_command(), "models", "list"],
         capture_output=True,
@@ -266,7 +270,9 @@ def test_an_alias_mlflow_refuses_leaves_no_history(registered_model, monkeypatch
     assert [event for event in alias_history(name) if event.alias == "refused"] == []
 
 
-def test_serving_refuses_unapproved_aliases_and_ungated_versions(registered_model):
+def test_serving_refuses_unapproved_aliases_and_ungated_versions(
+    registered_model, approved_reference
+):
     from serving import ModelLoadError, load_served_model
 
     name = registered_model.model_name
@@ -278,8 +284,32 @@ def test_serving_refuses_unapproved_aliases_and_ungated_versions(registered_mode
     ungated = client.create_model_version(name, source)
     with pytest.raises(ModelLoadError, match="no passed release gate"):
         load_served_model(f"{name}@{ungated.version}")
-    loaded = load_served_model(f"{name}@{registered_model.version}")
+    loaded = load_served_model(approved_reference)
     assert loaded.version == registered_model.version
+
+
+def test_a_version_named_by_number_needs_an_approved_alias(registered_model):
+    """Pinned, it is served without following an alias, but never without an approval."""
+    from serving import ModelLoadError, load_served_model
+    from training.registry import promote
+
+    name = registered_model.model_name
+    source = _client().get_model_version(name, registered_model.version).source
+    gated = _client().create_model_version(name, source, tags={"medscreen.release_gate": "passed"})
+    with pytest.raises(ModelLoadError, match=f"version {gated.version} holds no approved alias"):
+        load_served_model(f"{name}@{gated.version}")
+    promote(name, gated.version, alias="pinned", approver="ci", reason="pin test")
+    assert load_served_model(f"{name}@{gated.version}").version == str(gated.version)
+
+
+@pytest.fixture(scope="module")
+def approved_reference(registered_model) -> str:
+    """The float version by an alias of its own, approved: what the service may load."""
+    from training.registry import promote
+
+    name, version = registered_model.model_name, registered_model.version
+    promote(name, version, alias="approved", approver="ci", reason="governance tests")
+    return f"{name}@approved"
 
 
 def _watched_pool(reference: str):
@@ -363,13 +393,98 @@ def test_a_failed_download_is_retried_at_the_next_poll(
     pool.stop()
 
 
-def test_a_graph_onnxruntime_cannot_load_is_a_model_load_error(registered_model, tmp_path):
+def test_a_graph_onnxruntime_cannot_load_is_a_model_load_error(approved_reference, tmp_path):
     from serving.errors import ModelLoadError
     from serving.model import ServedModel, load_served_model
 
-    served = load_served_model(f"{registered_model.model_name}@{registered_model.version}")
+    served = load_served_model(approved_reference)
     corrupt = tmp_path / "model.onnx"
     corrupt.write_bytes(b"not an onnx graph")
     with pytest.raises(ModelLoadError, match="onnxruntime cannot load the graph") as failure:
         ServedModel(served.card, corrupt, version="99", alias=None)
     assert not failure.value.transient  # the pool will not download it again
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"positive_classes": [2]}, "positive classes .2. are not distinct indices of the 2"),
+        ({"positive_classes": [1, 1]}, "positive classes .1, 1. are not distinct"),
+        ({"input": {"shape": ["batch", "C", 28, 28]}}, "every axis after the first needs a size"),
+        ({"input": {"height": 32}}, r"input shape .* disagrees with grayscale 32x28"),
+    ],
+)
+def test_a_card_that_contradicts_itself_is_refused(approved_reference, change, message):
+    """Such a card would load and then fail every request with a 500."""
+    from pydantic import ValidationError
+
+    from serving.card import ServedCard
+    from serving.model import load_served_model
+
+    served = load_served_model(approved_reference)
+    fields = served.card.model_dump()
+    for key, value in change.items():
+        fields[key] = {**fields[key], **value} if isinstance(value, dict) else value
+    with pytest.raises(ValidationError, match=message):
+        ServedCard.model_validate(fields)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"output": {"name": "probs"}}, r"the card's output 'probs' is not among the graph's"),
+        ({"classes": ["normal", "pneumonia", "other"]}, "gives 2 class probabilities, the card"),
+        (
+            {"input": {"shape": ["batch", 1, 32, 32], "height": 32, "width": 32}},
+            r"the graph takes \[1, 28, 28\] per image, its card says \[1, 32, 32\]",
+        ),
+    ],
+)
+def test_a_card_that_contradicts_its_graph_is_refused(
+    registered_model, approved_reference, change, message
+):
+    from serving.errors import ModelLoadError
+    from serving.model import ServedModel, load_served_model
+
+    served = load_served_model(approved_reference)
+    card = served.card.model_copy(
+        update={
+            key: served.card.__dict__[key].model_copy(update=value)
+            if isinstance(value, dict)
+            else value
+            for key, value in change.items()
+        }
+    )
+    with tempfile.TemporaryDirectory() as download_dir:
+        model_dir = Path(
+            mlflow.artifacts.download_artifacts(
+                f"models:/{registered_model.model_name}/{registered_model.version}",
+                dst_path=download_dir,
+            )
+        )
+        with pytest.raises(ModelLoadError, match=message):
+            ServedModel(card, model_dir / card.onnx.filename, version="99", alias=None)
+
+
+def test_an_unforeseen_load_fault_is_kept_out_and_not_retried(
+    registered_model, second_float_version, monkeypatch
+):
+    """Any fault of one version must not escape refresh(), which would stop every alias move."""
+    import serving.pool
+    from training.registry import promote
+
+    name, version = registered_model.model_name, registered_model.version
+    promote(name, version, alias="faulty", approver="ci", reason="fault test")
+    pool = _watched_pool(f"{name}@faulty")
+    promote(name, second_float_version.version, alias="faulty", approver="ci", reason="test")
+    attempts = itertools.count()
+
+    def faulty(*args, **kwargs):
+        next(attempts)
+        raise ValueError("invalid literal for int() with base 10: 'C'")
+
+    monkeypatch.setattr(serving.pool, "load_served_model", faulty)
+    assert pool.refresh() == [] and pool.refresh() == []
+    assert next(attempts) == 1  # tried once, then rejected
+    assert pool.all()[0].model.version == version
+    pool.stop()

@@ -314,7 +314,10 @@ def test_audit_verify_exit_codes(log_path: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     intact = runner.invoke(app, ["audit", "verify", "--log", str(log_path)])
     assert intact.exit_code == 0, intact.output
-    assert intact.stdout.strip() == f"prediction log {log_path}: 10 records, hash chain intact"
+    last = json.loads(_lines(log_path)[-1])
+    assert intact.stdout.strip() == (
+        f"prediction log {log_path}: 10 records, hash chain intact; head 10:{last['hash']}"
+    )
 
     lines = _lines(log_path)
     del lines[4]
@@ -385,3 +388,70 @@ def test_a_failed_fsync_leaves_no_record_behind(tmp_path: Path, monkeypatch) -> 
     assert [line["request_id"] for line in lines] == ["req-1", "req-3"]
     assert [line["seq"] for line in lines] == [1, 2]
     assert verify_log(log.path).ok
+
+
+def test_the_writer_brings_a_lagging_head_up_to_date_when_records_stop(tmp_path: Path):
+    """Otherwise the last records of a burst could be cut off unnoticed while the log is idle."""
+    path = tmp_path / "predictions.jsonl"
+    log = PredictionLog(path, head_interval_seconds=0.3)
+
+    async def burst() -> None:
+        for number in range(3):  # one after another: the head is written with the first only
+            await log.append_async(_record(number))
+
+    asyncio.run(burst())
+    assert json.loads(head_path_for(path).read_text())["seq"] == 1
+    deadline = time.monotonic() + 5
+    while json.loads(head_path_for(path).read_text())["seq"] != 3:
+        assert time.monotonic() < deadline, "the head stayed behind while the log was idle"
+        time.sleep(0.05)
+    path.write_text("".join(_lines(path)[:1]))  # cut the last two records
+    assert "records seq 3 but the last record is seq 1" in _only_problem(path)
+    log.close()
+
+
+def test_a_live_writer_keeps_the_gap_of_records_cut_behind_its_back(tmp_path: Path):
+    path = tmp_path / "predictions.jsonl"
+    with PredictionLog(path, head_interval_seconds=3600) as log:  # the head stays at seq 1
+        for number in range(3):
+            log.append(_record(number))
+        path.write_text("".join(_lines(path)[:1]))  # records 2 and 3 deleted
+        stored = log.append(_record(4))
+    assert stored["seq"] == 4  # continues from its own last record, not from the file
+    assert "line 2: seq 4 where 2 was expected" in _only_problem(path)
+
+
+def test_a_line_whose_text_is_not_what_was_written_is_named(log_path: Path) -> None:
+    lines = _lines(log_path)
+    # A duplicate key in front: a JSON parser keeps the last value, so the hash still matches,
+    # but whoever reads the text sees another decision and version.
+    lines[0] = '{"decision":"negative","model_version":"7",' + lines[0][1:]
+    log_path.write_text("".join(lines))
+    assert _only_problem(log_path) == (
+        "line 1 (seq 1): not the text the writer wrote (not canonical JSON)"
+    )
+
+
+def test_a_kept_head_catches_a_log_and_head_file_replaced_together(log_path: Path, tmp_path):
+    runner = CliRunner()
+    printed = runner.invoke(app, ["audit", "verify", "--log", str(log_path)]).stdout
+    kept = printed.rsplit("head ", 1)[1].strip()
+    again = runner.invoke(app, ["audit", "verify", "--log", str(log_path), "--expect-head", kept])
+    assert again.exit_code == 0, again.output
+    # Someone with write access regenerates a shorter, self-consistent log and its head file.
+    head_path_for(log_path).unlink()
+    log_path.unlink()
+    with PredictionLog(log_path) as log:
+        for number in range(3):
+            log.append(_record(number))
+    assert verify_log(log_path).ok  # the log alone cannot tell
+    replaced = runner.invoke(
+        app, ["audit", "verify", "--log", str(log_path), "--expect-head", kept]
+    )
+    assert replaced.exit_code == 1
+    assert "the kept head records seq 10 but the last record is seq 3" in replaced.stdout
+    malformed = runner.invoke(
+        app, ["audit", "verify", "--log", str(log_path), "--expect-head", "10:abc"]
+    )
+    assert malformed.exit_code == 2
+    assert malformed.stderr.startswith("error: --expect-head: '10:abc' is not SEQ:HASH")

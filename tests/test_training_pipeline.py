@@ -63,6 +63,7 @@ def test_run_records_recipe_metrics_lineage_and_provenance(trained_run, medmnist
     assert len(tags["medscreen.git_commit"]) in (40, len("unknown"))
     assert tags["medscreen.version.torch"].startswith("2.13")
     assert tags["medscreen.version.monai"] != "not installed"
+    assert tags["medscreen.version.pydicom"] != "not installed"  # decoders shape the data too
     assert tags["medscreen.seed"] == "0"
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"recipe.yaml", "model", "evaluation", "data", "card"} <= artifacts
@@ -87,6 +88,9 @@ def test_export_registers_a_version_with_card_and_checked_onnx(
     version = client.get_model_version(registered_model.model_name, registered_model.version)
     assert version.run_id == result.run_id
     assert float(version.tags["medscreen.threshold"]) == pytest.approx(result.threshold, abs=1e-6)
+    # What exported it, beside what trained it (the run's tags).
+    assert version.tags["medscreen.export.git_commit"] != ""
+    assert version.tags["medscreen.export.version.onnxruntime"] != "not installed"
     card = registered_model.card
     assert card.positive_finding == "pneumonia" and card.positive_classes == [1]
     assert card.onnx.parity_max_abs_difference <= 1e-4

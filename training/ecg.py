@@ -28,7 +28,14 @@ from torch.nn import functional
 from torch.utils.data import DataLoader, TensorDataset
 
 from datasets import DatasetError
-from datasets.ecg import AAMI_CLASSES, SAMPLING_RATE_HZ, BeatSet, load_beats
+from datasets.ecg import (
+    AAMI_CLASSES,
+    NO_ANNOTATED_BEAT,
+    SAMPLING_RATE_HZ,
+    BeatSet,
+    load_beats,
+    load_detected_beats,
+)
 from training.plots import confusion_figure, log_figures
 from training.recipe import EcgModelSection, EcgRecipe
 from training.runs import RunError, read_run_recipe
@@ -87,16 +94,36 @@ class EcgBeatNetwork(nn.Module):
         return self.head(torch.cat([self.morphology(shape), timing], dim=1))
 
 
-def aami_report(truth: np.ndarray, predicted: np.ndarray, prefix: str) -> dict[str, float]:
-    """Sensitivity and positive predictivity of each AAMI class (EC57 style), and accuracy."""
-    matrix = confusion_matrix(truth, predicted, labels=list(range(len(AAMI_CLASSES))))
-    report = {f"{prefix}_accuracy": float(np.trace(matrix) / max(matrix.sum(), 1))}
+def aami_report(
+    truth: np.ndarray, predicted: np.ndarray, prefix: str, missed: np.ndarray | None = None
+) -> dict[str, float]:
+    """Sensitivity and positive predictivity of each AAMI class (EC57 style), and accuracy.
+
+    Args:
+        truth: AAMI class index per beat; :data:`NO_ANNOTATED_BEAT` for a detected beat that
+            is no annotated beat (it counts against the predicted class's predictivity).
+        predicted: Predicted class index per beat.
+        prefix: Metric name prefix.
+        missed: Annotated beats per class that were never detected (they count against
+            sensitivity); none when the beats are the annotated ones.
+    """
+    missed = np.zeros(len(AAMI_CLASSES), dtype=np.int64) if missed is None else missed
+    annotated = truth != NO_ANNOTATED_BEAT
+    matrix = confusion_matrix(
+        truth[annotated], predicted[annotated], labels=list(range(len(AAMI_CLASSES)))
+    )
+    extra_calls = np.bincount(predicted[~annotated], minlength=len(AAMI_CLASSES))
+    report = {f"{prefix}_accuracy": float(np.trace(matrix) / max(matrix.sum() + missed.sum(), 1))}
     for index, name in enumerate(AAMI_CLASSES):
         true_positive = matrix[index, index]
-        actual, called = matrix[index].sum(), matrix[:, index].sum()
+        actual = matrix[index].sum() + missed[index]
+        called = matrix[:, index].sum() + extra_calls[index]
         report[f"{prefix}_{name}_beats"] = float(actual)
         report[f"{prefix}_{name}_sensitivity"] = float(true_positive / actual) if actual else np.nan
         report[f"{prefix}_{name}_ppv"] = float(true_positive / called) if called else np.nan
+    if missed.any() or not annotated.all():
+        report[f"{prefix}_missed_beats"] = float(missed.sum())
+        report[f"{prefix}_unannotated_detections"] = float((~annotated).sum())
     return report
 
 
@@ -270,6 +297,21 @@ def _log_evaluation(beats: BeatSet, probabilities: np.ndarray, prefix: str) -> d
     return metrics
 
 
+def _log_served_evaluation(
+    network: EcgBeatNetwork, records_dir: Path, records: list[str], lead: str, prefix: str
+) -> dict[str, float]:
+    """Log the AAMI report on beats found as the service finds them (``{prefix}_served_*``).
+
+    Training and selection use the annotated beats; the service detects its beats, and cuts
+    some (ventricular, mostly) elsewhere. This is what a hospital gets.
+    """
+    beats, missed = load_detected_beats(records_dir, records, lead)
+    predicted = predict_beats(network, beats).argmax(axis=1)
+    metrics = aami_report(beats.labels, predicted, f"{prefix}_served", missed)
+    mlflow.log_metrics({key: value for key, value in metrics.items() if np.isfinite(value)})
+    return metrics
+
+
 @dataclass(frozen=True)
 class EcgTrainingResult:
     """What an ECG training run produced."""
@@ -371,6 +413,9 @@ def train_ecg(recipe: EcgRecipe, *, show_progress: bool = True) -> EcgTrainingRe
             # val_sv_f1 is a per-epoch curve; the selected checkpoint's value is its own metric.
             mlflow.log_metric("selected_val_sv_f1", float(best.best_model_score))
         metrics = _log_evaluation(val, predict_beats(network, val), "val")
+        metrics |= _log_served_evaluation(
+            network, records_dir, recipe.data.val_records, recipe.data.lead, "val"
+        )
         with tempfile.TemporaryDirectory() as weights_dir:
             weights_path = Path(weights_dir) / Path(WEIGHTS_ARTIFACT).name
             torch.save(network.state_dict(), weights_path)
@@ -431,4 +476,5 @@ def evaluate_ecg_records(run_id: str, records_dir: Path, records: list[str]) -> 
     ) as evaluation:
         mlflow.log_params({"records": ",".join(records), "lead": recipe.data.lead})
         metrics = _log_evaluation(beats, predict_beats(network, beats), "eval")
+        metrics |= _log_served_evaluation(network, records_dir, records, recipe.data.lead, "eval")
     return EcgTrainingResult(run_id=evaluation.info.run_id, metrics=metrics)

@@ -23,6 +23,7 @@ from torch import nn
 from datasets.download import file_sha256
 from datasets.ecg import (
     AAMI_CLASSES,
+    ECG_INPUTS,
     SAMPLING_RATE_HZ,
     WINDOW_AFTER,
     WINDOW_BEFORE,
@@ -59,7 +60,6 @@ from training.export import (
 )
 from training.tracking import package_versions
 
-ECG_INPUTS = ("beats", "templates", "rr_seconds")
 ECG_OUTPUT = "probabilities"
 ECTOPIC_CLASSES = (AAMI_CLASSES.index("S"), AAMI_CLASSES.index("V"))
 MITDB_URL = "https://physionet.org/content/mitdb/1.0.0/"

@@ -57,7 +57,7 @@ from training.evaluation import (
 )
 from training.models import ProbabilityModel, predict_probabilities
 from training.runs import RunContext, RunError, load_run_context
-from training.tracking import package_versions
+from training.tracking import export_provenance, package_versions
 
 ONNX_INPUT, ONNX_OUTPUT = "image", "probabilities"
 REGISTRY_ARTIFACT_NAME = "onnx-model"
@@ -250,8 +250,16 @@ def _build_card(
             value_range=(0, 255),
             description=(
                 "Raw pixel values; scaling, normalisation and resizing to the network's "
-                f"{recipe.model.network_input_size} px happen inside the graph. Larger "
-                "images are centre-cropped and resized to this shape by the service."
+                f"{recipe.model.network_input_size} px happen inside the graph. "
+                + (
+                    "Volumes are reoriented to the closest canonical RAS+ orientation, with "
+                    "axes (depth, height, width) = (left to right, posterior to anterior, "
+                    "inferior to superior), and each axis is resized to this shape by the "
+                    "service (no crop)."
+                    if len(spec.image_shape) == 4
+                    else "Larger images are centre-cropped and resized to this shape by the "
+                    "service."
+                )
             ),
             modality=spec.modality,
             channels="grayscale" if spec.image_shape[0] == 1 else "RGB",
@@ -354,6 +362,7 @@ def register_version(
         "medscreen.test_auc": f"{card.metrics.get('test_auc', float('nan')):.4f}",
         "medscreen.run_id": run_id,
         "medscreen.data.train.fingerprint": card.training_data.split_fingerprints["train"],
+        **export_provenance(),
         **extra_tags,
     }
     for key, value in tags.items():

@@ -119,6 +119,27 @@ def _show_version(version) -> None:
     for key, value in sorted(version.tags.items()):
         tags.add_row(key, value)
     console.print(tags)
+    # Back to the data: the run, its code and the data fingerprints the version came from.
+    lineage = Table("lineage", "value")
+    provenance, data = card.get("provenance", {}), card.get("training_data", {})
+    for label, value in (
+        ("run id", provenance.get("run_id")),
+        ("recipe", provenance.get("recipe")),
+        ("seed", provenance.get("seed")),
+        ("code commit", provenance.get("git_commit")),
+        ("uncommitted changes", provenance.get("git_dirty")),
+        ("dataset", data.get("dataset")),
+        ("dataset SHA-256", data.get("file_sha256")),
+        *(
+            (f"{split} fingerprint", fingerprint)
+            for split, fingerprint in data.get("split_fingerprints", {}).items()
+        ),
+        ("threshold chosen on", card.get("operating_point", {}).get("chosen_on")),
+        ("sensitivity target", card.get("operating_point", {}).get("sensitivity_target")),
+    ):
+        if value not in (None, ""):
+            lineage.add_row(label, str(value))
+    console.print(lineage)
     gate = Table("release gate check", "result", "detail")
     for check in card["release_gate"]:
         gate.add_row(check["check"], "passed" if check["passed"] else "FAILED", check["detail"])

@@ -23,6 +23,12 @@ TRACKED_PACKAGES = (
     "mlflow",
     "numpy",
     "scikit-learn",
+    # What decodes and conditions the data: a change here changes what a model sees.
+    "pillow",
+    "pydicom",
+    "nibabel",
+    "scipy",
+    "wfdb",
 )
 
 
@@ -92,6 +98,19 @@ def provenance() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             tags[f"medscreen.version.{package}"] = "not installed"
     return tags
+
+
+def export_provenance() -> dict[str, str]:
+    """The provenance of an export, as model version tags (``medscreen.export.*``).
+
+    The training run's tags say what trained the model; these say what exported it, checked
+    its parity and (for ECG) chose its threshold.
+    """
+    return {
+        f"medscreen.export.{key.removeprefix('medscreen.')}": value
+        for key, value in provenance().items()
+        if key.startswith("medscreen.")
+    }
 
 
 def package_versions(tags: dict[str, str]) -> dict[str, str]:
