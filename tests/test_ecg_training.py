@@ -98,7 +98,12 @@ def test_ecg_export_registers_a_beat_graph_with_its_card(ecg_model, shared_datas
     assert [tensor.name for tensor in card.signal.tensors] == list(ECG_INPUTS)
     assert card.positive_classes == list(ECTOPIC_CLASSES)
     assert card.onnx.parity_max_abs_difference <= 1e-4
-    assert card.operating_point.chosen_on == "validation records"
+    # Chosen on the beats the service will see: those its detector finds.
+    assert card.operating_point.chosen_on == (
+        "validation records, beats found by the service's detector"
+    )
+    assert 0 < card.training_data.split_rows["val_detected"] <= card.training_data.split_rows["val"]
+    assert "val_served_S_sensitivity" in card.metrics
     assert [check.check for check in card.release_gate] == [
         "onnx_checker",
         "parity probabilities",

@@ -312,6 +312,16 @@ def approved_reference(registered_model) -> str:
     return f"{name}@approved"
 
 
+def _pool_behind_a_moved_alias(first, second, alias: str):
+    """A pool serving ``first`` by ``alias``, which then moves to ``second`` (not yet followed)."""
+    from training.registry import promote
+
+    promote(first.model_name, first.version, alias=alias, approver="ci", reason="pool test")
+    pool = _watched_pool(f"{first.model_name}@{alias}")
+    promote(first.model_name, second.version, alias=alias, approver="ci", reason="pool test")
+    return pool
+
+
 def _watched_pool(reference: str):
     from serving.batching import MicroBatcher
     from serving.pool import ModelPool
@@ -344,7 +354,7 @@ def test_the_watcher_warns_once_while_an_alias_points_at_a_version_it_may_not_se
         record.getMessage() for record in caplog.records if "keeping" in record.getMessage()
     ]
     assert len(warnings) == 1 and "no passed release gate" in warnings[0]
-    assert pool.all()[0].model.version == version
+    assert pool.all()[0].model.version == registered_model.version
     pool.stop()
 
 
@@ -373,12 +383,7 @@ def test_a_failed_download_is_retried_at_the_next_poll(
     """An artifact store hiccup must not reject an approved version until a restart."""
     from mlflow.exceptions import MlflowException
 
-    from training.registry import promote
-
-    name, version = registered_model.model_name, registered_model.version
-    promote(name, version, alias="retried", approver="ci", reason="retry test")
-    pool = _watched_pool(f"{name}@retried")
-    promote(name, second_float_version.version, alias="retried", approver="ci", reason="test")
+    pool = _pool_behind_a_moved_alias(registered_model, second_float_version, "retried")
     download, calls = mlflow.artifacts.download_artifacts, itertools.count()
 
     def failing_once(*args, **kwargs):
@@ -471,12 +476,8 @@ def test_an_unforeseen_load_fault_is_kept_out_and_not_retried(
 ):
     """Any fault of one version must not escape refresh(), which would stop every alias move."""
     import serving.pool
-    from training.registry import promote
 
-    name, version = registered_model.model_name, registered_model.version
-    promote(name, version, alias="faulty", approver="ci", reason="fault test")
-    pool = _watched_pool(f"{name}@faulty")
-    promote(name, second_float_version.version, alias="faulty", approver="ci", reason="test")
+    pool = _pool_behind_a_moved_alias(registered_model, second_float_version, "faulty")
     attempts = itertools.count()
 
     def faulty(*args, **kwargs):
@@ -486,5 +487,5 @@ def test_an_unforeseen_load_fault_is_kept_out_and_not_retried(
     monkeypatch.setattr(serving.pool, "load_served_model", faulty)
     assert pool.refresh() == [] and pool.refresh() == []
     assert next(attempts) == 1  # tried once, then rejected
-    assert pool.all()[0].model.version == version
+    assert pool.all()[0].model.version == registered_model.version
     pool.stop()
