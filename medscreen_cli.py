@@ -2,6 +2,7 @@
 
 import logging
 import os
+import sys
 
 import typer
 
@@ -32,5 +33,22 @@ app.command("evaluate")(evaluate_command)
 app.command("serve")(serve_command)
 app.command("predict")(predict_command)
 
+
+def main() -> None:
+    """The ``medscreen`` command: click's own usage errors are one line, as every other error."""
+    try:
+        code = app(standalone_mode=False, prog_name="medscreen")
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except typer.exceptions.TyperException as error:  # click's usage errors, as typer bundles it
+        if type(error).__name__ == "NoArgsIsHelpError":
+            sys.exit(2)  # the help has been shown
+        # A bad or missing option or argument: the message names it.
+        typer.echo(f"error: {error.format_message()}", err=True)
+        sys.exit(getattr(error, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -240,6 +240,23 @@ def _beat_set(parts: list[tuple[np.ndarray, ...]], fingerprint: str) -> BeatSet:
     )
 
 
+@dataclass(frozen=True)
+class MissedBeats:
+    """Annotated beats that no detected beat matched: the detector lost them.
+
+    Attributes:
+        labels: AAMI class index of each (N,).
+        records: Record name of each (N,).
+    """
+
+    labels: np.ndarray
+    records: np.ndarray
+
+    def per_class(self) -> np.ndarray:
+        """How many of each AAMI class were missed."""
+        return np.bincount(self.labels, minlength=len(AAMI_CLASSES))
+
+
 def detect_r_peaks(filtered: np.ndarray) -> np.ndarray:
     """R-peak sample positions in a high-passed 360 Hz signal (mV), aligned as MIT-BIH's.
 
@@ -292,7 +309,7 @@ def load_beats(
 
 def load_detected_beats(
     records_dir: Path, records: tuple[str, ...] | list[str], lead: str = "MLII"
-) -> tuple[BeatSet, np.ndarray]:
+) -> tuple[BeatSet, MissedBeats]:
     """The beats of the given records as the monitoring service finds them, labelled.
 
     Beats are cut at :func:`detect_r_peaks`, not at the annotations, with RR intervals and
@@ -302,14 +319,15 @@ def load_detected_beats(
     :data:`NO_ANNOTATED_BEAT`.
 
     Returns:
-        The detected beats, and per AAMI class the annotated beats (with a full window) that
-        no detected beat matched: missed beats, which count against sensitivity.
+        The detected beats, and the annotated beats (with a full window) that no detected
+        beat matched: missed beats, which count against sensitivity.
 
     Raises:
         DatasetError: as :func:`load_beats`.
     """
     parts, digest = [], hashlib.sha256()
-    missed = np.zeros(len(AAMI_CLASSES), dtype=np.int64)
+    missed_labels: list[int] = []
+    missed_records: list[str] = []
     for record in records:
         digest.update(f"{record}:{_record_digest(records_dir, record)}\n".encode())
         filtered, annotated, annotated_labels = _read_record(records_dir, record, lead)
@@ -334,6 +352,10 @@ def load_detected_beats(
             if candidates:
                 labels[min(candidates, key=lambda index: abs(detected[index] - position))] = label
             else:
-                missed[label] += 1
+                missed_labels.append(int(label))
+                missed_records.append(record)
         parts.append((windows, templates, rr, labels, np.full(len(labels), record)))
+    missed = MissedBeats(
+        labels=np.array(missed_labels, dtype=np.int64), records=np.array(missed_records, dtype=str)
+    )
     return _beat_set(parts, digest.hexdigest()), missed

@@ -199,7 +199,9 @@ def write_atomically(path: Path, data: bytes, *, sync_directory: bool = True) ->
     """Replace ``path`` with ``data`` so that readers see the old or the new file, never a mix.
 
     The data goes to a temporary file in the same directory (mode 0600), is fsynced, then
-    renamed over ``path``.
+    renamed over ``path``. The file keeps its owner: run as root (``sudo medscreen keys
+    create``), a rename would otherwise hand the service's key store to root, and the service
+    could read it no more.
 
     Args:
         path: The file to replace.
@@ -212,6 +214,10 @@ def write_atomically(path: Path, data: bytes, *, sync_directory: bool = True) ->
     )
     try:
         with os.fdopen(descriptor, "wb") as stream:
+            with contextlib.suppress(FileNotFoundError):
+                owner = path.stat()
+                if owner.st_uid != os.geteuid():
+                    os.fchown(stream.fileno(), owner.st_uid, owner.st_gid)
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -42,21 +44,31 @@ def _store(path: Path | None) -> KeyStore:
 
 
 def _unregistered(names: list[str]) -> list[str]:
-    """The names (other than '*') the model registry does not hold; [] if it cannot be read."""
+    """The names (other than '*') the model registry does not hold; [] if it cannot be read.
+
+    Only a warning depends on it, so it never fails, and a tracking server that does not
+    answer costs seconds, not MLflow's minutes of retries.
+    """
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     uri = tracking_uri()
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     missing = []
-    for name in sorted(set(names) - {"*"}):
-        try:
-            client.get_registered_model(name)
-        except MlflowException as error:
-            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-                typer.echo(f"warning: cannot read the model registry {uri}: {error}", err=True)
-                return []
-            missing.append(name)
+    try:
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        for name in sorted(set(names) - {"*"}):
+            try:
+                client.get_registered_model(name)
+            except MlflowException as error:
+                if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                missing.append(name)
+    except Exception as error:  # an unreadable registry must not hide the key just issued
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        typer.echo(f"warning: cannot read the model registry {uri}: {reason}", err=True)
+        return []
     return missing
 
 
@@ -92,13 +104,7 @@ def create_command(
         field, _, reason = str(error).partition(": ")
         option = {"hospital": "--hospital", "region": "--region", "models": "--model"}.get(field)
         _fail(f"{option}: {reason}" if option else str(error))
-    for name in _unregistered(list(key.models)):
-        # Keys may be issued before their model is registered, so only a warning.
-        typer.echo(
-            f"warning: --model {name!r} is not a registered model in {tracking_uri()} (yet); "
-            "this key gets 403 for it until a model of that name is registered",
-            err=True,
-        )
+    # Shown at once: the key is live from here on, and nothing after this may lose it.
     typer.echo(f"key id: {key.key_id}")
     typer.echo(f"hospital: {key.hospital} ({key.region})")
     typer.echo(f"models: {', '.join(key.models)}")
@@ -109,6 +115,13 @@ def create_command(
         f"`medscreen keys revoke {key.key_id}` and create a new one.",
         err=True,
     )
+    for name in _unregistered(list(key.models)):
+        # Keys may be issued before their model is registered, so only a warning.
+        typer.echo(
+            f"warning: --model {name!r} is not a registered model in {tracking_uri()} (yet); "
+            "this key gets 403 for it until a model of that name is registered",
+            err=True,
+        )
 
 
 @keys_app.command("list")
@@ -146,6 +159,11 @@ def revoke_command(
     store: StoreOption = None,
 ) -> None:
     """Revoke a key; the running service refuses it from its next request on."""
+    if pasted := re.fullmatch(r"msk_([0-9a-f]{12})_.*", key_id.strip(), flags=re.DOTALL):
+        key_id = pasted[1]  # the whole key was given (a leaked one, say): revoke it by its id
+    elif not re.fullmatch(r"[0-9a-f]{12}", key_id):
+        # Not echoed: it may be a secret pasted by mistake.
+        _fail("KEY_ID: not a key id (12 hexadecimal digits, as `medscreen keys list` shows)")
     key_store = _store(store)
     try:
         key = key_store.revoke(key_id)
@@ -199,8 +217,8 @@ def verify_command(
         _fail(f"--log: {path}: {error.strerror or error}")
     if result.ok:
         typer.echo(
-            f"prediction log {path}: {result.records} records, hash chain intact; "
-            f"head {result.last_seq}:{result.last_hash}"
+            f"prediction log {path}: {result.records} records, hash chain intact"
+            + (f"; head {result.last_seq}:{result.last_hash}" if result.last_seq else "")
         )
         return
     for problem in result.problems:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import Annotated
 
@@ -43,6 +45,10 @@ def serve_command(
 
     if not 1 <= port <= 65535:  # checked here, not by click, so the error is one line
         typer.echo(f"error: --port: {port} is not a TCP port (1-65535)", err=True)
+        raise typer.Exit(2)
+    if not (math.isfinite(reload_seconds) and reload_seconds >= 0):
+        # NaN would make the alias watcher spin, infinity would stop it.
+        typer.echo(f"error: --reload-seconds: {reload_seconds} is not a number >= 0", err=True)
         raise typer.Exit(2)
     uri = tracking_uri()
     try:
@@ -110,6 +116,14 @@ def predict_command(
             "error: --api-key: has spaces or control characters; copy the whole key", err=True
         )
         raise typer.Exit(2)
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        typer.echo(
+            f"error: --url: {url!r} is not an http(s) URL (for example http://127.0.0.1:3000)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    url = url.rstrip("/")
     route = "/v1/monitor/dicom" if monitor else "/v1/screen"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with upload.open("rb") as stream:

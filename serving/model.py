@@ -195,9 +195,9 @@ def _check_governance(reference: str, parsed: ModelReference, version: ModelVers
             "register models with `medscreen export`"
         )
     if parsed.is_version:
+        # An approval counts while its alias still points here: deleting an alias withdraws it.
         if not any(
-            key.startswith(_APPROVAL_PREFIX) and key.endswith(".approved_by") and value
-            for key, value in version.tags.items()
+            version.tags.get(f"{_APPROVAL_PREFIX}{alias}.approved_by") for alias in version.aliases
         ):
             raise ModelLoadError(
                 f"{reference!r}: version {version.version} holds no approved alias; approve it "

@@ -103,7 +103,8 @@ class ModelPool:
 
         Raises:
             RequestError: 404 for an unknown name, 422 when the route does not fit the model or
-                the request must name one of several models.
+                the request must name one of several models, 403 when the caller may use none
+                of the models of its kind that are served.
         """
         route_kind = "ECG monitoring" if monitoring else "image screening"
         if name:
@@ -128,6 +129,13 @@ class ModelPool:
         if len(candidates) == 1:
             return candidates[0]
         if not candidates:
+            if any(served.model.card.is_monitoring == monitoring for served in self.all()):
+                # One is served, but not for this key: the key is the thing to change.
+                raise RequestError(
+                    f"this API key is not granted any {route_kind} model served here; ask for a "
+                    "key that grants one",
+                    HTTPStatus.FORBIDDEN,
+                )
             raise RequestError(
                 f"no {route_kind} model is served here", HTTPStatus.UNPROCESSABLE_ENTITY
             )
@@ -157,6 +165,8 @@ class ModelPool:
                     if not error.transient:
                         self._rejected.add(target)  # a broken version stays broken
                     raise
+                except (MlflowException, OSError):
+                    raise  # the registry, the network or the disk: tried again at the next poll
                 except Exception as error:  # unforeseen: it must not hold up the other models
                     self._rejected.add(target)
                     raise ModelLoadError(

@@ -335,6 +335,8 @@ class PredictionLog:
         commit, so that a log truncated, emptied or deleted behind the writer's back shows up
         as a seq gap instead of being silently re-chained.
         """
+        # Listed first, this process's own commit wins a tie: another worker that never saw the
+        # records cut behind its back may have written the same seq since.
         candidates: list[tuple[int, str]] = [(self._seq, self._hash)] if self._seq else []
         self._needs_newline = size > 0 and os.pread(descriptor, 1, size - 1) != b"\n"
         buffer, start = b"", size
@@ -353,7 +355,9 @@ class PredictionLog:
         head, _ = _read_head(self.head_path)
         if head is not None:
             candidates.append(head)
-        self._seq, self._hash = max(candidates, default=(0, GENESIS_HASH))
+        self._seq, self._hash = max(
+            candidates, key=lambda position: position[0], default=(0, GENESIS_HASH)
+        )
 
     def _commit(self, records: list[PredictionRecord]) -> list[dict[str, Any]]:
         """Write, fsync and chain a batch; update the head file. Caller holds ``_mutex``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import re
 import stat
 from http import HTTPStatus
@@ -217,6 +218,46 @@ def test_keys_commands_create_list_and_revoke(tmp_path: Path) -> None:
     assert unknown.stderr.strip() == (f"error: KEY_ID: no API key with id 'feedfacecafe' in {path}")
 
 
+def test_a_pasted_key_is_revoked_by_its_id_and_never_echoed(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    key, plaintext = KeyStore(path).create("St Mary", "eu-west", [MODEL])
+    runner = CliRunner()
+    revoked = runner.invoke(app, ["keys", "revoke", plaintext, "--store", str(path)])
+    assert revoked.exit_code == 0, revoked.output
+    assert f"revoked key {key.key_id}" in revoked.stdout
+    secret = plaintext.rsplit("_", 1)[1]
+    mangled = runner.invoke(app, ["keys", "revoke", f"mks_{secret}", "--store", str(path)])
+    assert mangled.exit_code == 2 and secret not in mangled.output
+    assert mangled.stderr.startswith("error: KEY_ID: not a key id")
+
+
+def test_keys_create_shows_the_key_when_the_registry_cannot_be_read(
+    monkeypatch, tmp_path: Path
+) -> None:
+    """The key is live once stored: a registry check that fails must not lose it."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unknownscheme://nowhere")
+    path = tmp_path / "keys.json"
+    created = CliRunner().invoke(
+        app,
+        [
+            "keys",
+            "create",
+            "--hospital",
+            "A",
+            "--region",
+            "B",
+            "--model",
+            MODEL,
+            "--store",
+            str(path),
+        ],
+    )
+    assert created.exit_code == 0, created.output
+    assert "warning: cannot read the model registry unknownscheme://nowhere" in created.stderr
+    plaintext = re.search(r"api key: (msk_\S+)", created.stdout)[1]
+    assert KeyStore(path).authenticate(plaintext).hospital == "A"
+
+
 def test_keys_create_uses_the_state_directory_by_default(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MEDSCREEN_STATE_DIR", str(tmp_path))
     monkeypatch.delenv("MEDSCREEN_KEY_STORE", raising=False)
@@ -250,3 +291,15 @@ def test_a_store_under_a_file_is_one_line_not_a_traceback(tmp_path: Path) -> Non
     assert line.startswith(f"error: {store}: cannot write the key store")
     line = medscreen_error_line("keys", "list", "--store", store)
     assert line.startswith(f"error: {store}: cannot read the key store")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can write another user's file")
+def test_a_store_written_by_root_keeps_its_owner(tmp_path: Path) -> None:
+    """`sudo medscreen keys create` must not take the store away from the service's user."""
+    store = KeyStore(tmp_path / "keys.json")
+    store.create("St Mary", "eu-west", [MODEL])
+    os.chown(store.path, 65534, 65534)  # the service's user
+    store.create("St John", "eu-west", [MODEL])
+    owner = store.path.stat()
+    assert (owner.st_uid, owner.st_gid) == (65534, 65534)
+    assert stat.S_IMODE(owner.st_mode) == 0o600

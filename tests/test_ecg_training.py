@@ -102,7 +102,8 @@ def test_ecg_export_registers_a_beat_graph_with_its_card(ecg_model, shared_datas
     assert card.operating_point.chosen_on == (
         "validation records, beats found by the service's detector"
     )
-    assert 0 < card.training_data.split_rows["val_detected"] <= card.training_data.split_rows["val"]
+    rows = card.training_data.split_rows
+    assert rows["val_detected"] > 0.9 * rows["val"] and rows["val_missed_by_detector"] >= 0
     assert "val_served_S_sensitivity" in card.metrics
     assert [check.check for check in card.release_gate] == [
         "onnx_checker",

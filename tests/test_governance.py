@@ -300,6 +300,10 @@ def test_a_version_named_by_number_needs_an_approved_alias(registered_model):
         load_served_model(f"{name}@{gated.version}")
     promote(name, gated.version, alias="pinned", approver="ci", reason="pin test")
     assert load_served_model(f"{name}@{gated.version}").version == str(gated.version)
+    # Deleting the alias withdraws the approval, though the version keeps the old tags.
+    _client().delete_registered_model_alias(name, "pinned")
+    with pytest.raises(ModelLoadError, match="holds no approved alias"):
+        load_served_model(f"{name}@{gated.version}")
 
 
 @pytest.fixture(scope="module")
@@ -310,6 +314,9 @@ def approved_reference(registered_model) -> str:
     name, version = registered_model.model_name, registered_model.version
     promote(name, version, alias="approved", approver="ci", reason="governance tests")
     return f"{name}@approved"
+
+
+_ALIAS_NUMBERS = itertools.count()
 
 
 def _pool_behind_a_moved_alias(first, second, alias: str):
@@ -377,18 +384,26 @@ def test_a_stopped_pool_swaps_in_nothing_and_leaves_no_runner(
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize(
+    "hiccup",
+    [
+        lambda: mlflow.exceptions.MlflowException("the artifact store answered 503"),
+        lambda: ConnectionResetError(104, "Connection reset by peer"),
+    ],
+    ids=["registry", "network"],
+)
 def test_a_failed_download_is_retried_at_the_next_poll(
-    registered_model, second_float_version, monkeypatch
+    registered_model, second_float_version, monkeypatch, hiccup
 ):
     """An artifact store hiccup must not reject an approved version until a restart."""
-    from mlflow.exceptions import MlflowException
-
-    pool = _pool_behind_a_moved_alias(registered_model, second_float_version, "retried")
+    pool = _pool_behind_a_moved_alias(
+        registered_model, second_float_version, f"retried-{next(_ALIAS_NUMBERS)}"
+    )
     download, calls = mlflow.artifacts.download_artifacts, itertools.count()
 
     def failing_once(*args, **kwargs):
         if next(calls) == 0:
-            raise MlflowException("the artifact store answered 503")
+            raise hiccup()
         return download(*args, **kwargs)
 
     monkeypatch.setattr(mlflow.artifacts, "download_artifacts", failing_once)
@@ -489,3 +504,25 @@ def test_an_unforeseen_load_fault_is_kept_out_and_not_retried(
     assert next(attempts) == 1  # tried once, then rejected
     assert pool.all()[0].model.version == registered_model.version
     pool.stop()
+
+
+def test_free_text_that_looks_like_markup_is_shown_as_written(registered_model):
+    """An approval reason is free text: '[/x]' must neither crash nor style the audit view."""
+    import subprocess
+
+    from training.registry import promote
+
+    name, version = registered_model.model_name, registered_model.version
+    promote(name, version, alias="markup", approver="ci", reason="review [/x] [bold]run")
+    for command in (["models", "history", name], ["models", "show", f"{name}@markup"]):
+        shown = subprocess.run(
+            [*medscreen_command(), *command], capture_output=True, text=True, timeout=120
+        )
+        assert shown.returncode == 0, shown.stderr
+    history = subprocess.run(
+        [*medscreen_command(), "models", "history", name, "--alias", "markup"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "[/x]" in history.stdout and "[bold]" in history.stdout  # as written, not styled

@@ -455,3 +455,33 @@ def test_a_kept_head_catches_a_log_and_head_file_replaced_together(log_path: Pat
     )
     assert malformed.exit_code == 2
     assert malformed.stderr.startswith("error: --expect-head: '10:abc' is not SEQ:HASH")
+
+
+def test_a_writer_prefers_its_own_commit_over_another_workers_record_of_the_same_seq(
+    tmp_path: Path,
+):
+    """Worker A's record 3 is cut and the head moved back; worker B then writes its own seq 3.
+
+    Repeated: which of the two seq-3 hashes sorts higher is chance, and must not matter.
+    """
+    for attempt in range(8):
+        path = tmp_path / f"predictions-{attempt}.jsonl"
+        with PredictionLog(path) as worker_a, PredictionLog(path) as worker_b:
+            for number in range(3):
+                worker_a.append(_record(number))
+            path.write_text("".join(_lines(path)[:2]))
+            second = json.loads(_lines(path)[1])
+            head_path_for(path).write_text(json.dumps({"seq": 2, "hash": second["hash"]}))
+            assert worker_b.append(_record(10))["seq"] == 3
+            assert worker_a.append(_record(11))["seq"] == 4
+        # A chained on its own record 3, not on B's: the cut shows.
+        problem = "line 4 (seq 4): prev_hash is not the previous record's hash"
+        assert problem in _only_problem(path)
+
+
+def test_an_empty_log_prints_no_head_to_keep(tmp_path: Path) -> None:
+    path = tmp_path / "predictions.jsonl"
+    path.touch()
+    result = CliRunner().invoke(app, ["audit", "verify", "--log", str(path)])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"prediction log {path}: 0 records, hash chain intact"

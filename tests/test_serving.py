@@ -445,6 +445,15 @@ def test_keys_are_required_and_bound_to_their_models(
     assert forbidden.status_code == 403
     assert "County General" in forbidden.json()["error"]
     assert volume_model.model_name in forbidden.json()["error"]
+    # Not naming one: an ECG is monitored here, just not for this key.
+    unmonitored = requests.post(
+        f"{served_model.url}/v1/monitor",
+        json={"samples": [0.0] * 3600, "sampling_rate_hz": 360, "lead": "II"},
+        headers=_auth(service_keys.pneumonia_only),
+        timeout=30,
+    )
+    assert unmonitored.status_code == 403, unmonitored.text
+    assert "not granted any ECG monitoring model" in unmonitored.json()["error"]
 
     listed = requests.get(
         f"{served_model.url}/v1/models", headers=_auth(service_keys.pneumonia_only), timeout=30
@@ -579,7 +588,7 @@ def test_predict_cli_prints_the_answer(
             "predict",
             str(shared_datasets / CHEST_XRAY_DICOM),
             "--url",
-            served_model.url,
+            served_model.url + "/",  # a trailing slash is how many people write a base URL
             "--model",
             registered_model.model_name,
         ],
@@ -599,6 +608,22 @@ def test_serve_cli_names_an_unknown_model_or_a_bad_reference():
     assert "NAME@ALIAS or NAME@VERSION" in line
     line = medscreen_error_line("serve", "--port", "99999")
     assert line == "error: --port: 99999 is not a TCP port (1-65535)"
+    line = medscreen_error_line("serve", "--reload-seconds", "nan")
+    assert line == "error: --reload-seconds: nan is not a number >= 0"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["serve", "--port", "abc"], "error: Invalid value for '--port'"),
+        (["serve", "--workers", "0"], "error: Invalid value for '--workers'"),
+        (["keys", "revoke"], "error: Missing argument 'key_id'"),
+        (["datasets", "list", "--bogus"], "error: No such option: --bogus"),
+        (["predict", __file__, "--url", "localhost:3000"], "error: --url: 'localhost:3000' is not"),
+    ],
+)
+def test_usage_errors_are_one_line_naming_the_option(arguments: list[str], expected: str):
+    assert medscreen_error_line(*arguments).startswith(expected)
 
 
 def test_predict_cli_never_echoes_a_malformed_key(shared_datasets: Path):

@@ -307,7 +307,7 @@ def _log_served_evaluation(
     """
     beats, missed = load_detected_beats(records_dir, records, lead)
     predicted = predict_beats(network, beats).argmax(axis=1)
-    metrics = aami_report(beats.labels, predicted, f"{prefix}_served", missed)
+    metrics = aami_report(beats.labels, predicted, f"{prefix}_served", missed.per_class())
     mlflow.log_metrics({key: value for key, value in metrics.items() if np.isfinite(value)})
     return metrics
 

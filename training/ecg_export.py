@@ -24,7 +24,6 @@ from datasets.download import file_sha256
 from datasets.ecg import (
     AAMI_CLASSES,
     ECG_INPUTS,
-    NO_ANNOTATED_BEAT,
     SAMPLING_RATE_HZ,
     WINDOW_AFTER,
     WINDOW_BEFORE,
@@ -63,6 +62,7 @@ from training.export import (
 from training.tracking import package_versions
 
 ECG_OUTPUT = "probabilities"
+NEVER_ALERTED_SCORE = -1.0  # below any threshold: a beat the detector missed raises no alert
 ECTOPIC_CLASSES = (AAMI_CLASSES.index("S"), AAMI_CLASSES.index("V"))
 MITDB_URL = "https://physionet.org/content/mitdb/1.0.0/"
 MITDB_LICENCE = "ODC-By 1.0"
@@ -219,21 +219,33 @@ def export_ecg_and_register(run_id: str, *, records_dir: Path | None = None) -> 
             f"(fingerprint {val.fingerprint[:12]} vs {recorded[:12]}); nothing was registered"
         )
     # The threshold is chosen on the beats the service will see: found by its detector, which
-    # cuts some (ventricular, mostly) elsewhere than the annotations that training used.
-    served, _ = load_detected_beats(directory, recipe.data.val_records, recipe.data.lead)
-    annotated = served.labels != NO_ANNOTATED_BEAT
-    truth = is_positive(served.labels[annotated], ECTOPIC_CLASSES)
+    # cuts some (ventricular, mostly) elsewhere than the annotations that training used. A
+    # detection of no annotated beat is a negative case; an annotated beat the detector missed
+    # is a case never alerted on (scored below any threshold).
+    served, missed = load_detected_beats(directory, recipe.data.val_records, recipe.data.lead)
+    truth = np.concatenate(
+        [is_positive(served.labels, ECTOPIC_CLASSES), is_positive(missed.labels, ECTOPIC_CLASSES)]
+    )
+    groups = np.concatenate([served.records, missed.records])
     with tempfile.TemporaryDirectory() as work_dir:
         onnx_path = Path(work_dir) / "model.onnx"
         export_ecg_onnx(network, onnx_path)
         onnx_model, checker = check_onnx(onnx_path)
         torch_probabilities = _torch_probabilities(network, val)
         runtime_probabilities = ecg_onnx_probabilities(onnx_path, val)
-        scores = positive_scores(
-            ecg_onnx_probabilities(onnx_path, served)[annotated], ECTOPIC_CLASSES
+        scores = np.concatenate(
+            [
+                positive_scores(ecg_onnx_probabilities(onnx_path, served), ECTOPIC_CLASSES),
+                np.full(len(missed.labels), NEVER_ALERTED_SCORE),
+            ]
         )
         target = recipe.evaluation.sensitivity_target
         threshold = choose_threshold(truth, scores, target)
+        if threshold < 0:
+            raise ExportError(
+                f"the beat detector misses so many ectopic validation beats that no threshold "
+                f"reaches sensitivity {target:g}; nothing was registered"
+            )
         difference, parity = parity_checks(
             torch_probabilities,
             runtime_probabilities,
@@ -264,7 +276,7 @@ def export_ecg_and_register(run_id: str, *, records_dir: Path | None = None) -> 
         metrics |= operating_point_metrics(truth, scores, threshold).as_dict("selected_val")
         # Beats of one record (one patient) are not independent: resample records.
         intervals_flat = metric_intervals(
-            truth, scores, threshold, "selected_val", recipe.seed, groups=served.records[annotated]
+            truth, scores, threshold, "selected_val", recipe.seed, groups=groups
         )
         metrics["selected_val_ci_resamples"] = intervals_flat["selected_val_ci_resamples"]
         intervals = {
@@ -310,7 +322,11 @@ def export_ecg_and_register(run_id: str, *, records_dir: Path | None = None) -> 
                     "train": tags.get("medscreen.data.train.fingerprint", ""),
                     "val": val.fingerprint,
                 },
-                split_rows={"val": len(val), "val_detected": int(annotated.sum())},
+                split_rows={
+                    "val": len(val),
+                    "val_detected": len(served),
+                    "val_missed_by_detector": len(missed.labels),
+                },
             ),
             provenance=Provenance(
                 run_id=run_id,

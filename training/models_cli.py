@@ -18,7 +18,8 @@ app = typer.Typer(
     help="Registered models: approvals, aliases and their history.", no_args_is_help=True
 )
 _SELECTOR = re.compile(r"^(?P<name>[^@/]+)(?:@(?P<alias>[^@/]+)|/(?P<version>\d+))?$")
-console = Console()
+# No markup: reasons, approvers, descriptions and tags are free text ('[/x]' would crash Rich).
+console = Console(markup=False)
 
 
 def _fail(message: str) -> None:
@@ -97,8 +98,8 @@ def _show_model(client: MlflowClient, name: str) -> None:
     console.print(table)
     for alias, held in unrecorded_aliases(name).items():
         console.print(
-            f"[red]warning[/red]: alias {alias}→{held} was set outside medscreen "
-            "(no approval recorded)"
+            f"warning: alias {alias}→{held} was set outside medscreen (no approval recorded)",
+            style="red",
         )
 
 
@@ -111,8 +112,9 @@ def _show_version(version) -> None:
     with open(card_path) as stream:
         card = json.load(stream)
     console.print(
-        f"[bold]{version.name}[/bold] version {version.version} "
-        f"(aliases: {', '.join(version.aliases) or 'none'})"
+        f"{version.name} version {version.version} "
+        f"(aliases: {', '.join(version.aliases) or 'none'})",
+        style="bold",
     )
     console.print(version.description or "")
     tags = Table("tag", "value")
