@@ -54,11 +54,16 @@ echo "== 6/8 serve every @champion model on 127.0.0.1:$PORT (log: $STATE/serve.l
 medscreen serve --port "$PORT" >"$STATE/serve.log" 2>&1 &
 SERVER_PID=$!
 trap 'kill "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null || true' EXIT
+READY=""
 for _ in $(seq 120); do
-  if curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null; then break; fi
+  if curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null; then READY=1; break; fi
   if ! kill -0 "$SERVER_PID" 2>/dev/null; then cat "$STATE/serve.log"; exit 1; fi
   sleep 1
 done
+if [ -z "$READY" ]; then
+  echo "error: the service on port $PORT was not ready within 120 s (log: $STATE/serve.log)" >&2
+  exit 1
+fi
 
 echo "== 7/8 screen $IMAGE"
 medscreen predict "$IMAGE" --url "http://127.0.0.1:$PORT" --model "$MODEL_NAME"

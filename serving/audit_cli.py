@@ -25,7 +25,7 @@ StoreOption = Annotated[
     Path | None,
     typer.Option(
         "--store",
-        help="Key store file [default: $MEDSCREEN_KEY_STORE or <state dir>/serving/api_keys.json].",
+        help="Key store file (default: $MEDSCREEN_KEY_STORE or <state dir>/serving/api_keys.json).",
         show_default=False,
     ),
 ]
@@ -180,8 +180,8 @@ def verify_command(
         Path | None,
         typer.Option(
             "--log",
-            help="Prediction log [default: $MEDSCREEN_PREDICTION_LOG or "
-            "<state dir>/serving/predictions.jsonl].",
+            help="Prediction log (default: $MEDSCREEN_PREDICTION_LOG or "
+            "<state dir>/serving/predictions.jsonl).",
             show_default=False,
         ),
     ] = None,

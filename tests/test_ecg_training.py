@@ -23,6 +23,7 @@ def _client() -> MlflowClient:
     return MlflowClient()
 
 
+@pytest.mark.slow
 def test_ecg_run_reports_aami_metrics_per_class_and_per_record(ecg_run):
     client = _client()
     run = client.get_run(ecg_run.run_id)
@@ -85,6 +86,7 @@ def test_ecg_recipe_errors_are_one_line(shared_datasets: Path):
     assert "either --manifest" in line
 
 
+@pytest.mark.slow
 def test_ecg_export_registers_a_beat_graph_with_its_card(ecg_model, shared_datasets: Path):
     import onnxruntime
 
@@ -136,6 +138,7 @@ def test_ecg_export_registers_a_beat_graph_with_its_card(ecg_model, shared_datas
     assert abs(float(probabilities.sum(axis=1).mean()) - 1) < 1e-5
 
 
+@pytest.mark.slow
 def test_export_command_refuses_int8_for_ecg(ecg_run, shared_datasets: Path):
     line = medscreen_error_line(
         "export", "--run-id", ecg_run.run_id, "--int8", "--records-dir", str(shared_datasets)
