@@ -11,6 +11,7 @@ from serving.audit_cli import audit_app, keys_app
 from serving.cli import predict_command, serve_command
 from training.cli import evaluate_command, export_command, train_command
 from training.models_cli import app as models_app
+from training.runs_cli import app as runs_app
 
 # The embedded store announces its schema migrations on first use; an error must stay one line.
 for noisy in ("mlflow.store.db.utils", "alembic.runtime.migration"):
@@ -25,6 +26,7 @@ app = typer.Typer(
 )
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(models_app, name="models")
+app.add_typer(runs_app, name="runs")
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
 app.command("train")(train_command)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from datasets import (
     load_split,
     patient_disjoint_split,
 )
-from tests.conftest import medscreen_error_line
+from tests.conftest import medscreen_command, medscreen_error_line
 
 SECRET = "PATIENT-SECRET-"
 
@@ -173,6 +174,22 @@ def test_evaluation_is_a_linked_run_without_patient_identifiers(
     assert metrics["eval_site_north_cases"] == 20 and metrics["eval_site_south_cases"] == 21
     recorded = " ".join([*run.data.params.values(), *run.data.tags.values(), *metrics])
     assert SECRET not in recorded
+
+    # An auditor finds the evaluation from the training run, on the command line.
+    shown = subprocess.run(
+        [*medscreen_command(), "runs", "show", training.run_id],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert result.run_id in shown.stdout and "evaluations of this run" in shown.stdout
+    commit = run.data.tags["medscreen.git_commit"]
+    val_fingerprint = (
+        MlflowClient().get_run(training.run_id).data.tags["medscreen.data.val.fingerprint"]
+    )
+    assert commit in shown.stdout and val_fingerprint in shown.stdout
+    assert medscreen_error_line("runs", "show", "not-a-run").startswith("error: RUN_ID:")
 
 
 @pytest.mark.slow
