@@ -40,7 +40,7 @@ def main() -> None:
     """The ``medscreen`` command: click's own usage errors are one line, as every other error."""
     try:
         code = app(standalone_mode=False, prog_name="medscreen")
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C: one line, as click's own handling gave
         typer.echo("aborted", err=True)
         sys.exit(130)
     except typer.exceptions.TyperException as error:  # click's usage errors, as typer bundles it
