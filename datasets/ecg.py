@@ -216,12 +216,29 @@ def _read_record(
     return high_pass(signal, float(signal_record.fs)), peaks, labels
 
 
-def _cut_beats(filtered: np.ndarray, peaks: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Windows, templates and RR features of the beats at ``peaks`` that have a full window."""
-    rr = rr_intervals(peaks, SAMPLING_RATE_HZ)
+def cut_beats(
+    filtered: np.ndarray, peaks: np.ndarray, rate: float = SAMPLING_RATE_HZ
+) -> tuple[np.ndarray, ...]:
+    """Windows, templates and RR features of the beats at ``peaks`` that have a full window.
+
+    Training, evaluation and the monitoring service all cut beats here.
+
+    Args:
+        filtered: High-passed signal at 360 Hz.
+        peaks: Sorted R-peak sample positions.
+        rate: The signal's exact sampling rate, for the RR intervals.
+
+    Returns:
+        ``windows``, ``templates`` (the median beat, repeated), ``rr_seconds`` and the mask of
+        ``peaks`` that had a full window; no beat at all with fewer than two peaks (no RR).
+    """
     windows, inside = beat_windows(filtered, peaks)
+    if len(peaks) < 2 or not inside.any():
+        none = windows[:0]
+        return none, none, np.zeros((0, 4), dtype=np.float32), np.zeros(len(peaks), dtype=bool)
     template = np.median(windows, axis=0, keepdims=True)
-    return windows, np.repeat(template, len(windows), axis=0), rr[inside], inside
+    rr = rr_intervals(peaks, rate)[inside]
+    return windows, np.repeat(template, len(windows), axis=0), rr, inside
 
 
 def _beat_set(parts: list[tuple[np.ndarray, ...]], fingerprint: str) -> BeatSet:
@@ -298,7 +315,7 @@ def load_beats(
     for record in records:
         digest.update(f"{record}:{_record_digest(records_dir, record)}\n".encode())
         filtered, peaks, labels = _read_record(records_dir, record, lead)
-        windows, templates, rr, inside = _cut_beats(filtered, peaks)
+        windows, templates, rr, inside = cut_beats(filtered, peaks)
         if not inside.any():
             raise DatasetError(
                 f"{records_dir / record}.atr: no annotated beat has a full window in the signal"
@@ -334,7 +351,7 @@ def load_detected_beats(
         peaks = detect_r_peaks(filtered)
         if len(peaks) < 2:
             raise DatasetError(f"{records_dir / record}.dat: fewer than two beats detected")
-        windows, templates, rr, inside = _cut_beats(filtered, peaks)
+        windows, templates, rr, inside = cut_beats(filtered, peaks)
         detected = peaks[inside]
         labels = np.full(len(detected), NO_ANNOTATED_BEAT, dtype=np.int64)
         _, has_window = beat_windows(filtered, annotated)

@@ -2,9 +2,9 @@
 
 The arrhythmia model was trained on beats of MIT-BIH lead MLII at 360 Hz, cut around annotated
 R peaks by :mod:`datasets.ecg`. A served signal goes through the same functions (resampled to
-360 Hz, :func:`datasets.ecg.high_pass`, :func:`datasets.ecg.rr_intervals`,
-:func:`datasets.ecg.beat_windows`, the median beat as template); only the R peaks differ: they
-are detected instead of annotated.
+360 Hz, :func:`datasets.ecg.high_pass`, then :func:`datasets.ecg.cut_beats`: windows, RR
+intervals, the median beat as template); only the R peaks differ: they are detected instead of
+annotated.
 
 The detector is ``wfdb.processing.gqrs_detect`` (the port of PhysioNet's gqrs), not ``XQRS``:
 on the first 5 minutes of the 22 DS1 records, XQRS found 75 % of the annotated ventricular beats
@@ -34,7 +34,7 @@ import numpy as np
 from pydicom import Dataset
 from scipy.signal import resample_poly
 
-from datasets.ecg import SAMPLING_RATE_HZ, beat_windows, detect_r_peaks, high_pass, rr_intervals
+from datasets.ecg import SAMPLING_RATE_HZ, cut_beats, detect_r_peaks, high_pass
 from datasets.images import (
     ImageDecodeError,
     check_upload_size,
@@ -311,8 +311,8 @@ def beats_for_model(signal: EcgSignal) -> EcgBeats:
     """Find the beats of a signal and prepare them as in training.
 
     Resampled to 360 Hz (polyphase, ``scipy.signal.resample_poly``), high-passed, R peaks
-    detected (:func:`detect_r_peaks`), then windows, RR features and the median-beat template from
-    :mod:`datasets.ecg`. Beats too near either end for a full window are left out.
+    detected (:func:`detect_r_peaks`), then windows, RR features and the median-beat template by
+    :func:`datasets.ecg.cut_beats`. Beats too near either end for a full window are left out.
 
     Args:
         signal: A checked signal from :func:`ecg_from_json` or :func:`ecg_from_dicom`.
@@ -331,23 +331,21 @@ def beats_for_model(signal: EcgSignal) -> EcgBeats:
         samples = resample_poly(samples, up, down, padtype="line")
     filtered = high_pass(samples, SAMPLING_RATE_HZ)
     peaks = detect_r_peaks(filtered)
-    windows, inside = beat_windows(filtered, peaks)
+    # Exactly 360 Hz for whole-number rates; within 0.1 % otherwise.
+    effective_rate = signal.sampling_rate_hz * up / down
+    windows, templates, rr, inside = cut_beats(filtered, peaks, effective_rate)
     if len(windows) < MIN_BEATS:
         raise _unprocessable(
             f"no QRS complexes detected in enough of the signal ({len(windows)} complete beats "
             f"found, {MIN_BEATS} needed); check that it is an ECG lead in millivolts, sent with "
             "its true sampling rate"
         )
-    # Exactly 360 Hz for whole-number rates; within 0.1 % otherwise.
-    effective_rate = signal.sampling_rate_hz * up / down
-    rr = rr_intervals(peaks, effective_rate)[inside]
-    template = np.median(windows, axis=0, keepdims=True)
     # Sample positions at 360 Hz back to the signal as sent.
     original = np.rint(peaks[inside] * (signal.sampling_rate_hz / effective_rate))
     peak_samples = np.clip(original, 0, len(signal.samples) - 1).astype(np.int64)
     return EcgBeats(
         windows=windows.astype(np.float32),
-        templates=np.repeat(template, len(windows), axis=0).astype(np.float32),
+        templates=templates.astype(np.float32),
         rr_seconds=rr.astype(np.float32),
         peak_samples=peak_samples,
         peak_times_s=peak_samples / signal.sampling_rate_hz,
