@@ -78,6 +78,11 @@ def test_a_model_the_key_does_not_grant_is_403_naming_what_is_granted(store: Key
     for expected in ("St Mary", "eu-west", "brain-mri", MODEL, "ecg-arrhythmia", key.key_id):
         assert expected in error.message
     assert not key.grants("brain-mri") and key.grants("ecg-arrhythmia")
+    # Names are granted whole: a prefix or an extension of a granted name is another model.
+    for other in (f"{MODEL}-v2", MODEL[:-1], "ecg"):
+        with pytest.raises(AuthError) as caught:
+            store.authorise(store.authenticate(plaintext), other)
+        assert caught.value.status == HTTPStatus.FORBIDDEN
 
 
 def test_star_grants_every_model(store: KeyStore) -> None:

@@ -47,6 +47,12 @@ def _answered(exchange) -> None:
     exchange.served = SimpleNamespace(model=model)
 
 
+def test_the_service_deadlines_come_before_bentomls_timeout():
+    # Reversed, BentoML's unlogged 504 would answer first and the prediction log never hear of it.
+    assert service.UPLOAD_TIMEOUT_S < service.ANSWER_DEADLINE_S < service.REQUEST_TIMEOUT_S
+    assert service.Screening.config["traffic"]["timeout"] == service.REQUEST_TIMEOUT_S
+
+
 def test_a_request_past_the_deadline_is_a_logged_503(screening):
     async def stuck(exchange):
         await asyncio.sleep(10)  # e.g. a queue behind an overloaded runner

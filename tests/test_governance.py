@@ -46,7 +46,7 @@ def second_float_version(trained_run):
     return export_and_register(trained_run[1].run_id)
 
 
-def test_int8_copy_is_its_own_gated_version(registered_model, int8_version):
+def test_int8_copy_is_its_own_gated_version(registered_model, int8_version, medmnist_dir: Path):
     card = int8_version.card
     assert int8_version.version != registered_model.version
     assert card.onnx.variant == "int8"
@@ -70,6 +70,19 @@ def test_int8_copy_is_its_own_gated_version(registered_model, int8_version):
         model_dir / "model.onnx", np.zeros((3, 1, 28, 28), dtype=np.uint8)
     )
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    # ... and its threshold is the INT8 graph's own on the validation split, not on test.
+    from datasets import get_dataset_spec, load_split
+    from training.evaluation import choose_threshold
+
+    spec = get_dataset_spec("pneumoniamnist")
+
+    def threshold_on(split_name: str) -> float:
+        split = load_split(spec, split_name, data_dir=medmnist_dir, max_samples=160, seed=0)
+        scores = onnx_probabilities(model_dir / "model.onnx", split.images)[:, 1]
+        return choose_threshold(split.labels == 1, scores, card.operating_point.sensitivity_target)
+
+    assert card.operating_point.threshold == pytest.approx(threshold_on("val"), abs=1e-4)
+    assert card.operating_point.threshold != pytest.approx(threshold_on("test"), abs=1e-4)
 
 
 def test_failed_gates_register_nothing_and_say_by_how_much(medmnist_dir: Path):
@@ -458,6 +471,11 @@ def test_a_card_that_contradicts_itself_is_refused(approved_reference, change, m
             {"input": {"shape": ["batch", 1, 32, 32], "height": 32, "width": 32}},
             r"the graph takes \[1, 28, 28\] per image, its card says \[1, 32, 32\]",
         ),
+        ({"input": {"name": "pixels"}}, r"the graph's inputs \['image'\] differ from its card's"),
+        (
+            {"input": {"shape": ["batch", 1, 28, 28, 1]}},
+            r"the graph takes \[1, 28, 28\] per image, its card says \[1, 28, 28, 1\]",
+        ),
     ],
 )
 def test_a_card_that_contradicts_its_graph_is_refused(
@@ -484,6 +502,31 @@ def test_a_card_that_contradicts_its_graph_is_refused(
         )
         with pytest.raises(ModelLoadError, match=message):
             ServedModel(card, model_dir / card.onnx.filename, version="99", alias=None)
+
+
+def test_a_graph_that_is_not_the_one_its_card_hashed_is_refused(
+    registered_model, approved_reference
+):
+    """A model.onnx replaced in the artifact store must not answer hospitals."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    from serving.errors import ModelLoadError
+    from serving.model import load_served_model
+
+    location = _client().get_model_version_download_uri(
+        registered_model.model_name, registered_model.version
+    )
+    stored = Path(url2pathname(urlparse(location).path)) / "model.onnx"
+    assert stored.is_file(), location
+    original = stored.read_bytes()
+    try:
+        stored.write_bytes(original + b"\0")
+        with pytest.raises(ModelLoadError, match="its SHA-256 differs from the card's"):
+            load_served_model(approved_reference)
+    finally:
+        stored.write_bytes(original)
+    assert load_served_model(approved_reference).version == registered_model.version
 
 
 def test_an_unforeseen_load_fault_is_kept_out_and_not_retried(

@@ -150,6 +150,55 @@ def test_a_line_that_is_not_json_is_named(log_path: Path) -> None:
     assert "line 3: not JSON" in _only_problem(log_path)
 
 
+def _with_field(line: str, key: str, value: str) -> str:
+    """The line with one field's JSON text replaced, the rest as written."""
+    record = json.loads(line)
+    record[key] = "\0"
+    return json.dumps(record).replace('"\\u0000"', value) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("tamper", "problem"),
+    [
+        (lambda lines: lines.insert(2, "\n"), "line 3: empty line"),
+        (
+            lambda lines: lines.insert(2, '{"decision": "positive"}\n'),
+            "line 3: not a prediction log record (no valid seq, prev_hash, hash)",
+        ),
+        (
+            lambda lines: lines.__setitem__(2, _with_field(lines[2], "hash", '"' + "g" * 64 + '"')),
+            "line 3: not a prediction log record (no valid seq, prev_hash, hash)",
+        ),
+        (
+            lambda lines: lines.__setitem__(2, _with_field(lines[2], "score", "NaN")),
+            "line 3 (seq 3): the record was altered after it was written (hash mismatch)",
+        ),
+        (
+            lambda lines: lines.__setitem__(9, lines[9][:40]),
+            "line 10: not JSON (an interrupted last write)",
+        ),
+    ],
+    ids=["blank line", "not a record", "non-hex hash", "NaN score", "cut last line"],
+)
+def test_each_kind_of_damage_is_named(log_path: Path, tamper, problem: str) -> None:
+    lines = _lines(log_path)
+    tamper(lines)
+    log_path.write_text("".join(lines))
+    assert problem in verify_log(log_path).problems
+
+
+@pytest.mark.parametrize(
+    ("head_text", "problem"),
+    [
+        ("seq 10", "predictions.jsonl.head.json: the head file is not JSON"),
+        ("{}", "predictions.jsonl.head.json: the head file has no valid seq and hash"),
+    ],
+)
+def test_a_damaged_head_file_is_named(log_path: Path, head_text: str, problem: str) -> None:
+    head_path_for(log_path).write_text(head_text)
+    assert verify_log(log_path).problems == [problem]
+
+
 def test_a_rewritten_chain_does_not_match_the_head(log_path: Path, tmp_path: Path) -> None:
     # Someone regenerates a self-consistent log of the same length: only the head catches it.
     forged = tmp_path / "forged.jsonl"

@@ -124,6 +124,23 @@ def test_export_registers_a_version_with_card_and_checked_onnx(
         assert probabilities.shape == (batch, 2)
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
 
+    # The threshold is the one the validation split gives for the target, not the test split's.
+    from training.evaluation import choose_threshold
+
+    def threshold_on(split_name: str) -> float:
+        split = load_split(
+            get_dataset_spec("pneumoniamnist"),
+            split_name,
+            data_dir=medmnist_dir,
+            max_samples=160,
+            seed=0,
+        )
+        (probabilities,) = session.run(None, {"image": split.images})
+        return choose_threshold(split.labels == 1, probabilities[:, 1], 0.95)
+
+    assert result.threshold == pytest.approx(threshold_on("val"), abs=1e-4)
+    assert result.threshold != pytest.approx(threshold_on("test"), abs=1e-4)
+
 
 def test_export_cli_names_an_unknown_run():
     line = medscreen_error_line("export", "--run-id", "0" * 32)
