@@ -87,6 +87,7 @@ def test_export_registers_a_version_with_card_and_checked_onnx(
     client = _client()
     version = client.get_model_version(registered_model.model_name, registered_model.version)
     assert version.run_id == result.run_id
+    assert client.get_run(result.run_id).info.status == "FINISHED"
     assert float(version.tags["medscreen.threshold"]) == pytest.approx(result.threshold, abs=1e-6)
     # What exported it, beside what trained it (the run's tags).
     assert version.tags["medscreen.export.git_commit"] != ""
@@ -140,6 +141,38 @@ def test_export_registers_a_version_with_card_and_checked_onnx(
 
     assert result.threshold == pytest.approx(threshold_on("val"), abs=1e-4)
     assert result.threshold != pytest.approx(threshold_on("test"), abs=1e-4)
+
+
+def test_export_never_reopens_the_training_run(trained_run):
+    """Nothing an interrupted export could leave behind is ever visible.
+
+    A reopened run is RUNNING until closed: an export killed meanwhile left it so for good, and
+    a run that is not FINISHED can no longer be exported. A version registered before its tags
+    looked released in the registry with no gate, threshold or checksum tag.
+    """
+    import threading
+
+    from training import export_and_register
+    from training.export import GATE_PASSED_TAG
+
+    recipe, result = trained_run
+    client = _client()
+    statuses: set[str] = set()
+    versions_seen = 0
+    exporting = threading.Thread(target=export_and_register, args=(result.run_id,))
+    exporting.start()
+    while True:
+        alive = exporting.is_alive()
+        statuses.add(client.get_run(result.run_id).info.status)
+        for version in client.search_model_versions(f"name='{recipe.registration.model_name}'"):
+            versions_seen += 1
+            assert version.tags.get(GATE_PASSED_TAG) == "passed", version.version
+            assert version.tags.get("medscreen.onnx_sha256"), version.version
+        if not alive:
+            break
+        exporting.join(timeout=0.02)
+    assert statuses == {"FINISHED"}
+    assert versions_seen > 0
 
 
 def test_export_cli_names_an_unknown_run():

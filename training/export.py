@@ -22,7 +22,9 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema
 from mlflow.types import TensorSpec as MlflowTensorSpec
@@ -330,7 +332,10 @@ def register_version(
     threshold, variant, ONNX SHA-256, run and training-data fingerprint).
     """
     run_id = card.provenance.run_id
-    with tempfile.TemporaryDirectory() as card_dir, mlflow.start_run(run_id=run_id):
+    client = MlflowClient()
+    # Logged to the finished training run without reopening it: a reopened run is RUNNING until
+    # closed (FAILED if an error closes it), so an interrupted export left it unusable.
+    with tempfile.TemporaryDirectory() as card_dir:
         card_path = Path(card_dir) / CARD_FILENAME
         card_path.write_text(card.model_dump_json(indent=2))
         markdown_path = Path(card_dir) / CARD_MARKDOWN_FILENAME
@@ -339,17 +344,15 @@ def register_version(
             onnx_model,
             name=f"{REGISTRY_ARTIFACT_NAME}-{card.onnx.variant}",
             signature=signature,
-            registered_model_name=card.model_name,
+            run_id=run_id,
             onnx_execution_providers=["CPUExecutionProvider"],
             save_as_external_data=False,
             extra_files=[str(card_path), str(markdown_path)],
             metadata={"medscreen_card_schema": card.card_schema, "medscreen_kind": card.kind},
         )
-        mlflow.log_artifact(str(card_path), f"card/{card.onnx.variant}")
-        mlflow.log_artifact(str(markdown_path), f"card/{card.onnx.variant}")
+        client.log_artifact(run_id, str(card_path), f"card/{card.onnx.variant}")
+        client.log_artifact(run_id, str(markdown_path), f"card/{card.onnx.variant}")
 
-    version = str(model_info.registered_model_version)
-    client = MlflowClient()
     tags = {
         GATE_PASSED_TAG: "passed",
         "medscreen.kind": card.kind,
@@ -365,9 +368,21 @@ def register_version(
         **export_provenance(),
         **extra_tags,
     }
-    for key, value in tags.items():
-        client.set_model_version_tag(card.model_name, version, key, value)
-    client.update_model_version(card.model_name, version, description=description)
+    try:
+        client.create_registered_model(card.model_name)
+    except MlflowException as error:
+        if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    # One write: a version never exists without the tags that say it passed the gate.
+    created = client.create_model_version(
+        card.model_name,
+        source=model_info.model_uri,
+        run_id=run_id,
+        tags=tags,
+        description=description,
+        model_id=model_info.model_id,
+    )
+    version = str(created.version)
     return ExportResult(model_name=card.model_name, version=version, card=card)
 
 
@@ -591,8 +606,8 @@ def export_int8(float_result: ExportResult, *, data_dir: Path | None = None) -> 
                 f"(run {context.run.info.run_id}); threshold chosen again on validation."
             ),
         )
-        with mlflow.start_run(run_id=context.run.info.run_id):
-            mlflow.log_metrics({"int8_val_auc": int8_auc, "int8_val_auc_drop": drop})
+        for key, value in {"int8_val_auc": int8_auc, "int8_val_auc_drop": drop}.items():
+            MlflowClient().log_metric(context.run.info.run_id, key, value)
         return _register(
             context, onnx_model, card, {"medscreen.float_version": float_result.version}
         )

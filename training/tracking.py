@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import platform
 import subprocess
@@ -9,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 import mlflow
+from mlflow.tracking import MlflowClient
 
 STATE_DIR_ENV = "MEDSCREEN_STATE_DIR"
 TRACKED_PACKAGES = (
@@ -46,10 +48,24 @@ def configure_tracking() -> str:
     """Point MLflow at the configured store and return its URI."""
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        _open_embedded_store(uri, Path(uri.removeprefix("sqlite:///")))
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
+
+
+def _open_embedded_store(uri: str, database: Path) -> None:
+    """Open the sqlite store once, holding a lock while MLflow creates or upgrades its tables.
+
+    MLflow creates the schema on first use without a lock: commands started together on a new
+    state directory crashed, and the race could leave the schema half upgraded for good.
+    """
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with database.with_name(f"{database.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)  # the tracking tables
+        client.search_registered_models(max_results=1)  # the registry tables
 
 
 def ensure_experiment(name: str) -> str:
