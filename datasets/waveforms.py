@@ -33,6 +33,7 @@ from http import HTTPStatus
 import numpy as np
 from pydicom import Dataset
 from scipy.signal import resample_poly
+from scipy.stats import kurtosis
 
 from datasets.ecg import SAMPLING_RATE_HZ, cut_beats, detect_r_peaks, high_pass
 from datasets.images import (
@@ -48,6 +49,10 @@ MIN_DURATION_S, MAX_DURATION_S = 10.0, 3600.0
 # An ECG spans a few millivolts; far more means microvolts or ADC counts were sent.
 MAX_PEAK_TO_PEAK_MV = 50.0
 MIN_BEATS = 3
+# Kurtosis of the high-passed signal: sharp QRS complexes make an ECG's high (MIT-BIH DS1 10 s
+# windows: under 4 in 15 of 3,960, mostly ventricular flutter in record 207); noise is near 3,
+# a square or sine wave below 2 (kSQI; Li, Clifford and Tarassenko, Physiol Meas 2008).
+MIN_SIGNAL_KURTOSIS = 4.0
 _MILLIVOLTS_PER_UNIT = {"uV": 1e-3, "mV": 1.0, "V": 1e3}
 # Multiplex groups that are not the recorded signal (a derived median beat is one beat long).
 _DERIVED = "DERIVED"
@@ -87,6 +92,9 @@ class EcgBeats:
         rr_seconds: float32 (N, 4): previous RR, next RR, local mean RR, whole-signal mean RR.
         peak_samples: int64 (N,): each beat's R peak as a sample index of the signal as sent.
         peak_times_s: float64 (N,): each R peak's time from the start of the signal.
+        signal_kurtosis: Kurtosis of the high-passed signal without its first and last second
+            (the filter's edges); below :data:`MIN_SIGNAL_KURTOSIS` the signal shows no distinct
+            QRS complexes and the beat classes cannot be trusted.
     """
 
     windows: np.ndarray
@@ -94,6 +102,12 @@ class EcgBeats:
     rr_seconds: np.ndarray
     peak_samples: np.ndarray
     peak_times_s: np.ndarray
+    signal_kurtosis: float
+
+    @property
+    def quality_acceptable(self) -> bool:
+        """Whether the signal looks like an ECG with distinct QRS complexes."""
+        return self.signal_kurtosis >= MIN_SIGNAL_KURTOSIS
 
     def __len__(self) -> int:
         return len(self.peak_samples)
@@ -349,4 +363,5 @@ def beats_for_model(signal: EcgSignal) -> EcgBeats:
         rr_seconds=rr.astype(np.float32),
         peak_samples=peak_samples,
         peak_times_s=peak_samples / signal.sampling_rate_hz,
+        signal_kurtosis=float(kurtosis(filtered[SAMPLING_RATE_HZ:-SAMPLING_RATE_HZ], fisher=False)),
     )

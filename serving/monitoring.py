@@ -3,7 +3,8 @@
 Each beat takes its most probable AAMI class. A beat raises an ectopic alert when its S + V
 probability reaches the model's threshold (chosen on validation records for a sensitivity
 target), so alerts can include beats whose most probable class is N: the threshold trades false
-alarms for missed ectopy, as the card states.
+alarms for missed ectopy, as the card states. A signal without distinct QRS complexes (see
+:data:`datasets.waveforms.MIN_SIGNAL_KURTOSIS`) is an alert of its own, whatever its beats say.
 """
 
 from __future__ import annotations
@@ -65,7 +66,20 @@ def monitoring_answer(
                 "priority": "review",
             }
         )
-    decision = "alert" if alerts.any() else "no alert"
+    if not beats.quality_acceptable:
+        # A technical alarm, not silence: noise, a lead off or a calibration signal, but also a
+        # rhythm without distinct QRS complexes (ventricular flutter or fibrillation).
+        findings.insert(
+            0,
+            {
+                "finding": "signal quality too low to classify beats",
+                "detail": "no distinct QRS complexes: noise, a loose lead, a test signal, or a "
+                "rhythm such as ventricular flutter or fibrillation; check the patient and the "
+                "lead, and do not rely on the beat classes",
+                "priority": "high",
+            },
+        )
+    decision = "alert" if alerts.any() or not beats.quality_acceptable else "no alert"
     answer = {
         "model": {"name": model.name, "version": model.version, "alias": model.alias},
         "finding": model.card.positive_finding,
@@ -77,6 +91,10 @@ def monitoring_answer(
             "class_counts": counts,
             "ectopic_alert_beats": int(alerts.sum()),
             "heart_rate_bpm": round(60.0 / mean_rr, 1) if np.isfinite(mean_rr) else None,
+            "signal_quality": {
+                "kurtosis": round(beats.signal_kurtosis, 2),
+                "acceptable": beats.quality_acceptable,
+            },
             "findings": findings,
         },
         "beats": [
@@ -102,6 +120,7 @@ def monitoring_answer(
     summary: dict[str, int | float | str] = {
         "beats": len(beats),
         "alert_beats": int(alerts.sum()),
+        "signal_kurtosis": round(beats.signal_kurtosis, 2),
         **{f"class_{name}": count for name, count in counts.items()},
     }
     return answer, float(ectopic.max()), summary

@@ -15,6 +15,7 @@ from scipy.signal import resample_poly
 from datasets.ecg import AAMI_BY_SYMBOL, SAMPLING_RATE_HZ, WINDOW_AFTER, WINDOW_BEFORE, high_pass
 from datasets.images import ImageDecodeError
 from datasets.waveforms import (
+    EcgBeats,
     EcgSignal,
     beats_for_model,
     canonical_lead,
@@ -222,6 +223,34 @@ def test_bad_json_payloads(payload: object, status: int, message: str):
     with pytest.raises(ImageDecodeError, match=message) as failure:
         ecg_from_json(payload)
     assert failure.value.status == status
+
+
+def _beats_of(samples: np.ndarray) -> EcgBeats:
+    return beats_for_model(EcgSignal(samples, 360.0, "II", "json"))
+
+
+def test_signal_quality_tells_an_ecg_from_noise_and_test_signals(mitdb: Path):
+    import wfdb
+
+    def record(name: str, start_s: int) -> np.ndarray:
+        signal = wfdb.rdrecord(
+            str(mitdb / name),
+            channel_names=["MLII"],
+            sampfrom=360 * start_s,
+            sampto=360 * (start_s + 30),
+        )
+        return signal.p_signal[:, 0]
+
+    assert _beats_of(record("101", 0)).quality_acceptable
+    assert _beats_of(record("106", 600)).quality_acceptable  # frequent ventricular ectopy
+    seconds = np.arange(360 * 30) / 360
+    for samples in (
+        np.random.default_rng(0).normal(0.0, 0.3, len(seconds)),  # noise, e.g. a loose lead
+        np.sign(np.sin(2 * np.pi * seconds)),  # a 1 mV square wave, as a calibration pulse
+        record("207", 1560),  # ventricular flutter: no distinct QRS complexes either
+    ):
+        beats = _beats_of(samples)
+        assert len(beats) >= 3 and not beats.quality_acceptable, beats.signal_kurtosis
 
 
 def test_signal_without_qrs_complexes_is_a_422():
