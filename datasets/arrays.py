@@ -13,7 +13,13 @@ from http import HTTPStatus
 
 import numpy as np
 
-from datasets.images import DecodedImage, ImageDecodeError, fit_picture, untrusted_input
+from datasets.images import (
+    DecodedImage,
+    ImageDecodeError,
+    check_content,
+    fit_picture,
+    untrusted_input,
+)
 from datasets.volumes import resize_volume
 
 MAX_ARRAY_ELEMENTS = 16 * 1024 * 1024
@@ -112,6 +118,14 @@ def _shape_error(values: np.ndarray, shape: tuple[int, ...], accepted: str) -> I
     )
 
 
+def _check_content(values: np.ndarray, spatial_axes: int) -> None:
+    """The rule uploads follow (size, not blank), its message naming the field."""
+    try:
+        check_content(values, spatial_axes)
+    except ImageDecodeError as error:
+        raise _error(str(error), error.status) from None
+
+
 def _picture(values: np.ndarray, shape: tuple[int, ...]) -> DecodedImage:
     channels, height, width = shape
     accepted = "(H, W) grayscale, or (C, H, W) with C = 1 or 3"
@@ -123,8 +137,7 @@ def _picture(values: np.ndarray, shape: tuple[int, ...]) -> DecodedImage:
         values = values[0] if values.shape[0] == 1 else np.moveaxis(values, 0, -1)
     if values.ndim not in (2, 3):
         raise _shape_error(values, shape, accepted)
-    if min(values.shape[:2]) < 2:
-        raise _error(f"shape {list(values.shape)} is not a picture; send {accepted}")
+    _check_content(values, 2)
     return DecodedImage(
         pixels=fit_picture(np.ascontiguousarray(values), channels, height, width),
         source_format="array",
@@ -142,6 +155,7 @@ def _volume(values: np.ndarray, shape: tuple[int, ...]) -> DecodedImage:
         raise _shape_error(values, shape, accepted)
     if min(values.shape) < 2:
         raise _error(f"shape {list(values.shape)} is a single slice, not a volume; send {accepted}")
+    _check_content(values, 3)
     return DecodedImage(
         pixels=resize_volume(values, depth, height, width)[None],
         source_format="array",
@@ -168,7 +182,8 @@ def decode_array(payload: object, *, shape: tuple[int, ...]) -> DecodedImage:
 
     Raises:
         ImageDecodeError: 413 over :data:`MAX_ARRAY_ELEMENTS` values; 422 for anything else
-            (not lists, ragged, non-numbers, NaN, values outside 0-255, a shape that cannot fit).
+            (not lists, ragged, non-numbers, NaN, values outside 0-255, a shape that cannot fit,
+            fewer than 2 values along an axis, one value everywhere), as for uploads.
     """
     values = _to_uint8(payload)
     if len(shape) == 3:

@@ -9,19 +9,23 @@ error type and result defined here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
-from collections.abc import Callable
+import threading
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import ParamSpec, TypeVar
 
 import numpy as np
 import pydicom
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pydicom import config as pydicom_config
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
@@ -45,6 +49,8 @@ MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 # A 6000 x 6000 picture (larger than any radiograph or mammogram): a small compressed file can
 # declare a huge one, so the declared size is checked before any pixel is decoded.
 MAX_IMAGE_PIXELS = 6000 * 6000
+# The fewest pixels (voxels) along each axis of a picture (volume), for files and arrays alike.
+MIN_SIDE = 2
 _DICOM_MAGIC_OFFSET = 128
 
 
@@ -64,19 +70,65 @@ class DecodedImage:
     source_shape: tuple[int, ...]
 
 
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_restore: contextlib.ExitStack | None = None
+
+
+@contextlib.contextmanager
+def quiet_dicom_parsing() -> Iterator[None]:
+    """Keep pydicom from writing a file's text to stderr or a log while the file is parsed.
+
+    pydicom reports an invalid value by quoting it (``Invalid value for VR UI: '...'``), both as
+    a warning and on its logger, and a crafted file can put a patient's name in any value. While
+    any untrusted file is parsed, value validation is off (pixel decoding does not need it),
+    warnings raised in pydicom are ignored and the ``pydicom`` loggers are silenced.
+
+    These settings are process-wide, so they are switched by the first parse to start and restored
+    by the last to end: switching them per call would race between decoding threads.
+    """
+    global _quiet_depth, _quiet_restore
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            stack = contextlib.ExitStack()
+            settings = pydicom_config.settings
+            stack.callback(
+                setattr, settings, "_reading_validation_mode", settings._reading_validation_mode
+            )
+            settings.reading_validation_mode = pydicom_config.IGNORE
+            stack.enter_context(warnings.catch_warnings())
+            warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+            pydicom_logger = logging.getLogger("pydicom")
+            stack.callback(pydicom_logger.setLevel, pydicom_logger.level)
+            pydicom_logger.setLevel(logging.CRITICAL + 1)  # its child loggers inherit the level
+            _quiet_restore = stack
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0 and _quiet_restore is not None:
+                _quiet_restore.close()
+                _quiet_restore = None
+
+
 def untrusted_input(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Turn any failure while parsing untrusted bytes into a client error (422).
 
     Parsers (Pillow, pydicom, nibabel, wfdb, json) raise many exception types on hostile or
     corrupt input; none of them is the service's fault. Only the exception's type is reported:
-    its message may quote file content.
+    its message may quote file content. pydicom stays quiet meanwhile
+    (:func:`quiet_dicom_parsing`): DICOM values are converted lazily, so the whole decoder runs
+    inside it, not just the read.
     """
 
     def decorate(function: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(function)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             try:
-                return function(*args, **kwargs)
+                with quiet_dicom_parsing():
+                    return function(*args, **kwargs)
             except ImageDecodeError:
                 raise
             except MemoryError as error:
@@ -145,19 +197,65 @@ def read_dicom_dataset(data: bytes, *, tags: list[str] | None = None) -> pydicom
             deflated, which pydicom would inflate without a size limit.
     """
     try:
-        stream = io.BytesIO(data)
-        read_preamble(stream, False)
-        # The meta alone first (pydicom has no public reader of it for bytes).
-        syntax = _read_file_meta_info(stream).get("TransferSyntaxUID")
-        if syntax != DeflatedExplicitVRLittleEndian:
-            return pydicom.dcmread(io.BytesIO(data), specific_tags=tags)
+        with quiet_dicom_parsing():
+            stream = io.BytesIO(data)
+            read_preamble(stream, False)
+            # The meta alone first (pydicom has no public reader of it for bytes).
+            syntax = _read_file_meta_info(stream).get("TransferSyntaxUID")
+            if syntax != DeflatedExplicitVRLittleEndian:
+                return pydicom.dcmread(io.BytesIO(data), specific_tags=tags)
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError) as error:
         raise ImageDecodeError(f"unreadable DICOM file ({type(error).__name__})") from error
     raise ImageDecodeError(
-        f"DICOM transfer syntax {syntax} (Deflated Explicit VR Little Endian) is not accepted; "
-        "re-send the file uncompressed (Explicit VR Little Endian)",
+        f"DICOM transfer syntax {_shown_uid(syntax)} (Deflated Explicit VR Little Endian) is not "
+        "accepted; re-send the file uncompressed (Explicit VR Little Endian)",
         HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
     )
+
+
+def _shown_uid(uid: str) -> str:
+    """A UID for a message: a standard one as it is, any other quoted.
+
+    Quoted text is masked in the prediction log (it is the file's, and a crafted file can put a
+    patient's name in a UID); a standard UID is a public constant and tells the operator more.
+    """
+    uid = UID(uid)
+    return str(uid) if uid.name != str(uid) else repr(str(uid))
+
+
+def dicom_ends_early(data: bytes, syntax: str | None) -> bool:
+    """Whether a DICOM file is cut short (or corrupt): its elements do not end where it ends.
+
+    pydicom stops silently when a file ends inside an element, returning what it read so far;
+    a file cut after its header then looks like one without pixel data. This walks the element
+    headers (values are skipped, not read) and compares where the last element ends with the
+    file's length.
+
+    Args:
+        data: The file, starting with its 128-byte preamble.
+        syntax: Its transfer syntax UID; explicit VR little endian when None or not one.
+    """
+    implicit_vr, little_endian = False, True
+    with contextlib.suppress(ValueError):  # not a transfer syntax: pydicom's default
+        if syntax is not None:
+            implicit_vr, little_endian = UID(syntax).is_implicit_VR, UID(syntax).is_little_endian
+    stream = io.BytesIO(data)
+    stream.seek(_DICOM_MAGIC_OFFSET + 4)
+    end = stream.tell()
+    try:
+        with quiet_dicom_parsing():
+            # The file meta (group 2, explicit VR little endian), then the dataset.
+            meta = data_element_generator(
+                stream, False, True, stop_when=lambda tag, vr, length: tag.group != 2, defer_size=0
+            )
+            for _ in meta:
+                end = stream.tell()
+            end = stream.tell()  # at the first dataset element (pydicom rewinds to it)
+            for _ in data_element_generator(stream, implicit_vr, little_endian, defer_size=0):
+                end = stream.tell()
+    except Exception:  # a header pydicom cannot follow: the file is corrupt
+        return True
+    return end != len(data)
 
 
 # Everything pydicom needs to decode and display pixels; no other tag (no patient tag) is parsed.
@@ -198,13 +296,14 @@ def _check_decodable(syntax: UID | None) -> None:
         return  # pydicom then reports what is missing when decoding
     syntax = UID(syntax)
     name = syntax.name if syntax.name != str(syntax) else "unknown"
+    shown = _shown_uid(syntax)
     try:
         available = get_decoder(syntax).is_available
     except NotImplementedError:
         available = False
     if not available:
         raise ImageDecodeError(
-            f"DICOM transfer syntax {syntax} ({name}) cannot be decoded by this service; "
+            f"DICOM transfer syntax {shown} ({name}) cannot be decoded by this service; "
             "re-send the image uncompressed (Explicit VR Little Endian) or as RLE Lossless",
             HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
         )
@@ -219,6 +318,13 @@ def _read_dicom(data: bytes) -> np.ndarray:
                 "DICOM float pixel data (parametric maps) is not accepted; send an image with "
                 "integer pixel data",
                 HTTPStatus.UNPROCESSABLE_ENTITY,
+            )
+        # Rows and Columns describe an image whose pixels are missing: cut between elements.
+        describes_image = "Rows" in dataset and "Columns" in dataset
+        if describes_image or dicom_ends_early(data, dataset.file_meta.get("TransferSyntaxUID")):
+            raise ImageDecodeError(
+                f"the DICOM file ends early ({len(data)} bytes, before its pixel data): it is "
+                "truncated or corrupt; send the whole file"
             )
         if "WaveformSequence" in dataset:
             raise ImageDecodeError(
@@ -276,7 +382,8 @@ def _read_dicom(data: bytes) -> np.ndarray:
         # pydicom's pixel_array already converts YBR colour (JPEG 2000's RCT and ICT too) to RGB.
         return _scale_to_uint8(np.asarray(pixels))
     raise ImageDecodeError(
-        f"DICOM photometric interpretation {photometric} is not supported",
+        f"DICOM photometric interpretation {photometric!r} is not supported; send "
+        "MONOCHROME1, MONOCHROME2, RGB or YBR",
         HTTPStatus.UNPROCESSABLE_ENTITY,
     )
 
@@ -304,6 +411,9 @@ def _read_picture(data: bytes) -> tuple[np.ndarray, str]:
                 )
             _check_pixel_count(picture.width * picture.height, 1)
             picture.load()
+            # Cameras and phones store pictures sideways with an EXIF Orientation tag; the model
+            # must see them upright, as a viewer shows them. First, before any pixel is used.
+            ImageOps.exif_transpose(picture, in_place=True)
             if picture.mode in ("I", "I;16", "I;16B", "F"):
                 return _scale_to_uint8(np.asarray(picture)), image_format
             # Bilevel, palette and alpha modes become plain grayscale or RGB.
@@ -320,6 +430,39 @@ def _read_picture(data: bytes) -> tuple[np.ndarray, str]:
         ) from error
     except (OSError, SyntaxError) as error:
         raise ImageDecodeError(f"the image file is truncated or corrupt ({error})") from error
+
+
+def check_content(pixels: np.ndarray, spatial_axes: int = 2, *, refuse_blank: bool = True) -> None:
+    """Refuse a picture or volume that is too small to be one, or blank, whatever its source.
+
+    One rule for files and JSON arrays: at least :data:`MIN_SIDE` pixels (voxels) along each
+    axis, and not one value everywhere. A blank image (an empty frame, a failed export, a
+    window that hides everything) still gets a score, and often a confident one.
+
+    Args:
+        pixels: A decoded (H, W) or (H, W, C) picture, or (D, H, W) volume, before resizing.
+        spatial_axes: 2 for a picture, 3 for a volume.
+        refuse_blank: Whether a blank picture is refused too.
+
+    Raises:
+        ImageDecodeError: 422, saying which rule and what to send.
+    """
+    noun, unit = ("image", "pixel") if spatial_axes == 2 else ("volume", "voxel")
+    shape = tuple(int(size) for size in pixels.shape[:spatial_axes])
+    if len(shape) < spatial_axes or min(shape) < MIN_SIDE:
+        raise ImageDecodeError(
+            f"the {noun} is {' x '.join(map(str, shape))} {unit}s; send at least {MIN_SIDE} "
+            f"{unit}s along each axis",
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+        )
+    axes = tuple(range(spatial_axes))
+    # Per channel, so that a picture of one colour is blank too; no copy of the pixels is made.
+    if refuse_blank and np.array_equal(pixels.min(axis=axes), pixels.max(axis=axes)):
+        raise ImageDecodeError(
+            f"the {noun} is blank: every {unit} has the same value; send the image itself, not "
+            "an empty frame (check the export, or the DICOM window)",
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+        )
 
 
 def fit_picture(pixels: np.ndarray, channels: int, height: int, width: int) -> np.ndarray:
@@ -366,7 +509,9 @@ def fit_picture(pixels: np.ndarray, channels: int, height: int, width: int) -> n
 
 
 @untrusted_input("the upload")
-def decode_image(data: bytes, *, channels: int, height: int, width: int) -> DecodedImage:
+def decode_image(
+    data: bytes, *, channels: int, height: int, width: int, refuse_blank: bool = False
+) -> DecodedImage:
     """Decode an upload and fit it to the model's input.
 
     Args:
@@ -374,6 +519,9 @@ def decode_image(data: bytes, *, channels: int, height: int, width: int) -> Deco
         channels: 1 (grayscale) or 3 (RGB).
         height: Model input height.
         width: Model input width.
+        refuse_blank: Refuse a blank image (422), as the service does for every upload (see
+            :func:`check_content`). Off by default so that manifests (:mod:`datasets.manifest`),
+            which share this decoder, keep their behaviour.
 
     Returns:
         The decoded image.
@@ -386,8 +534,7 @@ def decode_image(data: bytes, *, channels: int, height: int, width: int) -> Deco
         pixels, source_format = _read_dicom(data), "dicom"
     else:
         pixels, source_format = _read_picture(data)
-    if pixels.ndim < 2 or min(pixels.shape[:2]) < 1:
-        raise ImageDecodeError("the image has no pixels", HTTPStatus.UNPROCESSABLE_ENTITY)
+    check_content(pixels, 2, refuse_blank=refuse_blank)
     return DecodedImage(
         pixels=fit_picture(pixels, channels, height, width),
         source_format=source_format,

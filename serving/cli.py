@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import socket
 import sys
 import urllib.parse
 from pathlib import Path
@@ -50,6 +51,17 @@ def serve_command(
         # NaN would make the alias watcher spin, infinity would stop it.
         typer.echo(f"error: --reload-seconds: {reload_seconds} is not a number >= 0", err=True)
         raise typer.Exit(2)
+    try:
+        # BentoML's own failure to bind is a 20-line traceback from its supervisor.
+        with socket.create_server((host, port)):
+            pass
+    except OSError as error:
+        typer.echo(
+            f"error: --port: cannot listen on {host}:{port}: {error.strerror or error} "
+            "(is another medscreen serve running?)",
+            err=True,
+        )
+        raise typer.Exit(2) from None
     uri = tracking_uri()
     try:
         references = model or default_references(uri)

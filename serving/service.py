@@ -30,19 +30,22 @@ import os
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from email.message import Message
 from http import HTTPStatus
 from typing import Any
 
 import bentoml
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Route
 
 from serving.api_keys import ApiKey, AuthError, KeyStore, KeyStoreError
 from serving.batching import FairLock, MicroBatcher
@@ -70,6 +73,7 @@ from serving.settings import (
     prediction_log_path,
     tracking_uri,
 )
+from serving.supervision import end_with_supervisor
 
 logger = logging.getLogger("medscreen.serving")
 
@@ -175,6 +179,67 @@ class JsonNotFound:
         await self.app(scope, receive, send_json_404)
 
 
+# Every path that is no route is one label on /metrics: a path can carry anything (an MRN, a
+# name), GET /metrics needs no key, and each new label stays in the metrics store for good.
+_UNMATCHED_LABEL = "unmatched"
+_REAL_PATH = "medscreen.path"  # the scope key that carries the path past the metrics middleware
+# BentoML's own routes besides /metrics (the index page and its OpenAPI documents, the probes).
+_BENTOML_PATHS = frozenset({"/", "/docs.json", "/schema.json", "/livez", "/healthz", "/readyz"})
+
+
+class RouteLabelledMetrics:
+    """BentoML's HTTP request metrics, labelled by route instead of by the path a client sends.
+
+    BentoML's instrumentation labels ``bentoml_service_request_*`` with the raw path, so a 404
+    for ``/v1/monitor/MRN_4711`` put ``MRN_4711`` on the unauthenticated ``GET /metrics``, and
+    random paths grew it without bound. It is switched off on the service
+    (``metrics={"enabled": False}``) and BentoML's own middleware is run here instead, with the
+    same metric names, on a scope whose path is the route or :data:`_UNMATCHED_LABEL`. The switch
+    also removes ``GET /metrics``, which is answered here as BentoML answers it.
+    """
+
+    def __init__(self, app: Any) -> None:
+        from bentoml._internal.configuration.containers import BentoMLContainer
+        from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
+
+        self.app = app
+        self.container = BentoMLContainer
+        self.instrumented = RunnerTrafficMetricsMiddleware(
+            self._with_real_path,
+            namespace=BentoMLContainer.api_server_config.metrics.namespace.get(),
+        )
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        """Count an HTTP request under its route's label; answer ``GET /metrics``."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if path == "/metrics":
+            response = await self._metrics(scope)
+            await response(scope, receive, send)
+            return
+        label = path if path in _LABELLED_PATHS else _UNMATCHED_LABEL
+        await self.instrumented({**scope, "path": label, _REAL_PATH: path}, receive, send)
+
+    async def _with_real_path(self, scope: dict, receive: Any, send: Any) -> None:
+        scope["path"] = scope.pop(_REAL_PATH)  # the copy made above; the label is taken by now
+        await self.app(scope, receive, send)
+
+    async def _metrics(self, scope: dict) -> Response:
+        if scope["method"] not in ("GET", "HEAD"):
+            request_id = str(uuid.uuid4())
+            status = HTTPStatus.METHOD_NOT_ALLOWED
+            return JSONResponse(
+                error_body(request_id, status, f"{scope['method']} is not allowed on /metrics"),
+                status_code=status.value,
+                headers={"X-Request-ID": request_id, "Allow": "GET, HEAD"},
+            )
+        client = self.container.metrics_client.get()
+        content = await asyncio.to_thread(client.generate_latest)
+        return Response(content, media_type=client.CONTENT_TYPE_LATEST)
+
+
 @dataclass
 class _Exchange:
     """What one request has established so far, for its answer and its log record."""
@@ -244,6 +309,7 @@ async def _multipart(request: Request, route: str) -> tuple[bytes, dict[str, str
             HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
         )
     request._body = await _read_body(request)  # starlette's form parser reads the cached body
+    _check_closed(request._body, content_type)
     try:
         form = await request.form(max_files=1, max_fields=8)
     except Exception as error:  # the multipart parser raises several kinds on a broken body
@@ -251,6 +317,12 @@ async def _multipart(request: Request, route: str) -> tuple[bytes, dict[str, str
             f"the multipart body cannot be parsed: {error} (send the upload as a file part, "
             "with a filename; text fields are limited to 1 MB)"
         ) from error
+    repeated = [
+        name for name, count in Counter(name for name, _ in form.multi_items()).items() if count > 1
+    ]
+    if repeated:
+        await form.close()
+        raise _given_twice(repeated[0])
     upload = form.get("file")
     if isinstance(upload, str):
         raise RequestError(
@@ -270,6 +342,46 @@ async def _multipart(request: Request, route: str) -> tuple[bytes, dict[str, str
     return data, fields
 
 
+def _check_closed(body: bytes, content_type: str) -> None:
+    """Refuse a multipart body without its closing boundary (``--BOUNDARY--``).
+
+    The parser drops a part that is never closed without complaint, so a cut upload would
+    otherwise be reported as a request without a ``file`` field.
+    """
+    header = Message()
+    header["content-type"] = content_type
+    boundary = header.get_param("boundary")
+    if isinstance(boundary, str) and f"--{boundary}--".encode() not in body:
+        raise RequestError(
+            f"the multipart body is incomplete: it has no closing boundary ('--{boundary}--') "
+            f"after {len(body)} bytes; the upload was cut short or the client did not finish it"
+        )
+
+
+def _given_twice(name: str) -> RequestError:
+    return RequestError(
+        f"field {name!r} is given twice; send each field once",
+        HTTPStatus.UNPROCESSABLE_ENTITY,
+    )
+
+
+class _RepeatedKeys(dict):
+    """A JSON object with a key given more than once (json keeps the last silently)."""
+
+    repeated: str
+
+
+def _json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` that marks an object whose keys repeat (checked at the top level)."""
+    result = dict(pairs)
+    if len(result) == len(pairs):
+        return result
+    seen: set[str] = set()
+    marked = _RepeatedKeys(result)
+    marked.repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
+    return marked
+
+
 async def _json_object(request: Request, route: str) -> tuple[bytes, dict[str, Any]]:
     """The raw bytes and the parsed object of a JSON body."""
     content_type = request.headers.get("content-type", "")
@@ -280,7 +392,9 @@ async def _json_object(request: Request, route: str) -> tuple[bytes, dict[str, A
         )
     body = await _read_body(request)
     try:
-        payload = await _off_loop(len(body), lambda: json.loads(body))
+        payload = await _off_loop(
+            len(body), lambda: json.loads(body, object_pairs_hook=_json_pairs)
+        )
     except (ValueError, UnicodeDecodeError, RecursionError) as error:
         reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)
         raise RequestError(f"the body is not valid JSON: {reason}") from error
@@ -289,6 +403,8 @@ async def _json_object(request: Request, route: str) -> tuple[bytes, dict[str, A
             f"the JSON body must be an object, got {type(payload).__name__}",
             HTTPStatus.UNPROCESSABLE_ENTITY,
         )
+    if isinstance(payload, _RepeatedKeys):  # only the top level names fields
+        raise _given_twice(payload.repeated)
     return body, payload
 
 
@@ -361,12 +477,15 @@ async def _off_loop(size: int, function: Callable[[], Any]) -> Any:
     # No trace exporter is configured, yet a span per request costs about a tenth of the event
     # loop's time; the prediction log's request id is the trace an auditor follows.
     tracing={"excluded_urls": ["/v1/"]},
+    # BentoML labels its request metrics with the raw path; RouteLabelledMetrics replaces it.
+    metrics={"enabled": False},
 )
 @bentoml.asgi_app(api, path="/v1")
 class Screening:
     """Serves every configured registered model, with keys, a prediction log and batching."""
 
     def __init__(self) -> None:
+        end_with_supervisor()
         tracking = tracking_uri()
         configured = [ref for ref in os.environ.get(MODELS_ENV, "").split(",") if ref.strip()]
         # One batch at a time per process, whatever its model, in turn: the sessions' threads
@@ -454,6 +573,7 @@ class Screening:
                         channels=channels,
                         height=card_input.height,
                         width=card_input.width,
+                        refuse_blank=True,
                     ),
                     data,
                 )
@@ -735,6 +855,8 @@ class Screening:
         return JSONResponse(body, status_code=status.value, headers=headers)
 
 
+# The first added is the outer: the metrics see the answer as the client gets it.
+Screening.add_asgi_middleware(RouteLabelledMetrics)
 Screening.add_asgi_middleware(JsonNotFound)
 
 
@@ -776,3 +898,7 @@ async def monitor_dicom(request: Request) -> JSONResponse:
 
 
 _ROUTE_PATHS = frozenset(f"/v1{route.path}" for route in api.routes if isinstance(route, APIRoute))
+# The API's routes with its documentation (/v1/docs, /v1/openapi.json), and BentoML's.
+_LABELLED_PATHS = _BENTOML_PATHS | {
+    f"/v1{route.path}" for route in api.routes if isinstance(route, Route)
+}

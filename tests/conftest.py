@@ -210,27 +210,37 @@ def served_model(registered_model, ecg_model, volume_model, service_keys, tmp_pa
             approver="ci-serving-tests",
             reason="serve the test model by alias",
         )
+    references = [
+        f"{model.model_name}@candidate" for model in (registered_model, ecg_model, volume_model)
+    ]
+    with running_server(
+        references, tmp_path_factory.mktemp("server"), "--reload-seconds", "1"
+    ) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_server(
+    references: list[str], work_dir: Path, *arguments: str
+) -> Iterator[RunningServer]:
+    """Start `medscreen serve` for ``references`` on a free port; stop it (and its group) after."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    log_path = work_dir / "server.log"
+    (work_dir / "cwd").mkdir(exist_ok=True)
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [
                 *medscreen_command(),
                 "serve",
-                *(
-                    argument
-                    for model in (registered_model, ecg_model, volume_model)
-                    for argument in ("--model", f"{model.model_name}@candidate")
-                ),
+                *(argument for reference in references for argument in ("--model", reference)),
                 "--port",
                 str(port),
-                "--reload-seconds",
-                "1",
+                *arguments,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            cwd=tmp_path_factory.mktemp("cwd"),
+            cwd=work_dir / "cwd",
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -59,7 +59,9 @@ def test_other_picture_sizes_are_fitted_like_uploads():
 
 
 def test_channel_first_rgb_is_accepted():
-    rgb = np.stack([np.full((28, 28), value, np.uint8) for value in (10, 120, 250)])
+    ramp = np.arange(28 * 28).reshape(28, 28) % 100
+    # Each channel a ramp at its own level: a picture of one colour would be refused as blank.
+    rgb = np.stack([(ramp + value).astype(np.uint8) for value in (10, 120, 150)])
     np.testing.assert_array_equal(decode_array(rgb.tolist(), shape=RGB).pixels, rgb)
     assert decode_array(rgb.tolist(), shape=GRAY).pixels.shape == GRAY
 

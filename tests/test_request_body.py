@@ -1,15 +1,17 @@
-"""Reading a request body: slow and abandoned uploads are refused as client mistakes."""
+"""Requests as clients send them: bodies, fields and paths that are client mistakes."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from http import HTTPStatus
 
 import pytest
+import requests
 from starlette.requests import Request
 
 from serving.errors import RequestError
-from serving.service import _read_body
+from serving.service import _json_object, _multipart, _read_body
 
 
 def _request(messages: list[dict]) -> Request:
@@ -47,3 +49,96 @@ def test_a_client_gone_mid_upload_is_a_client_error():
 def test_a_complete_upload_is_read_whole():
     messages = [_first_chunk(), {"type": "http.request", "body": b"def", "more_body": False}]
     assert asyncio.run(_read_body(_request(messages), timeout_s=5)) == b"abcdef"
+
+
+def _posted(body: bytes, content_type: str) -> Request:
+    """A request whose client sends ``body`` whole, with ``content_type``."""
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    headers = [
+        (b"content-type", content_type.encode()),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    scope = {"type": "http", "method": "POST", "path": "/v1/screen", "headers": headers}
+    return Request(scope, receive)
+
+
+BOUNDARY = "medscreen-test-boundary"
+MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def _part(name: str, value: bytes, filename: str | None = None) -> bytes:
+    disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+    return f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + value + b"\r\n"
+
+
+def _closed(*parts: bytes) -> bytes:
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def _refusal(coroutine: object) -> RequestError:
+    with pytest.raises(RequestError) as failure:
+        asyncio.run(coroutine)  # type: ignore[arg-type]
+    return failure.value
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "a", "model": "b", "array": [[1, 2], [3, 4]]}',
+        b'{"array": [[1, 2], [3, 4]], "model": "pneumonia", "model": "pneumonia"}',
+    ],
+)
+def test_a_json_field_given_twice_is_a_422(body: bytes):
+    error = _refusal(_json_object(_posted(body, "application/json"), "/v1/screen/array"))
+    assert error.status == HTTPStatus.UNPROCESSABLE_ENTITY
+    assert str(error) == "field 'model' is given twice; send each field once"
+
+
+def test_only_top_level_json_keys_must_be_unique():
+    body = b'{"array": [[1, 1], [1, 1]], "lead": "II", "meta": {"x": 1, "x": 2}}'
+    _, payload = asyncio.run(_json_object(_posted(body, "application/json"), "/v1/monitor"))
+    assert payload == {"array": [[1, 1], [1, 1]], "lead": "II", "meta": {"x": 2}}
+    assert json.dumps(payload)  # a plain object, as json.loads gives
+
+
+def test_a_multipart_field_given_twice_is_a_422():
+    body = _closed(_part("model", b"a"), _part("model", b"b"), _part("file", b"x", "x.png"))
+    error = _refusal(_multipart(_posted(body, MULTIPART), "/v1/screen"))
+    assert error.status == HTTPStatus.UNPROCESSABLE_ENTITY
+    assert str(error) == "field 'model' is given twice; send each field once"
+
+
+def test_a_multipart_body_without_its_closing_boundary_is_a_400_saying_so():
+    body = _part("model", b"a") + _part("file", b"\x89PNG not all of it", "x.png")
+    error = _refusal(_multipart(_posted(body, MULTIPART), "/v1/screen"))
+    assert error.status == HTTPStatus.BAD_REQUEST
+    assert "the multipart body is incomplete: it has no closing boundary" in str(error)
+    assert "named 'file'" not in str(error)
+
+
+def test_a_complete_multipart_body_gives_its_file_and_fields():
+    body = _closed(_part("model", b"a"), _part("file", b"content", "x.png"))
+    quoted = f'multipart/form-data; boundary="{BOUNDARY}"'  # a quoted boundary is the same
+    data, fields = asyncio.run(_multipart(_posted(body, quoted), "/v1/screen"))
+    assert data == b"content" and fields == {"model": "a"}
+
+
+@pytest.mark.slow
+def test_a_path_that_is_no_route_never_becomes_a_metrics_label(served_model):
+    url = served_model.url
+    for path in ("/v1/monitor/MRN_4711", "/MRN_4712", "/v1/screen/MRN_4713/x"):
+        assert requests.get(f"{url}{path}", timeout=30).status_code == 404
+    assert requests.post(f"{url}/v1/screen", timeout=30).status_code == 401
+    metrics = requests.get(f"{url}/metrics", timeout=30)
+    assert metrics.status_code == 200
+    assert "MRN_47" not in metrics.text
+    totals = [line for line in metrics.text.splitlines() if "_request_total{" in line]
+    # Every path that is no route shares one label; a route keeps its own.
+    assert any('endpoint="unmatched"' in line and 'code="404"' in line for line in totals)
+    assert any('endpoint="/v1/screen"' in line and 'code="401"' in line for line in totals)
+    assert all(line.startswith("bentoml_service_request_total{") for line in totals), totals
+    assert requests.post(f"{url}/metrics", timeout=30).status_code == 405

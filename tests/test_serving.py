@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -21,7 +22,7 @@ import requests
 from PIL import Image
 
 from datasets import get_dataset_spec, load_split
-from tests.conftest import medscreen_command, medscreen_error_line
+from tests.conftest import free_port, medscreen_command, medscreen_error_line
 
 pytestmark = pytest.mark.slow
 
@@ -223,7 +224,7 @@ def test_nifti_volume_is_screened_by_the_3d_model(
         f"{served_model.url}/v1/screen/array",
         json={
             "model": volume_model.model_name,
-            "array": np.full((28, 28, 28), 90, dtype=np.uint8).tolist(),
+            "array": (np.arange(28**3).reshape(28, 28, 28) % 200).astype(np.uint8).tolist(),
         },
         headers=_auth(service_keys.all_models),
         timeout=60,
@@ -278,8 +279,28 @@ def test_ecg_samples_get_per_beat_classes_and_an_alert_summary(
     assert beat["alert"] == (beat["ectopic_probability"] >= body["threshold"])
     assert body["decision"] == ("alert" if summary["ectopic_alert_beats"] else "no alert")
     assert 0 <= beat["sample"] < len(payload["samples"])
+    assert summary["signal_quality"]["acceptable"] is True
     (record,) = [r for r in _log_records() if r["request_id"] == body["request_id"]]
     assert record["summary"]["beats"] == summary["beats"] and record["input_format"] == "json"
+    assert record["summary"]["signal_kurtosis"] == summary["signal_quality"]["kurtosis"]
+
+
+def test_noise_is_a_signal_quality_alarm_not_a_beat_report(served_model, service_keys):
+    # Gaussian noise has "beats" for a QRS detector; it used to come back as ectopic beats.
+    noise = np.random.default_rng(0).normal(0.0, 0.3, 360 * 30)
+    response = requests.post(
+        f"{served_model.url}/v1/monitor",
+        json={"samples": noise.round(4).tolist(), "sampling_rate_hz": 360, "lead": "MLII"},
+        headers=_auth(service_keys.all_models),
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["decision"] == "alert"
+    assert body["summary"]["signal_quality"]["acceptable"] is False
+    first = body["summary"]["findings"][0]
+    assert first["finding"] == "signal quality too low to classify beats"
+    assert first["priority"] == "high" and "do not rely on the beat classes" in first["detail"]
 
 
 def test_ecg_dicom_waveform_and_bad_ecg_input(
@@ -421,7 +442,7 @@ def test_malformed_requests_get_a_4xx(served_model, service_keys, registered_mod
 def test_keys_are_required_and_bound_to_their_models(
     served_model, service_keys, registered_model, ecg_model, volume_model
 ):
-    picture = _png(np.zeros((28, 28), dtype=np.uint8))
+    picture = _png(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28))
     url = f"{served_model.url}/v1/screen"
     files = {"file": ("x.png", picture)}
     data = {"model": registered_model.model_name}
@@ -602,14 +623,23 @@ def test_predict_cli_prints_the_answer(
 
 
 def test_serve_cli_names_an_unknown_model_or_a_bad_reference():
-    line = medscreen_error_line("serve", "--model", "no-such-model@champion", "--port", "1")
+    port = str(free_port())
+    line = medscreen_error_line("serve", "--model", "no-such-model@champion", "--port", port)
     assert "no-such-model@champion" in line
-    line = medscreen_error_line("serve", "--model", "pneumonia-screening", "--port", "1")
+    line = medscreen_error_line("serve", "--model", "pneumonia-screening", "--port", port)
     assert "NAME@ALIAS or NAME@VERSION" in line
     line = medscreen_error_line("serve", "--port", "99999")
     assert line == "error: --port: 99999 is not a TCP port (1-65535)"
     line = medscreen_error_line("serve", "--reload-seconds", "nan")
     assert line == "error: --reload-seconds: nan is not a number >= 0"
+
+
+def test_serve_cli_names_a_port_in_use_in_one_line():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        line = medscreen_error_line("serve", "--model", "any@champion", "--port", str(port))
+    assert line.startswith(f"error: --port: cannot listen on 127.0.0.1:{port}: ")
+    assert "another medscreen serve" in line
 
 
 @pytest.mark.parametrize(

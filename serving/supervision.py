@@ -1,0 +1,43 @@
+"""A server worker ends with the process that supervises it.
+
+``medscreen serve`` becomes BentoML's supervisor, and the workers are its children. Killed with
+SIGKILL, the supervisor cannot stop them: they used to go on answering hospitals, writing the
+prediction log and holding the port, out of reach of the next ``medscreen serve``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+import sys
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def end_with_supervisor(ending_signal: signal.Signals = signal.SIGTERM) -> bool:
+    """Ask the kernel to send this process ``ending_signal`` when its parent dies.
+
+    SIGTERM shuts a worker down the usual way: requests in flight are answered and the
+    prediction log is closed.
+
+    Args:
+        ending_signal: The signal to receive.
+
+    Returns:
+        True if the kernel will send it (Linux); False where there is no such facility.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(ending_signal), 0, 0, 0) != 0:
+        logger.warning("cannot tie this worker to its supervisor: errno %d", ctypes.get_errno())
+        return False
+    if os.getppid() != parent:  # the supervisor died before the request was made
+        os.kill(os.getpid(), ending_signal)
+    return True

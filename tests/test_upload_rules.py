@@ -1,0 +1,287 @@
+"""Rules every upload and array follows, whatever its format, and what reaches logs and stderr."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import subprocess
+import sys
+import threading
+import warnings
+from http import HTTPStatus
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.uid import UID
+
+from datasets.arrays import decode_array
+from datasets.images import ImageDecodeError, decode_image, dicom_ends_early
+
+INPUT_28 = {"channels": 1, "height": 28, "width": 28}
+GRAY, VOLUME = (1, 28, 28), (1, 28, 28, 28)
+# A transfer syntax UID with a patient's name in it: file text that must stay out of every log.
+IDENTIFYING_UID = "1.2.840.99.DOE.JOHN"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _png(pixels: np.ndarray, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", **options)
+    return buffer.getvalue()
+
+
+def _jpeg(pixels: np.ndarray, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95, **options)
+    return buffer.getvalue()
+
+
+def _dicom_bytes(dataset: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # writing an invalid value on purpose warns
+        warnings.simplefilter("ignore")
+        dataset.save_as(buffer)
+    return buffer.getvalue()
+
+
+def _dicom(shared_datasets: Path, name: str) -> bytes:
+    return (shared_datasets / "dicom" / name).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def pneumonia(shared_datasets: Path) -> np.ndarray:
+    with np.load(shared_datasets / "medmnist" / "pneumoniamnist.npz") as archive:
+        return archive["test_images"][0]
+
+
+def _constant_dicom(shared_datasets: Path) -> bytes:
+    dataset = pydicom.dcmread(shared_datasets / "dicom" / "pydicom_MR_small.dcm")
+    flat = np.full(dataset.pixel_array.shape, 300, dtype=dataset.pixel_array.dtype)
+    dataset.PixelData = flat.tobytes()
+    return _dicom_bytes(dataset)
+
+
+def _refused(decode: object) -> ImageDecodeError:
+    with pytest.raises(ImageDecodeError) as failure:
+        decode()  # type: ignore[operator]
+    return failure.value
+
+
+# -- 1. Blank and too-small images: one rule for files and arrays ----------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda _: _png(np.zeros((28, 28), np.uint8)), id="png-all-0"),
+        pytest.param(lambda _: _png(np.full((28, 28), 255, np.uint8)), id="png-all-255"),
+        pytest.param(lambda _: _png(np.full((40, 30), 51000, np.uint16)), id="png-flat-16-bit"),
+        pytest.param(lambda _: _jpeg(np.full((32, 32, 3), (200, 90, 10), np.uint8)), id="jpeg-rgb"),
+        pytest.param(_constant_dicom, id="dicom-constant"),
+    ],
+)
+def test_a_blank_upload_is_a_422(shared_datasets: Path, make):
+    data = make(shared_datasets)
+    error = _refused(lambda: decode_image(data, **INPUT_28, refuse_blank=True))
+    assert error.status == HTTPStatus.UNPROCESSABLE_ENTITY
+    assert "the image is blank: every pixel has the same value" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("values", "shape", "message"),
+    [
+        (np.zeros((28, 28), int), GRAY, "the image is blank: every pixel has the same value"),
+        (np.full((3, 28, 28), 7, int), (3, 28, 28), "the image is blank"),
+        (np.full((28, 28, 28), 90, int), VOLUME, "the volume is blank: every voxel has the same"),
+    ],
+)
+def test_a_blank_array_is_a_422_like_an_upload(values: np.ndarray, shape, message: str):
+    error = _refused(lambda: decode_array(values.tolist(), shape=shape))
+    assert error.status == HTTPStatus.UNPROCESSABLE_ENTITY
+    assert str(error).startswith("field 'array': ") and message in str(error)
+
+
+def test_one_channel_differing_is_not_blank():
+    rgb = np.full((3, 28, 28), 100, np.uint8)
+    rgb[1, 5:10, 5:10] = 200
+    assert decode_array(rgb.tolist(), shape=(3, 28, 28)).pixels.shape == (3, 28, 28)
+
+
+def test_manifests_keep_blank_images_unless_asked(shared_datasets: Path):
+    # decode_image is shared with manifest evaluation, which does not refuse blank images.
+    decoded = decode_image(_png(np.zeros((28, 28), np.uint8)), **INPUT_28)
+    assert decoded.pixels.shape == (1, 28, 28)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 5), (5, 1)])
+def test_fewer_than_two_pixels_along_an_axis_is_refused_for_uploads_and_arrays(size):
+    height, width = size
+    pixels = (np.arange(height * width).reshape(height, width) * 40).astype(np.uint8)
+    for error in (
+        _refused(lambda: decode_image(_png(pixels), **INPUT_28)),
+        _refused(lambda: decode_array(pixels.tolist(), shape=GRAY)),
+    ):
+        assert error.status == HTTPStatus.UNPROCESSABLE_ENTITY
+        assert (
+            f"the image is {height} x {width} pixels; send at least 2 pixels along each axis"
+            in (str(error))
+        )
+
+
+def test_two_by_two_pixels_are_accepted_from_both():
+    pixels = np.array([[0, 80], [160, 240]], np.uint8)
+    upload = decode_image(_png(pixels), **INPUT_28, refuse_blank=True)
+    sent = decode_array(pixels.tolist(), shape=GRAY)
+    assert upload.source_shape == sent.source_shape == (2, 2)
+    np.testing.assert_array_equal(upload.pixels, sent.pixels)
+
+
+# -- 2. EXIF orientation ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("save", [_jpeg, _png], ids=["jpeg", "png"])
+def test_exif_orientation_gives_the_upright_picture(pneumonia: np.ndarray, save):
+    upright = np.ascontiguousarray(pneumonia[:, 3:23])  # 28 x 20: a turn changes the shape
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: stored turned left, shown turned 90 degrees clockwise
+    data = save(np.ascontiguousarray(np.rot90(upright)), exif=exif.tobytes())
+    decoded = decode_image(data, channels=1, height=28, width=20)
+    assert decoded.source_shape == (28, 20)
+    difference = np.abs(decoded.pixels[0].astype(int) - upright.astype(int))
+    assert difference.mean() < 3  # JPEG is lossy; PNG exact
+
+
+# -- 3. File text stays out of the prediction log, logs and stderr ----------------------------
+
+
+def _dicom_with_identifying_uid(shared_datasets: Path) -> bytes:
+    dataset = pydicom.dcmread(shared_datasets / "dicom" / "pydicom_MR_small.dcm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dataset.file_meta.TransferSyntaxUID = UID(IDENTIFYING_UID)
+        dataset.SOPClassUID = IDENTIFYING_UID
+    return _dicom_bytes(dataset)
+
+
+def test_an_unknown_transfer_syntax_is_quoted_and_masked_in_the_prediction_log(
+    shared_datasets: Path, tmp_path: Path
+):
+    from serving.prediction_log import PredictionLog
+    from serving.service import Screening, _Exchange
+
+    data = _dicom_with_identifying_uid(shared_datasets)
+    error = _refused(lambda: decode_image(data, **INPUT_28))
+    assert error.status == HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+    assert f"'{IDENTIFYING_UID}' (unknown)" in str(error)  # the client sees what it sent
+    screening = object.__new__(Screening.inner)  # only its log is needed to refuse
+    screening.log = PredictionLog(tmp_path / "predictions.jsonl")
+    try:
+        response = asyncio.run(screening._refuse(_Exchange("/v1/screen"), error))
+    finally:
+        screening.log.close()
+    assert response.status_code == HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+    line = (tmp_path / "predictions.jsonl").read_text()
+    assert "DOE" not in line
+    assert "DICOM transfer syntax '…' (unknown)" in json.loads(line)["error"]
+
+
+def test_a_standard_transfer_syntax_is_named_unquoted(shared_datasets: Path):
+    dataset = pydicom.dcmread(shared_datasets / "dicom" / "pydicom_JPEG2000.dcm")
+    dataset.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.4.100")  # MPEG2: no decoder
+    error = _refused(lambda: decode_image(_dicom_bytes(dataset), **INPUT_28))
+    assert "transfer syntax 1.2.840.10008.1.2.4.100 (MPEG2" in str(error)
+
+
+def test_pydicom_neither_warns_nor_logs_file_text_while_parsing(
+    shared_datasets: Path, caplog: pytest.LogCaptureFixture
+):
+    data = _dicom_with_identifying_uid(shared_datasets)
+    caplog.clear()  # what making the file logged
+    before = (pydicom.config.settings.reading_validation_mode, logging.getLogger("pydicom").level)
+    with caplog.at_level(logging.DEBUG), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        threads = [
+            threading.Thread(target=lambda: _refused(lambda: decode_image(data, **INPUT_28)))
+            for _ in range(8)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not [w for w in caught if "DOE" in str(w.message)]
+    assert "DOE" not in caplog.text
+    # Validation and pydicom's logger are back as they were once no file is being parsed.
+    after = (pydicom.config.settings.reading_validation_mode, logging.getLogger("pydicom").level)
+    assert after == before
+
+
+def test_a_file_uid_is_not_written_to_stderr(shared_datasets: Path, tmp_path: Path):
+    upload = tmp_path / "upload.dcm"
+    upload.write_bytes(_dicom_with_identifying_uid(shared_datasets))
+    # As in the server: default warning filters, and a handler on the root logger.
+    script = (
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.DEBUG)\n"
+        "from datasets.images import ImageDecodeError, decode_image\n"
+        "try:\n"
+        f"    decode_image(open({str(upload)!r}, 'rb').read(), channels=1, height=28, width=28)\n"
+        "except ImageDecodeError as error:\n"
+        "    print(error.status)\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=PROJECT_ROOT,
+    )
+    assert completed.stdout.strip() == "415", completed.stderr
+    assert "DOE" not in completed.stderr
+
+
+# -- 5a. A DICOM file cut short says so ---------------------------------------------------------
+
+
+def _pixel_data_offset(data: bytes) -> int:
+    """Where the PixelData element starts (its value minus the explicit VR OW header)."""
+    dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=False)
+    return dataset.get_item("PixelData").value_tell - 12
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        pytest.param(lambda data: data[:700], id="in-the-header"),
+        pytest.param(
+            lambda data: data[:132] + b"\x8f\x01garbage that is no element" * 20, id="garbage"
+        ),
+        pytest.param(lambda data: data[: _pixel_data_offset(data)], id="before-the-pixel-data"),
+    ],
+)
+def test_a_dicom_cut_short_is_a_400_saying_so(shared_datasets: Path, cut):
+    data = cut(_dicom(shared_datasets, "nih_chestxray14_dx_1024.dcm"))
+    error = _refused(lambda: decode_image(data, **INPUT_28))
+    assert error.status == HTTPStatus.BAD_REQUEST
+    assert "the DICOM file ends early" in str(error) and "truncated or corrupt" in str(error)
+    assert "structured report" not in str(error)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "nih_chestxray14_dx_1024.dcm",
+        "pydicom_CT_small.dcm",
+        "pydicom_JPEG2000.dcm",
+        "pydicom_MR_small_RLE.dcm",
+        "pydicom_waveform_ecg.dcm",
+    ],
+)
+def test_complete_dicom_files_do_not_end_early(shared_datasets: Path, name: str):
+    data = _dicom(shared_datasets, name)
+    syntax = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta.TransferSyntaxUID
+    assert not dicom_ends_early(data, syntax)
