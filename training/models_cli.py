@@ -27,6 +27,29 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _note(line: str) -> None:
+    # On stderr: scripts read promote's and history's answers from stdout.
+    typer.echo(line, err=True)
+
+
+def _repair(name: str) -> None:
+    """Settle the moves of ``name`` a killed command left unfinished, one line for each."""
+    from mlflow.exceptions import MlflowException
+
+    from training.registry import GovernanceError, repair_interrupted_moves
+
+    try:
+        lines = repair_interrupted_moves(name)
+    except GovernanceError:
+        return  # no such model: the command itself says so
+    except MlflowException as error:  # the registry failed midway: the next command retries
+        detail = " ".join(str(error.message).split())
+        _note(f"warning: cannot settle an interrupted alias move of {name}: {detail}")
+        return
+    for line in lines:
+        _note(line)
+
+
 @app.command("list")
 def list_command() -> None:
     """List registered models with their latest version and aliases."""
@@ -61,6 +84,7 @@ def show_command(
     configure_tracking()
     client = MlflowClient()
     name = match["name"]
+    _repair(name)  # what is shown is then what happened
     try:
         if match["alias"]:
             _show_version(client.get_model_version_by_alias(name, match["alias"]))
@@ -160,7 +184,7 @@ def _approval_command(action: str):
         from training.registry import GovernanceError
 
         try:
-            event = function(**kwargs)
+            event = function(**kwargs, notify=_note)
         except GovernanceError as error:
             _fail(str(error))
         typer.echo(
@@ -215,10 +239,11 @@ def history_command(
     """Show every recorded alias change; with --alias and --at, the version at that time."""
     from training.registry import GovernanceError, alias_history, version_at
 
+    if at is not None and alias is None:
+        _fail("--at needs --alias")
+    _repair(name)  # a killed promote or rollback is finished or undone before it is read
     try:
         if at is not None:
-            if alias is None:
-                _fail("--at needs --alias")
             try:
                 moment = datetime.datetime.fromisoformat(at.replace("Z", "+00:00"))
             except ValueError:
