@@ -70,47 +70,39 @@ class DecodedImage:
     source_shape: tuple[int, ...]
 
 
+# pydicom quotes a file's values in its warnings and log lines (``Invalid value for VR UI:
+# '...'``), and a crafted file can put a patient's name in any value. Set once for the process:
+# a warnings filter switched per parse (``catch_warnings``) is not thread-safe.
+warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)  # its child loggers inherit it
+
 _quiet_lock = threading.Lock()
 _quiet_depth = 0
-_quiet_restore: contextlib.ExitStack | None = None
+_validation_before: int | None = None
 
 
 @contextlib.contextmanager
 def quiet_dicom_parsing() -> Iterator[None]:
-    """Keep pydicom from writing a file's text to stderr or a log while the file is parsed.
+    """Switch pydicom's value validation off while an untrusted file is parsed.
 
-    pydicom reports an invalid value by quoting it (``Invalid value for VR UI: '...'``), both as
-    a warning and on its logger, and a crafted file can put a patient's name in any value. While
-    any untrusted file is parsed, value validation is off (pixel decoding does not need it),
-    warnings raised in pydicom are ignored and the ``pydicom`` loggers are silenced.
-
-    These settings are process-wide, so they are switched by the first parse to start and restored
-    by the last to end: switching them per call would race between decoding threads.
+    Pixel decoding does not need it, and it is what quotes a file's values. The setting is
+    process-wide, so it is switched by the first parse to start and restored by the last to end:
+    switching it per call would race between decoding threads.
     """
-    global _quiet_depth, _quiet_restore
+    global _quiet_depth, _validation_before
     with _quiet_lock:
         if _quiet_depth == 0:
-            stack = contextlib.ExitStack()
-            settings = pydicom_config.settings
-            stack.callback(
-                setattr, settings, "_reading_validation_mode", settings._reading_validation_mode
-            )
-            settings.reading_validation_mode = pydicom_config.IGNORE
-            stack.enter_context(warnings.catch_warnings())
-            warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
-            pydicom_logger = logging.getLogger("pydicom")
-            stack.callback(pydicom_logger.setLevel, pydicom_logger.level)
-            pydicom_logger.setLevel(logging.CRITICAL + 1)  # its child loggers inherit the level
-            _quiet_restore = stack
+            _validation_before = pydicom_config.settings.reading_validation_mode
+            pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         _quiet_depth += 1
     try:
         yield
     finally:
         with _quiet_lock:
             _quiet_depth -= 1
-            if _quiet_depth == 0 and _quiet_restore is not None:
-                _quiet_restore.close()
-                _quiet_restore = None
+            if _quiet_depth == 0 and _validation_before is not None:
+                pydicom_config.settings.reading_validation_mode = _validation_before
+                _validation_before = None
 
 
 def untrusted_input(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
@@ -118,7 +110,7 @@ def untrusted_input(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
 
     Parsers (Pillow, pydicom, nibabel, wfdb, json) raise many exception types on hostile or
     corrupt input; none of them is the service's fault. Only the exception's type is reported:
-    its message may quote file content. pydicom stays quiet meanwhile
+    its message may quote file content. pydicom's validation stays off meanwhile
     (:func:`quiet_dicom_parsing`): DICOM values are converted lazily, so the whole decoder runs
     inside it, not just the read.
     """
@@ -255,7 +247,9 @@ def dicom_ends_early(data: bytes, syntax: str | None) -> bool:
                 end = stream.tell()
     except Exception:  # a header pydicom cannot follow: the file is corrupt
         return True
-    return end != len(data)
+    # Past the end: an element's value was cut. Short of it: a cut header, unless the rest is
+    # padding (trailing NUL bytes, which pydicom reads past as well).
+    return end > len(data) or data[end:].strip(b"\0") != b""
 
 
 # Everything pydicom needs to decode and display pixels; no other tag (no patient tag) is parsed.
@@ -319,12 +313,16 @@ def _read_dicom(data: bytes) -> np.ndarray:
                 "integer pixel data",
                 HTTPStatus.UNPROCESSABLE_ENTITY,
             )
-        # Rows and Columns describe an image whose pixels are missing: cut between elements.
-        describes_image = "Rows" in dataset and "Columns" in dataset
-        if describes_image or dicom_ends_early(data, dataset.file_meta.get("TransferSyntaxUID")):
+        if dicom_ends_early(data, dataset.file_meta.get("TransferSyntaxUID")):
             raise ImageDecodeError(
                 f"the DICOM file ends early ({len(data)} bytes, before its pixel data): it is "
                 "truncated or corrupt; send the whole file"
+            )
+        if "Rows" in dataset and "Columns" in dataset:
+            # An image whose pixels are missing: most likely cut between two elements.
+            raise ImageDecodeError(
+                f"the DICOM file describes a {dataset.Rows} x {dataset.Columns} image but holds "
+                "no pixel data: it is truncated or corrupt; send the whole file"
             )
         if "WaveformSequence" in dataset:
             raise ImageDecodeError(
@@ -521,7 +519,8 @@ def decode_image(
         width: Model input width.
         refuse_blank: Refuse a blank image (422), as the service does for every upload (see
             :func:`check_content`). Off by default so that manifests (:mod:`datasets.manifest`),
-            which share this decoder, keep their behaviour.
+            which share this decoder, keep their blank images; the 2-pixel minimum applies to
+            both.
 
     Returns:
         The decoded image.

@@ -54,6 +54,7 @@ MIN_BEATS = 3
 # beats, ventricular flutter), one at a run of ventricular tachycardia, one in noise. Gaussian
 # noise gives 3.0-3.3, a square or sine wave under 2 (kSQI; Li, Clifford, Tarassenko 2008).
 MIN_SIGNAL_KURTOSIS = 4.0
+QUALITY_WINDOW_S = 10
 _MILLIVOLTS_PER_UNIT = {"uV": 1e-3, "mV": 1.0, "V": 1e3}
 # Multiplex groups that are not the recorded signal (a derived median beat is one beat long).
 _DERIVED = "DERIVED"
@@ -93,9 +94,11 @@ class EcgBeats:
         rr_seconds: float32 (N, 4): previous RR, next RR, local mean RR, whole-signal mean RR.
         peak_samples: int64 (N,): each beat's R peak as a sample index of the signal as sent.
         peak_times_s: float64 (N,): each R peak's time from the start of the signal.
-        signal_kurtosis: Kurtosis of the high-passed signal without its first and last second
-            (the filter's edges); below :data:`MIN_SIGNAL_KURTOSIS` the signal shows no distinct
-            QRS complexes and the beat classes cannot be trusted.
+        signal_kurtosis: The lowest kurtosis of the high-passed signal over stretches of 10 to
+            20 s (without the first and last second, the filter's edges); below
+            :data:`MIN_SIGNAL_KURTOSIS` a stretch shows no distinct QRS complexes and the beat
+            classes cannot be trusted.
+        low_quality_spans_s: (start, end) seconds of each stretch below the limit.
     """
 
     windows: np.ndarray
@@ -104,6 +107,7 @@ class EcgBeats:
     peak_samples: np.ndarray
     peak_times_s: np.ndarray
     signal_kurtosis: float
+    low_quality_spans_s: tuple[tuple[float, float], ...] = ()
 
     @property
     def quality_acceptable(self) -> bool:
@@ -364,5 +368,33 @@ def beats_for_model(signal: EcgSignal) -> EcgBeats:
         rr_seconds=rr.astype(np.float32),
         peak_samples=peak_samples,
         peak_times_s=peak_samples / signal.sampling_rate_hz,
-        signal_kurtosis=float(kurtosis(filtered[SAMPLING_RATE_HZ:-SAMPLING_RATE_HZ], fisher=False)),
+        **_signal_quality(filtered, effective_rate),
     )
+
+
+def _signal_quality(filtered: np.ndarray, rate: float) -> dict:
+    """The lowest kurtosis over 10-20 s stretches, and the stretches under the limit.
+
+    The limit was measured on 10 s windows, and a stretch of noise in a long recording must not
+    be averaged away by the clean rest of it.
+
+    Args:
+        filtered: The high-passed signal at (about) 360 Hz.
+        rate: Its exact sampling rate, for the stretches' times in the signal as sent.
+
+    Returns:
+        ``signal_kurtosis`` and ``low_quality_spans_s`` for :class:`EcgBeats`.
+    """
+    edge = SAMPLING_RATE_HZ  # the filter's first and last second
+    inner = filtered[edge:-edge]
+    window = QUALITY_WINDOW_S * SAMPLING_RATE_HZ
+    stretches = np.array_split(np.arange(len(inner)), max(1, len(inner) // window))
+    lowest, spans = math.inf, []
+    for samples in stretches:
+        value = float(kurtosis(inner[samples], fisher=False))
+        value = value if math.isfinite(value) else 0.0  # no variation at all: no QRS either
+        lowest = min(lowest, value)
+        if value < MIN_SIGNAL_KURTOSIS:
+            first, last = edge + samples[0], edge + samples[-1] + 1
+            spans.append((round(first / rate, 1), round(last / rate, 1)))
+    return {"signal_kurtosis": lowest, "low_quality_spans_s": tuple(spans)}

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from serving.settings import MODELS_ENV, state_dir, tracking_uri
+from serving.supervision import SUPERVISOR_PID_ENV
 
 
 def serve_command(
@@ -83,6 +84,8 @@ def serve_command(
         "MLFLOW_TRACKING_URI": uri,
         "BENTOML_HOME": os.environ.get("BENTOML_HOME", str(state_dir() / "bentoml")),
         "BENTOML_DO_NOT_TRACK": "true",
+        # This process becomes BentoML's supervisor (exec keeps the PID); workers end with it.
+        SUPERVISOR_PID_ENV: str(os.getpid()),
     }
     command = [
         sys.executable,

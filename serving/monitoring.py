@@ -76,6 +76,7 @@ def monitoring_answer(
                 "detail": "no distinct QRS complexes: noise, a loose lead, a test signal, or a "
                 "rhythm such as ventricular flutter or fibrillation; check the patient and the "
                 "lead, and do not rely on the beat classes",
+                "spans_s": [list(span) for span in beats.low_quality_spans_s],
                 "priority": "high",
             },
         )

@@ -311,7 +311,8 @@ async def _multipart(request: Request, route: str) -> tuple[bytes, dict[str, str
     request._body = await _read_body(request)  # starlette's form parser reads the cached body
     _check_closed(request._body, content_type)
     try:
-        form = await request.form(max_files=1, max_fields=8)
+        # Two files are parsed so that a repeated 'file' is named below, not a parser error.
+        form = await request.form(max_files=2, max_fields=8)
     except Exception as error:  # the multipart parser raises several kinds on a broken body
         raise RequestError(
             f"the multipart body cannot be parsed: {error} (send the upload as a file part, "
@@ -351,9 +352,11 @@ def _check_closed(body: bytes, content_type: str) -> None:
     header = Message()
     header["content-type"] = content_type
     boundary = header.get_param("boundary")
-    if isinstance(boundary, str) and f"--{boundary}--".encode() not in body:
+    # The header is read as latin-1 (as starlette reads it), so the boundary is encoded so too.
+    if isinstance(boundary, str) and f"--{boundary}--".encode("latin-1", "replace") not in body:
         raise RequestError(
-            f"the multipart body is incomplete: it has no closing boundary ('--{boundary}--') "
+            # repr quotes it whatever it holds, so the prediction log masks it (it is the client's).
+            f"the multipart body is incomplete: it has no closing boundary ({f'--{boundary}--'!r}) "
             f"after {len(body)} bytes; the upload was cut short or the client did not finish it"
         )
 

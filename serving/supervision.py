@@ -17,6 +17,7 @@ import sys
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+SUPERVISOR_PID_ENV = "MEDSCREEN_SUPERVISOR_PID"
 
 
 def end_with_supervisor(ending_signal: signal.Signals = signal.SIGTERM) -> bool:
@@ -33,11 +34,14 @@ def end_with_supervisor(ending_signal: signal.Signals = signal.SIGTERM) -> bool:
     """
     if not sys.platform.startswith("linux"):
         return False
-    parent = os.getppid()
+    # The supervisor's PID from `medscreen serve` (it becomes the supervisor by exec): the
+    # parent at this moment may already be init, if the supervisor died while we imported.
+    parent = int(os.environ.get(SUPERVISOR_PID_ENV) or os.getppid())
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, int(ending_signal), 0, 0, 0) != 0:
         logger.warning("cannot tie this worker to its supervisor: errno %d", ctypes.get_errno())
         return False
     if os.getppid() != parent:  # the supervisor died before the request was made
+        logger.warning("the supervising process %d is gone; this worker stops", parent)
         os.kill(os.getpid(), ending_signal)
     return True

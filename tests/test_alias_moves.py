@@ -367,3 +367,27 @@ def test_a_killed_rollback_is_settled_like_a_promotion(versions):
     ]
     rollback(name, alias=alias, approver="ci", reason="back again")
     _assert_consistent(name, alias, first, second)
+
+
+def test_a_mover_whose_move_was_settled_as_interrupted_stops_before_the_alias(versions):
+    """A stalled mover, taken for dead by another command, must not move the alias after all."""
+    from training import registry
+
+    name, first, second, _ = versions
+    alias = "stalled"
+    registry.promote(name, first, alias=alias, approver="ci", reason="start")
+    client = _client()
+    model = client.get_registered_model(name)
+    move = registry.new_move(model, alias, second, "promote", approver="slow", reason="stalls")
+    steps = registry.move_steps(client, name, move)
+    check = next(i for i, step in enumerate(steps) if step.name.startswith("check that the move"))
+    for step in steps[:check]:
+        step.run()
+    # Meanwhile another command settles it as interrupted (what STALE_MOVE_SECONDS leads to).
+    for step in registry._abandon_steps(client, name, move):
+        step.run()
+    with pytest.raises(registry.GovernanceError, match="another command settled it"):
+        steps[check].run()
+    _assert_consistent(name, alias, first, second)
+    abandoned = [key for key in _client().get_registered_model(name).tags if "abandoned" in key]
+    assert f"medscreen.alias_abandoned.{move.suffix}" in abandoned

@@ -112,6 +112,25 @@ def test_a_multipart_field_given_twice_is_a_422():
     assert str(error) == "field 'model' is given twice; send each field once"
 
 
+def test_a_file_part_given_twice_is_named_like_any_field():
+    body = _closed(_part("file", b"x", "a.png"), _part("file", b"y", "b.png"))
+    error = _refusal(_multipart(_posted(body, MULTIPART), "/v1/screen"))
+    assert error.status == HTTPStatus.UNPROCESSABLE_ENTITY
+    assert str(error) == "field 'file' is given twice; send each field once"
+
+
+def test_a_boundary_is_masked_in_the_log_whatever_quotes_it_holds():
+    from serving.service import _QUOTED  # what the prediction log masks
+
+    boundary = "x' MRN4711 DOE JOHN '--"
+    body = f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\na\r\n'
+    error = _refusal(
+        _multipart(_posted(body.encode(), f"multipart/form-data; boundary={boundary}"), "/x")
+    )
+    assert "no closing boundary" in str(error) and "MRN4711" in str(error)
+    assert "MRN4711" not in _QUOTED.sub("'…'", str(error))
+
+
 def test_a_multipart_body_without_its_closing_boundary_is_a_400_saying_so():
     body = _part("model", b"a") + _part("file", b"\x89PNG not all of it", "x.png")
     error = _refusal(_multipart(_posted(body, MULTIPART), "/v1/screen"))

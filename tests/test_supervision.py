@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,9 +15,25 @@ import pytest
 
 from tests.conftest import running_server
 
-pytestmark = pytest.mark.slow
+
+def test_a_worker_whose_supervisor_died_before_it_started_stops() -> None:
+    # Reparented while it imported, its parent is already init: the PID it was given tells.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    worker = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import time; from serving.supervision import end_with_supervisor; "
+            "end_with_supervisor(); time.sleep(30)",
+        ],
+        env={**os.environ, "MEDSCREEN_SUPERVISOR_PID": str(gone.pid)},
+        timeout=60,
+    )
+    assert worker.returncode == -signal.SIGTERM
 
 
+@pytest.mark.slow
 def test_workers_end_when_their_supervisor_is_killed(registered_model, tmp_path: Path) -> None:
     from training.registry import promote
 

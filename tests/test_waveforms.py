@@ -251,6 +251,14 @@ def test_signal_quality_tells_an_ecg_from_noise_and_test_signals(mitdb: Path):
     ):
         beats = _beats_of(samples)
         assert len(beats) >= 3 and not beats.quality_acceptable, beats.signal_kurtosis
+    # Two minutes of noise inside ten clean minutes: flagged, not averaged away, and placed.
+    clean = np.concatenate([record("101", start) for start in range(0, 600, 30)])
+    noise = np.random.default_rng(1).normal(0.0, 0.3, 360 * 120)
+    beats = _beats_of(np.concatenate([clean[: 360 * 300], noise, clean[360 * 300 :]]))
+    assert not beats.quality_acceptable
+    assert beats.low_quality_spans_s
+    assert all(start >= 295 and end <= 425 for start, end in beats.low_quality_spans_s)
+    assert _beats_of(clean).low_quality_spans_s == ()
 
 
 def test_signal_without_qrs_complexes_is_a_422():

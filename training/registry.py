@@ -48,8 +48,9 @@ PENDING_TAG_PREFIX = "medscreen.alias_pending."
 ABANDONED_TAG_PREFIX = "medscreen.alias_abandoned."
 APPROVAL_TAG_PREFIX = "medscreen.approval."  # medscreen.approval.<alias>.<field>, on the version
 APPROVAL_FIELDS = ("approved_by", "approval_reason", "approved_at")
-# A move takes a few registry writes; one pending longer than this is taken for dead even when
-# its process cannot be checked (another host): MLflow's HTTP retries stay well below it.
+# A pending move older than this is taken for dead when its process cannot be checked (another
+# host, or a PID that may have been reused). A mover slower than that (a stalled registry) finds
+# its move settled when it checks again just before the alias write, and stops there.
 STALE_MOVE_SECONDS = 600.0
 APPROVER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{1,63}$")
 ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
@@ -206,6 +207,15 @@ def _validate_approval(approver: str | None, reason: str | None) -> tuple[str, s
     return approver, reason.strip()
 
 
+def _this_host() -> str:
+    """The host name, with the PID namespace where there is one: containers may share a name."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return socket.gethostname()
+    return f"{socket.gethostname()} {namespace}"
+
+
 def _process_alive(pid: int) -> bool:
     if os.name != "posix":
         return True  # no safe probe (os.kill would end it): left to STALE_MOVE_SECONDS
@@ -228,7 +238,7 @@ def _interrupted(move: PendingMove) -> bool:
     age = datetime.datetime.now(datetime.UTC) - move.event.moment
     if age.total_seconds() > STALE_MOVE_SECONDS:
         return True
-    if move.host != socket.gethostname():
+    if move.host != _this_host():
         return False  # its process cannot be checked from here: wait until it is stale
     if move.pid == os.getpid():
         with _IN_FLIGHT_LOCK:
@@ -329,6 +339,7 @@ def move_steps(client: MlflowClient, name: str, move: PendingMove) -> list[Step]
             "check that no other move of the alias is running", lambda: _alone(client, name, move)
         ),
         *_approval_steps(client, name, move),
+        Step("check that the move is still pending", lambda: _still_pending(client, name, move)),
         Step(
             f"point {event.alias} at version {event.version}",
             lambda: client.set_registered_model_alias(name, event.alias, event.version),
@@ -343,6 +354,21 @@ def _in_progress(name: str, move: PendingMove) -> str:
         "try again when it has finished (a killed one is settled after "
         f"{STALE_MOVE_SECONDS / 60:.0f} minutes)"
     )
+
+
+class _MoveSettledElsewhereError(GovernanceError):
+    """Another command took this move for interrupted and settled it."""
+
+
+def _still_pending(client: MlflowClient, name: str, move: PendingMove) -> None:
+    """Stop before the alias write if another command has settled this move meanwhile."""
+    if all(
+        other.suffix != move.suffix for other in _pending_moves(_registered_model(client, name))
+    ):
+        raise _MoveSettledElsewhereError(
+            f"the {move.describe(name)} took so long that another command settled it as "
+            "interrupted; the alias was not moved: promote again"
+        )
 
 
 def _alone(client: MlflowClient, name: str, move: PendingMove) -> None:
@@ -400,8 +426,15 @@ def repair_interrupted_moves(name: str, *, client: MlflowClient | None = None) -
     return lines
 
 
-def _repair(client: MlflowClient, name: str, notify: Callable[[str], None]) -> None:
-    for line in repair_interrupted_moves(name, client=client):
+def _repair_before_moving(client: MlflowClient, name: str, notify: Callable[[str], None]) -> None:
+    try:
+        lines = repair_interrupted_moves(name, client=client)
+    except MlflowException as error:  # one line for the CLI, as for the move itself
+        detail = " ".join(str(error.message).split())
+        raise GovernanceError(
+            f"cannot settle an interrupted alias move of {name}: {detail}"
+        ) from error
+    for line in lines:
         notify(line)
 
 
@@ -431,7 +464,7 @@ def new_move(
     return PendingMove(
         suffix=f"{time.time_ns():020d}.{uuid.uuid4().hex[:8]}",
         event=event,
-        host=socket.gethostname(),
+        host=_this_host(),
         pid=os.getpid(),
     )
 
@@ -458,6 +491,13 @@ def _move_alias(
         for step in move_steps(client, name, move):
             try:
                 step.run()
+            except _MoveSettledElsewhereError as error:
+                # Settling withdrew the approval, which this process may have written after it.
+                holder = _holder(_registered_model(client, name), alias)
+                if holder != str(version.version):  # never withdraw an approval in force
+                    for withdraw in _withdraw_steps(client, name, alias, str(version.version)):
+                        withdraw.run()
+                raise GovernanceError(f"{option}: {error}") from error
             except GovernanceError as error:  # another move of the alias started meanwhile
                 _delete_pending_step(client, name, move).run()  # nothing else was written
                 raise GovernanceError(f"{option}: {error}") from error
@@ -536,7 +576,7 @@ def promote(
             f"{name} version {version} has no passed release gate (tag {GATE_PASSED_TAG}); "
             "register it with `medscreen export`"
         )
-    _repair(client, name, notify)
+    _repair_before_moving(client, name, notify)
     return _move_alias(
         client,
         name,
@@ -568,7 +608,7 @@ def rollback(
     """
     approver, reason = _validate_approval(approver, reason)
     client = _client()
-    _repair(client, name, notify)
+    _repair_before_moving(client, name, notify)
     events = [event for event in alias_history(name, client=client) if event.alias == alias]
     if not events or events[-1].previous_version is None:
         raise GovernanceError(f"{name}@{alias} has no earlier version to roll back to")
