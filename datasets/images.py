@@ -110,17 +110,14 @@ def untrusted_input(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
 
     Parsers (Pillow, pydicom, nibabel, wfdb, json) raise many exception types on hostile or
     corrupt input; none of them is the service's fault. Only the exception's type is reported:
-    its message may quote file content. pydicom's validation stays off meanwhile
-    (:func:`quiet_dicom_parsing`): DICOM values are converted lazily, so the whole decoder runs
-    inside it, not just the read.
+    its message may quote file content.
     """
 
     def decorate(function: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(function)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             try:
-                with quiet_dicom_parsing():
-                    return function(*args, **kwargs)
+                return function(*args, **kwargs)
             except ImageDecodeError:
                 raise
             except MemoryError as error:
@@ -303,6 +300,8 @@ def _check_decodable(syntax: UID | None) -> None:
         )
 
 
+# DICOM values are converted lazily, so the whole decoder runs with validation off.
+@quiet_dicom_parsing()
 def _read_dicom(data: bytes) -> np.ndarray:
     """Return the displayed grayscale or RGB pixels of a single-frame DICOM image."""
     dataset = read_dicom_dataset(data, tags=list(_PIXEL_TAGS))

@@ -40,6 +40,7 @@ from datasets.images import (
     ImageDecodeError,
     check_upload_size,
     is_dicom,
+    quiet_dicom_parsing,
     read_dicom_dataset,
     untrusted_input,
 )
@@ -244,6 +245,7 @@ def _millivolts_per_unit(channel: Dataset) -> float:
 
 
 @untrusted_input("the DICOM ECG waveform")
+@quiet_dicom_parsing()  # DICOM values are converted lazily: the whole reader runs inside it
 def ecg_from_dicom(data: bytes, lead: str = "II") -> EcgSignal:
     """Read one lead of a DICOM ECG waveform (``POST /v1/monitor/dicom``).
 

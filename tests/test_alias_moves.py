@@ -106,6 +106,15 @@ def _kill_midway(name: str, alias: str, version: str, cut: int, action: str = "p
     assert process.returncode == -signal.SIGKILL, stderr
 
 
+def _repair_line(completed, name: str, alias: str, version: str) -> str:
+    """The one line a command printed on settling an interrupted promotion to ``version``."""
+    (line,) = completed.stderr.strip().splitlines()
+    assert line.startswith(
+        f"repaired: the interrupted promotion of {name}@{alias} to version {version}"
+    )
+    return line
+
+
 def _approvals(name: str, version: str, alias: str) -> dict[str, str]:
     prefix = f"medscreen.approval.{alias}."
     tags = _client().get_model_version(name, version).tags
@@ -267,10 +276,7 @@ def test_killed_before_the_alias_moved_the_history_never_shows_it(versions):
     at = _medscreen("history", name, "--alias", alias, "--at", _now().isoformat())
     assert at.returncode == 0, at.stderr
     assert at.stdout.strip().endswith(f"version {second}")
-    (line,) = at.stderr.strip().splitlines()
-    assert line.startswith(
-        f"repaired: the interrupted promotion of {name}@{alias} to version {third}"
-    )
+    line = _repair_line(at, name, alias, third)
     assert "never moved the alias (still version " + second in line
     rolled = _medscreen(
         "rollback", name, "--alias", alias, "--approver", "qa", "--reason", "after the kill"
@@ -311,10 +317,7 @@ def test_killed_after_the_alias_moved_serving_follows_and_promote_records_it(ver
         "promote", name, third, "--to", alias, "--approver", "qa", "--reason", "after the kill"
     )
     assert promoted.returncode == 0, promoted.stderr
-    (line,) = promoted.stderr.strip().splitlines()
-    assert line.startswith(
-        f"repaired: the interrupted promotion of {name}@{alias} to version {second}"
-    )
+    line = _repair_line(promoted, name, alias, second)
     assert "had moved the alias" in line
     assert f"-> version {third} (was {second})" in promoted.stdout
     events = [event for event in alias_history(name) if event.alias == alias]
@@ -336,10 +339,7 @@ def test_show_settles_an_interrupted_move_and_warns_of_nothing(versions):
     _kill_midway(name, alias, second, ALIAS_STEP + 1)  # the event recorded, nothing after
     shown = _medscreen("show", name)
     assert shown.returncode == 0, shown.stderr
-    (line,) = shown.stderr.strip().splitlines()
-    assert line.startswith(
-        f"repaired: the interrupted promotion of {name}@{alias} to version {second}"
-    )
+    _repair_line(shown, name, alias, second)
     assert "set outside medscreen" not in shown.stdout
     _assert_consistent(name, alias, second, first)
 

@@ -44,11 +44,16 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_dir() / 'mlflow.db'}"
 
 
+# Stores this process has opened: their tables exist, and commands configure tracking often.
+_OPENED_STORES: set[str] = set()
+
+
 def configure_tracking() -> str:
     """Point MLflow at the configured store and return its URI."""
     uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
+    if uri.startswith("sqlite:///") and uri not in _OPENED_STORES:
         _open_embedded_store(uri, Path(uri.removeprefix("sqlite:///")))
+        _OPENED_STORES.add(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
