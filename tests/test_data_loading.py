@@ -46,3 +46,30 @@ def test_loader_workers_draw_their_own_augmentations_every_epoch(medmnist_dir: P
     assert len(set(every_batch)) == len(every_batch) == 16
     # Seeded: the same recipe draws the same augmentations again.
     assert _augmented_batch_digests(medmnist_dir, workers=2, epochs=2) == epochs
+
+
+def test_augmentation_fills_uncovered_corners_with_the_image_minimum(medmnist_dir: Path):
+    """The graph scales each image by its range: a black corner would change that range."""
+    from datasets import get_dataset_spec, load_split
+    from training.data import ImageSplitDataset, build_augmentation
+    from training.recipe import AugmentationSection
+
+    split = load_split(
+        get_dataset_spec("pneumoniamnist"), "train", data_dir=medmnist_dir, max_samples=64
+    )
+    without_black = split.images.min(axis=(1, 2, 3)) > 10
+    split = dataclasses.replace(
+        split, images=split.images[without_black], labels=split.labels[without_black]
+    )
+    assert len(split) >= 16
+    augment = build_augmentation(
+        AugmentationSection(rotate_degrees=30, translate_pixels=4), spatial_dims=2, seed=0
+    )
+    dataset = ImageSplitDataset(split, augment)
+    for index in range(len(split)):
+        augmented, _ = dataset[index]
+        original = split.images[index]
+        assert not np.array_equal(augmented.numpy(), original)
+        # Interpolation stays within the image's range; only rounding may cross it.
+        assert int(augmented.min()) >= int(original.min()) - 1
+        assert int(augmented.max()) <= int(original.max()) + 1

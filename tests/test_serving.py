@@ -20,6 +20,7 @@ import pydicom
 import pytest
 import requests
 from PIL import Image
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from datasets import get_dataset_spec, load_split
 from tests.conftest import free_port, medscreen_command, medscreen_error_line
@@ -147,6 +148,49 @@ def test_numpy_array_in_json_gives_the_same_answer_as_the_png(
         timeout=60,
     )
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]
+
+
+def _sixteen_bit_dicom(pixels: np.ndarray) -> bytes:
+    dataset = pydicom.Dataset()
+    dataset.file_meta = pydicom.dataset.FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dataset.SOPClassUID = SecondaryCaptureImageStorage
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID
+    dataset.Rows, dataset.Columns = pixels.shape
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 16, 16, 15
+    dataset.PixelRepresentation = 0
+    dataset.PixelData = pixels.astype("<u2").tobytes()
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_the_same_picture_scores_the_same_at_any_bit_depth(
+    served_model, service_keys, registered_model, pneumonia_case: np.ndarray
+):
+    # 16-bit pixels are stretched to 0-255 on decoding, 8-bit ones are not: the graph scales
+    # each image by its own range, so the picture's depth must not change its score.
+    picture = pneumonia_case[0]
+    assert picture.min() > 0 and picture.max() < 255, "a case that does not span 0-255"
+    sixteen_bit = picture.astype(np.uint16) * 257
+    uploads = {
+        "8-bit PNG": (_png(picture), "case.png"),
+        "16-bit PNG": (_png(sixteen_bit), "case16.png"),
+        "16-bit DICOM": (_sixteen_bit_dicom(sixteen_bit), "case16.dcm"),
+    }
+    scores = {}
+    for kind, (content, filename) in uploads.items():
+        response = _screen(
+            served_model, service_keys.all_models, content, filename, registered_model.model_name
+        )
+        assert response.status_code == 200, (kind, response.text)
+        scores[kind] = response.json()["probability"]
+    # Only the rounding of the stretched copies to 8 bits differs (dividing by 255 instead
+    # moved the tiny test model's score by about 0.02 on this case).
+    assert max(scores.values()) - min(scores.values()) < 0.003, scores
 
 
 def test_jpeg_and_compressed_dicom_are_accepted(

@@ -65,6 +65,7 @@ def test_task_trains_evaluates_and_exports(
 
     exported = export_and_register(result.run_id)
     assert exported.card.input.shape == ["batch", *input_shape]
+    assert "by each image's own minimum and maximum" in exported.card.input.description
     spec = get_dataset_spec(recipe.data.dataset)
     assert exported.card.positive_classes == list(spec.positive_classes)
     # The registered graph's positive-finding score reproduces the run's test AUC: the positive

@@ -119,8 +119,13 @@ class ImageSplitDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.images[index]
         if self.augment is not None:
-            # Augment in float, then return to uint8: the model's input contract.
-            augmented = self.augment(image.to(torch.float32))
+            # Augment in float, then return to uint8: the model's input contract. Corners a
+            # rotation or shift uncovers take the image's own minimum, not 0: the graph scales
+            # each image by its range, and a black corner would change a training image's
+            # scaling away from that of the same picture unaugmented.
+            values = image.to(torch.float32)
+            low = values.min()
+            augmented = self.augment(values - low) + low
             image = torch.as_tensor(augmented).round().clamp(0, 255).to(torch.uint8)
         return image, self.labels[index]
 

@@ -251,7 +251,13 @@ def _build_card(
             shape=["batch", *spec.image_shape],
             value_range=(0, 255),
             description=(
-                "Raw pixel values; scaling, normalisation and resizing to the network's "
+                "Raw pixel values; scaling to [0, 1] "
+                + (
+                    "by each image's own minimum and maximum"
+                    if recipe.model.intensity_scaling == "per_image"
+                    else "by 255"
+                )
+                + ", normalisation and resizing to the network's "
                 f"{recipe.model.network_input_size} px happen inside the graph. "
                 + (
                     "Volumes are reoriented to the closest canonical RAS+ orientation, with "
@@ -502,7 +508,9 @@ def quantise_int8(float_path: Path, calibration_images: np.ndarray, output_path:
     positive-finding probability a resolution of 1/255, too coarse for a threshold.
     """
     prepared = output_path.with_name("prepared.onnx")
-    quant_pre_process(str(float_path), str(prepared))
+    # onnxruntime's symbolic shape inference has no rule for the per-image ReduceMin/ReduceMax
+    # of the preprocessing; ONNX's own shape inference (still run) handles them.
+    quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
     with _quiet_per_channel_warnings():
         quantize_static(
             str(prepared),

@@ -18,6 +18,17 @@ class ScreeningNetwork(nn.Module):
 
     Scaling to [0, 1], intensity normalisation and resizing to the network's input size happen
     here, so the ONNX export carries them and serving cannot preprocess differently.
+
+    Args:
+        backbone: The MONAI network.
+        spatial_dims: 2 or 3.
+        network_input_size: Side the images are resized to.
+        intensity_mean: Subtracted after scaling to [0, 1].
+        intensity_std: Divides after the mean is subtracted.
+        per_image_scaling: Scale by each image's own minimum and maximum (over all channels,
+            as MONAI's ``ScaleIntensity``) rather than by 255. The service stretches 16-bit
+            PNG and DICOM pixels to 0-255 but takes 8-bit ones as they are; with this, the
+            same picture gets the same input whichever way it arrived.
     """
 
     def __init__(
@@ -27,17 +38,28 @@ class ScreeningNetwork(nn.Module):
         network_input_size: int,
         intensity_mean: float,
         intensity_std: float,
+        *,
+        per_image_scaling: bool,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.spatial_dims = spatial_dims
         self.network_input_size = network_input_size
+        self.per_image_scaling = per_image_scaling
         self.register_buffer("intensity_mean", torch.tensor(intensity_mean, dtype=torch.float32))
         self.register_buffer("intensity_std", torch.tensor(intensity_std, dtype=torch.float32))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Return logits of shape (N, classes) for uint8 images of shape (N, C, *spatial)."""
-        scaled = images.to(torch.float32) / 255.0
+        values = images.to(torch.float32)
+        if self.per_image_scaling:
+            axes = tuple(range(1, values.dim()))
+            low = torch.amin(values, dim=axes, keepdim=True)
+            high = torch.amax(values, dim=axes, keepdim=True)
+            # At least one grey level: a flat image (refused by the service) becomes zeros.
+            scaled = (values - low) / torch.clamp(high - low, min=1.0)
+        else:
+            scaled = values / 255.0
         normalised = (scaled - self.intensity_mean) / self.intensity_std
         resized = functional.interpolate(
             normalised,
@@ -101,6 +123,7 @@ def build_network(
         network_input_size=section.network_input_size,
         intensity_mean=section.intensity_mean,
         intensity_std=section.intensity_std,
+        per_image_scaling=section.intensity_scaling == "per_image",
     )
 
 

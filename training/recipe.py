@@ -200,6 +200,15 @@ class ModelSection(_Strict):
     network_input_size: int = Field(
         default=32, ge=32, description="Images are resized to this inside the model (MONAI >= 32)."
     )
+    intensity_scaling: Literal["per_image", "fixed"] = Field(
+        default="per_image",
+        description=(
+            "How the graph maps pixel values to [0, 1]. per_image: each image's own minimum "
+            "and maximum (as MONAI's ScaleIntensity), so the same picture scores the same at "
+            "any bit depth or contrast stretch; fixed: value / 255 (runs logged without this "
+            "field were trained this way)."
+        ),
+    )
     intensity_mean: float = Field(default=0.5, description="Applied after scaling to [0, 1].")
     intensity_std: float = Field(default=0.5, gt=0)
     dropout: float = Field(

@@ -159,6 +159,18 @@ def read_run_recipe(run_id: str) -> dict:
     return tree
 
 
+def image_recipe_of_run(tree: dict) -> Recipe:
+    """The image recipe a run logged, read as the run was trained.
+
+    Runs logged before ``model.intensity_scaling`` existed scaled pixels by 255; the field's
+    default for new recipes (each image's own range) would rebuild their graph differently.
+    """
+    model = tree.get("model")
+    if isinstance(model, dict) and "intensity_scaling" not in model:
+        tree = {**tree, "model": {**model, "intensity_scaling": "fixed"}}
+    return Recipe.model_validate(tree)
+
+
 def load_run_context(run_id: str, data_dir: Path | None = None) -> RunContext:
     """Read a training run's recipe, operating point and lineage from MLflow.
 
@@ -173,7 +185,7 @@ def load_run_context(run_id: str, data_dir: Path | None = None) -> RunContext:
             f"run {run_id} is a {tree['kind']} run: this step takes image screening runs "
             "(ECG runs are evaluated with --records-dir and --records)"
         )
-    recipe = Recipe.model_validate(tree)
+    recipe = image_recipe_of_run(tree)
     lineage = read_run_json(run_id, LINEAGE_ARTIFACT)
     if recipe.data.manifest is not None:
         # The task as trained, pinned to the manifest the run recorded (which may have moved).
