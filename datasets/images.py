@@ -51,6 +51,10 @@ MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 MAX_IMAGE_PIXELS = 6000 * 6000
 # The fewest pixels (voxels) along each axis of a picture (volume), for files and arrays alike.
 MIN_SIDE = 2
+# The narrowest span of 8-bit values a picture may have. The graph stretches each image to its
+# own range, so a black frame with a little noise would be scored as a full-contrast picture;
+# every MedMNIST image spans at least 44 grey levels.
+MIN_GREY_LEVEL_SPAN = 16
 _DICOM_MAGIC_OFFSET = 128
 
 
@@ -434,7 +438,10 @@ def check_content(pixels: np.ndarray, spatial_axes: int = 2, *, refuse_blank: bo
 
     One rule for files and JSON arrays: at least :data:`MIN_SIDE` pixels (voxels) along each
     axis, and not one value everywhere. A blank image (an empty frame, a failed export, a
-    window that hides everything) still gets a score, and often a confident one.
+    window that hides everything) still gets a score, and often a confident one. A nearly
+    blank one, whose every channel spans fewer than :data:`MIN_GREY_LEVEL_SPAN` grey levels, is
+    refused too: the graph would stretch its noise to full contrast. (Pixels that were not
+    8-bit are stretched to 0-255 on decoding, before this check.)
 
     Args:
         pixels: A decoded (H, W) or (H, W, C) picture, or (D, H, W) volume, before resizing.
@@ -454,10 +461,21 @@ def check_content(pixels: np.ndarray, spatial_axes: int = 2, *, refuse_blank: bo
         )
     axes = tuple(range(spatial_axes))
     # Per channel, so that a picture of one colour is blank too; no copy of the pixels is made.
-    if refuse_blank and np.array_equal(pixels.min(axis=axes), pixels.max(axis=axes)):
+    if not refuse_blank:
+        return
+    spans = pixels.max(axis=axes).astype(np.int64) - pixels.min(axis=axes)
+    widest = int(np.max(spans))
+    if widest == 0:
         raise ImageDecodeError(
             f"the {noun} is blank: every {unit} has the same value; send the image itself, not "
             "an empty frame (check the export, or the DICOM window)",
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+        )
+    if widest < MIN_GREY_LEVEL_SPAN:
+        raise ImageDecodeError(
+            f"the {noun} is nearly blank: its values span only {widest} grey levels of 255 "
+            f"(at least {MIN_GREY_LEVEL_SPAN} are needed); send the image itself, not an empty "
+            "frame (check the export, or the DICOM window)",
             HTTPStatus.UNPROCESSABLE_ENTITY,
         )
 

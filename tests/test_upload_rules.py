@@ -106,6 +106,38 @@ def test_a_blank_array_is_a_422_like_an_upload(values: np.ndarray, shape, messag
     assert str(error).startswith("field 'array': ") and message in str(error)
 
 
+def _near_black(span: int) -> np.ndarray:
+    return (np.random.default_rng(0).integers(0, span + 1, size=(32, 32))).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("make", "noun"),
+    [
+        (lambda: decode_image(_png(_near_black(3)), **INPUT_28, refuse_blank=True), "image"),
+        (lambda: decode_array((_near_black(15) + 100).tolist(), shape=GRAY), "image"),
+        (
+            lambda: decode_array(
+                np.random.default_rng(1).integers(90, 96, size=(28, 28, 28)).tolist(),
+                shape=VOLUME,
+            ),
+            "volume",
+        ),
+    ],
+    ids=["png-noise-0-3", "array-100-115", "volume-90-95"],
+)
+def test_a_nearly_blank_upload_or_array_is_a_422(make, noun: str):
+    # The graph scales each image by its own range: such noise would be scored at full contrast.
+    error = _refused(make)
+    assert error.status == HTTPStatus.UNPROCESSABLE_ENTITY
+    assert f"the {noun} is nearly blank: its values span only" in str(error)
+
+
+def test_a_faint_but_real_picture_is_not_nearly_blank():
+    faint = _near_black(16) + 100  # exactly the narrowest span taken
+    assert decode_image(_png(faint), **INPUT_28, refuse_blank=True).pixels.shape == (1, 28, 28)
+    assert decode_array(faint.tolist(), shape=GRAY).pixels.shape == (1, 28, 28)
+
+
 def test_one_channel_differing_is_not_blank():
     rgb = np.full((3, 28, 28), 100, np.uint8)
     rgb[1, 5:10, 5:10] = 200
