@@ -17,6 +17,7 @@ from datasets.images import (
     DecodedImage,
     ImageDecodeError,
     check_content,
+    check_contrast,
     fit_picture,
     untrusted_input,
 )
@@ -126,6 +127,15 @@ def _check_content(values: np.ndarray, spatial_axes: int) -> None:
         raise _error(str(error), error.status) from None
 
 
+def _check_contrast(model_input: np.ndarray, noun: str) -> np.ndarray:
+    """The rule uploads follow (not nearly blank), its message naming the field."""
+    try:
+        check_contrast(model_input, noun=noun)
+    except ImageDecodeError as error:
+        raise _error(str(error), error.status) from None
+    return model_input
+
+
 def _picture(values: np.ndarray, shape: tuple[int, ...]) -> DecodedImage:
     channels, height, width = shape
     accepted = "(H, W) grayscale, or (C, H, W) with C = 1 or 3"
@@ -139,7 +149,9 @@ def _picture(values: np.ndarray, shape: tuple[int, ...]) -> DecodedImage:
         raise _shape_error(values, shape, accepted)
     _check_content(values, 2)
     return DecodedImage(
-        pixels=fit_picture(np.ascontiguousarray(values), channels, height, width),
+        pixels=_check_contrast(
+            fit_picture(np.ascontiguousarray(values), channels, height, width), "image"
+        ),
         source_format="array",
         source_shape=(int(values.shape[0]), int(values.shape[1])),
     )
@@ -157,7 +169,7 @@ def _volume(values: np.ndarray, shape: tuple[int, ...]) -> DecodedImage:
         raise _error(f"shape {list(values.shape)} is a single slice, not a volume; send {accepted}")
     _check_content(values, 3)
     return DecodedImage(
-        pixels=resize_volume(values, depth, height, width)[None],
+        pixels=_check_contrast(resize_volume(values, depth, height, width)[None], "volume"),
         source_format="array",
         source_shape=tuple(int(size) for size in values.shape),
     )

@@ -51,10 +51,12 @@ MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 MAX_IMAGE_PIXELS = 6000 * 6000
 # The fewest pixels (voxels) along each axis of a picture (volume), for files and arrays alike.
 MIN_SIDE = 2
-# The narrowest span of 8-bit values a picture may have. The graph stretches each image to its
-# own range, so a black frame with a little noise would be scored as a full-contrast picture;
-# every MedMNIST image spans at least 44 grey levels.
+# The narrowest span of values, in the file's own steps, that the middle 99% of a model input's
+# pixels may have. The graph stretches each image to its own range, so a black frame with a
+# little noise (or a blank exposure with a bright marker) would be scored as a full-contrast
+# picture; in every MedMNIST image the middle 99% spans at least 37 grey levels.
 MIN_GREY_LEVEL_SPAN = 16
+CONTRAST_PERCENTILES = (0.5, 99.5)
 _DICOM_MAGIC_OFFSET = 128
 
 
@@ -161,10 +163,15 @@ def check_upload_size(data: bytes) -> None:
         )
 
 
-def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
-    """Min-max scale any numeric image to 0-255 (a flat image becomes all zeros)."""
+def _scale_to_uint8(values: np.ndarray) -> tuple[np.ndarray, float]:
+    """Min-max scale any numeric image to 0-255 (a flat image becomes all zeros).
+
+    Returns:
+        The uint8 pixels, and the gain: 0-255 steps per step of the file's own values (1 for
+        uint8 values, which are kept as they are).
+    """
     if values.dtype == np.uint8:
-        return values
+        return values, 1.0
     values = values.astype(np.float64)
     low, high = float(values.min()), float(values.max())
     if not np.isfinite(high - low):
@@ -175,11 +182,12 @@ def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
             HTTPStatus.UNPROCESSABLE_ENTITY,
         )
     if high <= low:
-        return np.zeros(values.shape, dtype=np.uint8)
+        return np.zeros(values.shape, dtype=np.uint8), 1.0
+    gain = 255.0 / (high - low)
     # In place: a large 16-bit picture would otherwise hold several float64 copies at once.
     values -= low
-    values *= 255.0 / (high - low)
-    return np.round(values, out=values).astype(np.uint8)
+    values *= gain
+    return np.round(values, out=values).astype(np.uint8), gain
 
 
 def read_dicom_dataset(data: bytes, *, tags: list[str] | None = None) -> pydicom.Dataset:
@@ -306,8 +314,11 @@ def _check_decodable(syntax: UID | None) -> None:
 
 # DICOM values are converted lazily, so the whole decoder runs with validation off.
 @quiet_dicom_parsing()
-def _read_dicom(data: bytes) -> np.ndarray:
-    """Return the displayed grayscale or RGB pixels of a single-frame DICOM image."""
+def _read_dicom(data: bytes) -> tuple[np.ndarray, float]:
+    """Return the displayed pixels of a single-frame DICOM image and the gain of their stretch.
+
+    The gain is in 0-255 steps per stored step (see :func:`_scale_to_uint8`).
+    """
     dataset = read_dicom_dataset(data, tags=list(_PIXEL_TAGS))
     if "PixelData" not in dataset:
         if "FloatPixelData" in dataset or "DoubleFloatPixelData" in dataset:
@@ -369,7 +380,12 @@ def _read_dicom(data: bytes) -> np.ndarray:
                 f"the DICOM display settings (modality or VOI LUT, window) are invalid ({error})",
                 HTTPStatus.UNPROCESSABLE_ENTITY,
             ) from error
-        scaled = _scale_to_uint8(np.asarray(displayed))
+        scaled, _ = _scale_to_uint8(np.asarray(displayed))
+        # The gain per stored step, not per displayed one: a rescale slope of 0.001 must not
+        # make a real picture look nearly blank. A window that clips only makes it larger.
+        stored_span = float(pixels.max()) - float(pixels.min())
+        scaled_span = int(scaled.max()) - int(scaled.min())
+        gain = scaled_span / stored_span if stored_span > 0 and scaled_span > 0 else 1.0
         # All zeros after scaling means one displayed value: a window far outside the stored
         # values, which would otherwise be scored as a blank picture.
         if not scaled.any() and pixels.min() != pixels.max():
@@ -378,7 +394,7 @@ def _read_dicom(data: bytes) -> np.ndarray:
                 "check WindowCenter and WindowWidth",
                 HTTPStatus.UNPROCESSABLE_ENTITY,
             )
-        return 255 - scaled if photometric == "MONOCHROME1" else scaled
+        return (255 - scaled if photometric == "MONOCHROME1" else scaled), gain
     if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT"):
         # pydicom's pixel_array already converts YBR colour (JPEG 2000's RCT and ICT too) to RGB.
         return _scale_to_uint8(np.asarray(pixels))
@@ -399,7 +415,20 @@ def _check_pixel_count(pixels: int, samples: int) -> None:
         )
 
 
-def _read_picture(data: bytes) -> tuple[np.ndarray, str]:
+def _is_deep_colour_png(data: bytes) -> bool:
+    """A 16-bit RGB, RGBA or grey-with-alpha PNG (IHDR bit depth 16, colour type 2, 4 or 6)."""
+    return data[12:16] == b"IHDR" and len(data) > 25 and data[24] == 16 and data[25] in (2, 4, 6)
+
+
+def _read_picture(data: bytes) -> tuple[np.ndarray, str, float]:
+    """Return a PNG's or JPEG's pixels, its format and the gain of any stretch to 0-255."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n") and _is_deep_colour_png(data):
+        # Pillow keeps only the high byte of these: 12-bit content would arrive nearly black.
+        raise ImageDecodeError(
+            "16-bit colour and 16-bit grey-with-alpha PNG images are not accepted; send 16-bit "
+            "greyscale without alpha, or 8-bit",
+            HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+        )
     try:
         with Image.open(io.BytesIO(data)) as picture:
             image_format = (picture.format or "").lower()
@@ -416,10 +445,11 @@ def _read_picture(data: bytes) -> tuple[np.ndarray, str]:
             # must see them upright, as a viewer shows them. First, before any pixel is used.
             ImageOps.exif_transpose(picture, in_place=True)
             if picture.mode in ("I", "I;16", "I;16B", "F"):
-                return _scale_to_uint8(np.asarray(picture)), image_format
+                pixels, gain = _scale_to_uint8(np.asarray(picture))
+                return pixels, image_format, gain
             # Bilevel, palette and alpha modes become plain grayscale or RGB.
             grayscale = picture.mode in ("1", "L", "LA")
-            return np.asarray(picture.convert("L" if grayscale else "RGB")), image_format
+            return np.asarray(picture.convert("L" if grayscale else "RGB")), image_format, 1.0
     except Image.DecompressionBombError as error:
         raise ImageDecodeError(
             f"the image is too large to decode ({error}); send it downsampled",
@@ -438,10 +468,8 @@ def check_content(pixels: np.ndarray, spatial_axes: int = 2, *, refuse_blank: bo
 
     One rule for files and JSON arrays: at least :data:`MIN_SIDE` pixels (voxels) along each
     axis, and not one value everywhere. A blank image (an empty frame, a failed export, a
-    window that hides everything) still gets a score, and often a confident one. A nearly
-    blank one, whose every channel spans fewer than :data:`MIN_GREY_LEVEL_SPAN` grey levels, is
-    refused too: the graph would stretch its noise to full contrast. (Pixels that were not
-    8-bit are stretched to 0-255 on decoding, before this check.)
+    window that hides everything) still gets a score, and often a confident one. A nearly blank
+    one is refused by :func:`check_contrast`, on the model's input.
 
     Args:
         pixels: A decoded (H, W) or (H, W, C) picture, or (D, H, W) volume, before resizing.
@@ -461,21 +489,32 @@ def check_content(pixels: np.ndarray, spatial_axes: int = 2, *, refuse_blank: bo
         )
     axes = tuple(range(spatial_axes))
     # Per channel, so that a picture of one colour is blank too; no copy of the pixels is made.
-    if not refuse_blank:
-        return
-    spans = pixels.max(axis=axes).astype(np.int64) - pixels.min(axis=axes)
-    widest = int(np.max(spans))
-    if widest == 0:
+    if refuse_blank and np.array_equal(pixels.min(axis=axes), pixels.max(axis=axes)):
         raise ImageDecodeError(
             f"the {noun} is blank: every {unit} has the same value; send the image itself, not "
             "an empty frame (check the export, or the DICOM window)",
             HTTPStatus.UNPROCESSABLE_ENTITY,
         )
-    if widest < MIN_GREY_LEVEL_SPAN:
+
+
+def check_contrast(model_input: np.ndarray, gain: float = 1.0, *, noun: str = "image") -> None:
+    """Refuse a nearly blank model input: the graph would stretch its noise to full contrast.
+
+    The graph scales each image by its own minimum and maximum, so what matters is the span of
+    the model's input (resized, in the model's channels), over its middle 99% of values (a
+    burned-in marker or a few hot pixels do not count), measured in the file's own value steps
+    (``gain``: 0-255 steps per file step, for pixels the decoder stretched to 0-255).
+
+    Raises:
+        ImageDecodeError: 422 when that span is under :data:`MIN_GREY_LEVEL_SPAN`.
+    """
+    low, high = np.percentile(model_input, CONTRAST_PERCENTILES)
+    steps = (float(high) - float(low)) / gain
+    if steps < MIN_GREY_LEVEL_SPAN:
         raise ImageDecodeError(
-            f"the {noun} is nearly blank: its values span only {widest} grey levels of 255 "
+            f"the {noun} is nearly blank: 99% of its values lie within {steps:.0f} grey levels "
             f"(at least {MIN_GREY_LEVEL_SPAN} are needed); send the image itself, not an empty "
-            "frame (check the export, or the DICOM window)",
+            "or unexposed frame (check the export, or the DICOM window)",
             HTTPStatus.UNPROCESSABLE_ENTITY,
         )
 
@@ -534,10 +573,10 @@ def decode_image(
         channels: 1 (grayscale) or 3 (RGB).
         height: Model input height.
         width: Model input width.
-        refuse_blank: Refuse a blank image (422), as the service does for every upload (see
-            :func:`check_content`). Off by default so that manifests (:mod:`datasets.manifest`),
-            which share this decoder, keep their blank images; the 2-pixel minimum applies to
-            both.
+        refuse_blank: Refuse a blank or nearly blank image (422), as the service does for every
+            upload (see :func:`check_content` and :func:`check_contrast`). Off by default so
+            that manifests (:mod:`datasets.manifest`), which share this decoder, keep their
+            blank images; the 2-pixel minimum applies to both.
 
     Returns:
         The decoded image.
@@ -547,12 +586,15 @@ def decode_image(
     """
     check_upload_size(data)
     if is_dicom(data):
-        pixels, source_format = _read_dicom(data), "dicom"
+        (pixels, gain), source_format = _read_dicom(data), "dicom"
     else:
-        pixels, source_format = _read_picture(data)
+        pixels, source_format, gain = _read_picture(data)
     check_content(pixels, 2, refuse_blank=refuse_blank)
+    model_input = fit_picture(pixels, channels, height, width)
+    if refuse_blank:
+        check_contrast(model_input, gain)
     return DecodedImage(
-        pixels=fit_picture(pixels, channels, height, width),
+        pixels=model_input,
         source_format=source_format,
         source_shape=(int(pixels.shape[0]), int(pixels.shape[1])),
     )

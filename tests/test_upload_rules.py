@@ -106,36 +106,93 @@ def test_a_blank_array_is_a_422_like_an_upload(values: np.ndarray, shape, messag
     assert str(error).startswith("field 'array': ") and message in str(error)
 
 
-def _near_black(span: int) -> np.ndarray:
-    return (np.random.default_rng(0).integers(0, span + 1, size=(32, 32))).astype(np.uint8)
+def _near_black(span: int, size: int = 32) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, span + 1, size=(size, size)).astype(np.uint8)
+
+
+def _near_black_dicom(shared_datasets: Path, offset: int, **settings: float) -> bytes:
+    dataset = pydicom.dcmread(shared_datasets / "dicom" / "pydicom_MR_small.dcm")
+    noise = _near_black(7, 64).astype(dataset.pixel_array.dtype) + offset
+    dataset.PixelData = noise.tobytes()
+    for name, value in settings.items():
+        setattr(dataset, name, value)
+    return _dicom_bytes(dataset)
+
+
+def _with_marker(pixels: np.ndarray) -> np.ndarray:
+    marked = pixels.copy()
+    marked[2:6, 2:12] = marked.max() + 200 if marked.dtype == np.uint16 else 255
+    return marked
 
 
 @pytest.mark.parametrize(
-    ("make", "noun"),
+    "make",
     [
-        (lambda: decode_image(_png(_near_black(3)), **INPUT_28, refuse_blank=True), "image"),
-        (lambda: decode_array((_near_black(15) + 100).tolist(), shape=GRAY), "image"),
-        (
-            lambda: decode_array(
-                np.random.default_rng(1).integers(90, 96, size=(28, 28, 28)).tolist(),
-                shape=VOLUME,
-            ),
-            "volume",
+        pytest.param(lambda _: _png(_near_black(3)), id="png-noise-0-3"),
+        pytest.param(lambda _: _png(_near_black(7).astype(np.uint16) + 1000), id="png-16-bit"),
+        pytest.param(lambda _: _png(_with_marker(_near_black(7, 256))), id="png-with-marker"),
+        pytest.param(lambda d: _near_black_dicom(d, 20), id="dicom"),
+        pytest.param(lambda d: _near_black_dicom(d, 1000), id="dicom-12-bit"),
+        pytest.param(
+            lambda d: _near_black_dicom(d, 20, RescaleSlope=1, RescaleIntercept=0),
+            id="dicom-rescaled",
+        ),
+        pytest.param(
+            lambda d: _near_black_dicom(d, 20, WindowCenter=128, WindowWidth=256),
+            id="dicom-windowed",
         ),
     ],
-    ids=["png-noise-0-3", "array-100-115", "volume-90-95"],
 )
-def test_a_nearly_blank_upload_or_array_is_a_422(make, noun: str):
+def test_a_nearly_blank_upload_is_a_422_in_every_form(shared_datasets: Path, make):
     # The graph scales each image by its own range: such noise would be scored at full contrast.
-    error = _refused(make)
+    data = make(shared_datasets)
+    error = _refused(lambda: decode_image(data, **INPUT_28, refuse_blank=True))
     assert error.status == HTTPStatus.UNPROCESSABLE_ENTITY
-    assert f"the {noun} is nearly blank: its values span only" in str(error)
+    assert "the image is nearly blank: 99% of its values lie within" in str(error)
 
 
-def test_a_faint_but_real_picture_is_not_nearly_blank():
-    faint = _near_black(16) + 100  # exactly the narrowest span taken
+@pytest.mark.parametrize(
+    ("values", "shape", "noun"),
+    [
+        (_near_black(15) + 100, GRAY, "image"),
+        (
+            np.stack([np.full((28, 28), 100), np.full((28, 28), 100), _near_black(3, 28) + 100]),
+            (3, 28, 28),
+            "image",
+        ),
+        (np.random.default_rng(1).integers(90, 96, size=(28, 28, 28)), VOLUME, "volume"),
+    ],
+    ids=["gray-100-115", "rgb-one-channel-0-3", "volume-90-95"],
+)
+def test_a_nearly_blank_array_is_a_422_like_an_upload(values: np.ndarray, shape, noun: str):
+    error = _refused(lambda: decode_array(values.tolist(), shape=shape))
+    assert error.status == HTTPStatus.UNPROCESSABLE_ENTITY
+    assert str(error).startswith("field 'array': ")
+    assert f"the {noun} is nearly blank" in str(error)
+
+
+def test_faint_real_pictures_and_rescaled_dicom_are_not_nearly_blank(shared_datasets: Path):
+    faint = (_near_black(40) + 100).astype(np.uint8)
     assert decode_image(_png(faint), **INPUT_28, refuse_blank=True).pixels.shape == (1, 28, 28)
     assert decode_array(faint.tolist(), shape=GRAY).pixels.shape == (1, 28, 28)
+    # A tiny rescale slope shrinks the displayed span, not the stored one.
+    dataset = pydicom.dcmread(shared_datasets / "dicom" / "pydicom_CT_small.dcm")
+    dataset.RescaleSlope, dataset.RescaleIntercept = 0.001, 0
+    for name in ("WindowCenter", "WindowWidth"):
+        if name in dataset:
+            delattr(dataset, name)
+    decoded = decode_image(_dicom_bytes(dataset), **INPUT_28, refuse_blank=True)
+    assert decoded.pixels.shape == (1, 28, 28)
+
+
+def test_a_deep_colour_png_is_refused_not_read_as_its_high_byte():
+    # Pillow keeps the high byte of 16-bit RGB: 12-bit content would arrive nearly black.
+    header = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\x0dIHDR" + b"\x00\x00\x00\x20" * 2
+    for colour_type in (2, 4, 6):
+        data = header + bytes([16, colour_type, 0, 0, 0]) + b"\x00" * 64
+        error = _refused(lambda data=data: decode_image(data, **INPUT_28, refuse_blank=True))
+        assert error.status == HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+        assert "16-bit colour and 16-bit grey-with-alpha PNG images are not accepted" in str(error)
 
 
 def test_one_channel_differing_is_not_blank():
