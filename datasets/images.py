@@ -13,6 +13,7 @@ import contextlib
 import functools
 import io
 import logging
+import math
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -51,12 +52,13 @@ MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 MAX_IMAGE_PIXELS = 6000 * 6000
 # The fewest pixels (voxels) along each axis of a picture (volume), for files and arrays alike.
 MIN_SIDE = 2
-# The narrowest span of values, in the file's own steps, that the middle 99% of a model input's
-# pixels may have. The graph stretches each image to its own range, so a black frame with a
-# little noise (or a blank exposure with a bright marker) would be scored as a full-contrast
-# picture; in every MedMNIST image the middle 99% spans at least 37 grey levels.
+# The narrowest span of values, in steps of the file's own values, that a channel of a model
+# input may have. The graph stretches each image to its own range, so a black frame with a
+# little noise would be scored as a full-contrast picture; every MedMNIST image spans at least
+# 44 grey levels.
 MIN_GREY_LEVEL_SPAN = 16
-CONTRAST_PERCENTILES = (0.5, 99.5)
+# Pillow reads only the high byte of these PNG pixel layouts.
+_DEEP_COLOUR_PNG_LAYOUTS = ("RGB;16B", "RGBA;16B", "LA;16B")
 _DICOM_MAGIC_OFFSET = 128
 
 
@@ -382,7 +384,8 @@ def _read_dicom(data: bytes) -> tuple[np.ndarray, float]:
             ) from error
         scaled, _ = _scale_to_uint8(np.asarray(displayed))
         # The gain per stored step, not per displayed one: a rescale slope of 0.001 must not
-        # make a real picture look nearly blank. A window that clips only makes it larger.
+        # make a real picture look nearly blank. (A window that clips pixels far outside it
+        # understates the gain, and so errs towards accepting.)
         stored_span = float(pixels.max()) - float(pixels.min())
         scaled_span = int(scaled.max()) - int(scaled.min())
         gain = scaled_span / stored_span if stored_span > 0 and scaled_span > 0 else 1.0
@@ -415,20 +418,8 @@ def _check_pixel_count(pixels: int, samples: int) -> None:
         )
 
 
-def _is_deep_colour_png(data: bytes) -> bool:
-    """A 16-bit RGB, RGBA or grey-with-alpha PNG (IHDR bit depth 16, colour type 2, 4 or 6)."""
-    return data[12:16] == b"IHDR" and len(data) > 25 and data[24] == 16 and data[25] in (2, 4, 6)
-
-
 def _read_picture(data: bytes) -> tuple[np.ndarray, str, float]:
     """Return a PNG's or JPEG's pixels, its format and the gain of any stretch to 0-255."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n") and _is_deep_colour_png(data):
-        # Pillow keeps only the high byte of these: 12-bit content would arrive nearly black.
-        raise ImageDecodeError(
-            "16-bit colour and 16-bit grey-with-alpha PNG images are not accepted; send 16-bit "
-            "greyscale without alpha, or 8-bit",
-            HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-        )
     try:
         with Image.open(io.BytesIO(data)) as picture:
             image_format = (picture.format or "").lower()
@@ -440,6 +431,15 @@ def _read_picture(data: bytes) -> tuple[np.ndarray, str, float]:
                     HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                 )
             _check_pixel_count(picture.width * picture.height, 1)
+            if any(
+                getattr(tile, "args", None) in _DEEP_COLOUR_PNG_LAYOUTS for tile in picture.tile
+            ):
+                # Pillow keeps only their high byte: 12-bit content would arrive nearly black.
+                raise ImageDecodeError(
+                    "16-bit colour and 16-bit grey-with-alpha PNG images are not accepted; send "
+                    "16-bit greyscale without alpha, or 8-bit",
+                    HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                )
             picture.load()
             # Cameras and phones store pictures sideways with an EXIF Orientation tag; the model
             # must see them upright, as a viewer shows them. First, before any pixel is used.
@@ -501,20 +501,23 @@ def check_contrast(model_input: np.ndarray, gain: float = 1.0, *, noun: str = "i
     """Refuse a nearly blank model input: the graph would stretch its noise to full contrast.
 
     The graph scales each image by its own minimum and maximum, so what matters is the span of
-    the model's input (resized, in the model's channels), over its middle 99% of values (a
-    burned-in marker or a few hot pixels do not count), measured in the file's own value steps
-    (``gain``: 0-255 steps per file step, for pixels the decoder stretched to 0-255).
+    the model's input (resized, in the model's channels), per channel, counted in steps of the
+    file's own values (``gain``: 0-255 steps per file step, for pixels the decoder stretched to
+    0-255). The whole span counts, not a trimmed one: a vessel mask or a small lesion on a dark
+    background is a few bright pixels too.
 
     Raises:
-        ImageDecodeError: 422 when that span is under :data:`MIN_GREY_LEVEL_SPAN`.
+        ImageDecodeError: 422 when the widest channel spans fewer than
+            :data:`MIN_GREY_LEVEL_SPAN` steps.
     """
-    low, high = np.percentile(model_input, CONTRAST_PERCENTILES)
-    steps = (float(high) - float(low)) / gain
+    axes = tuple(range(1, model_input.ndim))
+    spans = model_input.max(axis=axes).astype(np.float64) - model_input.min(axis=axes)
+    steps = float(spans.max()) / gain
     if steps < MIN_GREY_LEVEL_SPAN:
         raise ImageDecodeError(
-            f"the {noun} is nearly blank: 99% of its values lie within {steps:.0f} grey levels "
-            f"(at least {MIN_GREY_LEVEL_SPAN} are needed); send the image itself, not an empty "
-            "or unexposed frame (check the export, or the DICOM window)",
+            f"the {noun} is nearly blank: its values span {math.floor(steps)} steps of the "
+            f"file's values (at least {MIN_GREY_LEVEL_SPAN} are needed); send the image itself, "
+            "not an empty or unexposed frame (check the export, or the DICOM window)",
             HTTPStatus.UNPROCESSABLE_ENTITY,
         )
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import warnings
+import zlib
 from http import HTTPStatus
 from pathlib import Path
 
@@ -119,18 +120,11 @@ def _near_black_dicom(shared_datasets: Path, offset: int, **settings: float) -> 
     return _dicom_bytes(dataset)
 
 
-def _with_marker(pixels: np.ndarray) -> np.ndarray:
-    marked = pixels.copy()
-    marked[2:6, 2:12] = marked.max() + 200 if marked.dtype == np.uint16 else 255
-    return marked
-
-
 @pytest.mark.parametrize(
     "make",
     [
         pytest.param(lambda _: _png(_near_black(3)), id="png-noise-0-3"),
         pytest.param(lambda _: _png(_near_black(7).astype(np.uint16) + 1000), id="png-16-bit"),
-        pytest.param(lambda _: _png(_with_marker(_near_black(7, 256))), id="png-with-marker"),
         pytest.param(lambda d: _near_black_dicom(d, 20), id="dicom"),
         pytest.param(lambda d: _near_black_dicom(d, 1000), id="dicom-12-bit"),
         pytest.param(
@@ -148,13 +142,15 @@ def test_a_nearly_blank_upload_is_a_422_in_every_form(shared_datasets: Path, mak
     data = make(shared_datasets)
     error = _refused(lambda: decode_image(data, **INPUT_28, refuse_blank=True))
     assert error.status == HTTPStatus.UNPROCESSABLE_ENTITY
-    assert "the image is nearly blank: 99% of its values lie within" in str(error)
+    # Resizing averages some of the noise away: the model input spans fewer steps than the file.
+    assert "the image is nearly blank: its values span " in str(error)
+    assert "steps of the file's values (at least 16 are needed)" in str(error)
 
 
 @pytest.mark.parametrize(
     ("values", "shape", "noun"),
     [
-        (_near_black(15) + 100, GRAY, "image"),
+        (_near_black(10) + 100, GRAY, "image"),
         (
             np.stack([np.full((28, 28), 100), np.full((28, 28), 100), _near_black(3, 28) + 100]),
             (3, 28, 28),
@@ -162,7 +158,7 @@ def test_a_nearly_blank_upload_is_a_422_in_every_form(shared_datasets: Path, mak
         ),
         (np.random.default_rng(1).integers(90, 96, size=(28, 28, 28)), VOLUME, "volume"),
     ],
-    ids=["gray-100-115", "rgb-one-channel-0-3", "volume-90-95"],
+    ids=["gray-100-110", "rgb-one-channel-0-3", "volume-90-95"],
 )
 def test_a_nearly_blank_array_is_a_422_like_an_upload(values: np.ndarray, shape, noun: str):
     error = _refused(lambda: decode_array(values.tolist(), shape=shape))
@@ -185,14 +181,50 @@ def test_faint_real_pictures_and_rescaled_dicom_are_not_nearly_blank(shared_data
     assert decoded.pixels.shape == (1, 28, 28)
 
 
-def test_a_deep_colour_png_is_refused_not_read_as_its_high_byte():
-    # Pillow keeps the high byte of 16-bit RGB: 12-bit content would arrive nearly black.
-    header = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\x0dIHDR" + b"\x00\x00\x00\x20" * 2
-    for colour_type in (2, 4, 6):
-        data = header + bytes([16, colour_type, 0, 0, 0]) + b"\x00" * 64
-        error = _refused(lambda data=data: decode_image(data, **INPUT_28, refuse_blank=True))
-        assert error.status == HTTPStatus.UNSUPPORTED_MEDIA_TYPE
-        assert "16-bit colour and 16-bit grey-with-alpha PNG images are not accepted" in str(error)
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+
+@pytest.mark.parametrize("text_first", [False, True], ids=["ihdr-first", "text-chunk-first"])
+@pytest.mark.parametrize(("colour_type", "samples"), [(2, 3), (4, 2), (6, 4)])
+def test_a_deep_colour_png_is_refused_not_read_as_its_high_byte(
+    colour_type: int, samples: int, text_first: bool
+):
+    # Pillow keeps the high byte of 16-bit colour: 12-bit content would arrive nearly black.
+    side = 32
+    rows = np.random.default_rng(0).integers(0, 4096, size=(side, side * samples)).astype(">u2")
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+    header = _png_chunk(b"IHDR", side.to_bytes(4, "big") * 2 + bytes([16, colour_type, 0, 0, 0]))
+    text = _png_chunk(b"tEXt", b"Comment\x00test")
+    chunks = [text, header] if text_first else [header, text]
+    data = b"\x89PNG\r\n\x1a\n" + b"".join(chunks) + _png_chunk(b"IDAT", zlib.compress(raw))
+    data += _png_chunk(b"IEND", b"")
+    error = _refused(lambda: decode_image(data, **INPUT_28, refuse_blank=True))
+    assert error.status == HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+    assert "16-bit colour and 16-bit grey-with-alpha PNG images are not accepted" in str(error)
+
+
+def test_a_pale_colour_frame_is_nearly_blank_for_a_colour_model():
+    # Channels at different constant levels are not contrast: each channel spans 3 levels.
+    pink = np.stack(
+        [_near_black(3) + 230, _near_black(3) + 180, _near_black(3) + 200], axis=-1
+    ).astype(np.uint8)
+    error = _refused(
+        lambda: decode_image(_png(pink), channels=3, height=28, width=28, refuse_blank=True)
+    )
+    assert "nearly blank" in str(error)
+
+
+def test_sparse_real_structures_are_not_nearly_blank(medmnist_dir: Path):
+    # Vessel masks whose vessel is under 0.5% of the voxels, and a small lesion on black.
+    volumes = np.load(medmnist_dir / "vesselmnist3d.npz")["train_images"]
+    sparse = volumes[(volumes > 0).mean(axis=(1, 2, 3)) < 0.005][:5]
+    assert len(sparse) == 5
+    for volume in sparse:
+        assert decode_array(volume.tolist(), shape=VOLUME).pixels.max() > 0
+    lesion = np.zeros((512, 512), np.uint8)
+    lesion[250:262, 250:262] = 200
+    assert decode_image(_png(lesion), **INPUT_28, refuse_blank=True).pixels.max() > 0
 
 
 def test_one_channel_differing_is_not_blank():
