@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -62,3 +64,31 @@ def test_runs_logged_before_the_setting_are_rebuilt_with_fixed_scaling():
     from training import load_recipe
 
     assert load_recipe(QUICK_RECIPE).model.intensity_scaling == "per_image"
+
+
+@pytest.mark.slow
+def test_a_run_logged_before_the_setting_is_rebuilt_as_it_was_trained(trained_run, tmp_path):
+    """A copy of a real run whose recipe.yaml lacks the field is rebuilt dividing by 255."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from training.runs import load_run_context
+    from training.tracking import configure_tracking
+
+    configure_tracking()
+    client = MlflowClient()
+    finished = client.get_run(trained_run[1].run_id)
+    artifacts = Path(
+        mlflow.artifacts.download_artifacts(f"runs:/{finished.info.run_id}/", dst_path=tmp_path)
+    )
+    recipe_file = artifacts / "recipe.yaml"
+    tree = yaml.safe_load(recipe_file.read_text())
+    assert tree["model"].pop("intensity_scaling") == "per_image"
+    recipe_file.write_text(yaml.safe_dump(tree, sort_keys=False))
+    old = client.create_run(finished.info.experiment_id)
+    client.log_artifacts(old.info.run_id, str(artifacts))
+    client.set_terminated(old.info.run_id, "FINISHED")
+
+    rebuilt = load_run_context(old.info.run_id).network()
+    assert rebuilt.per_image_scaling is False
+    assert load_run_context(finished.info.run_id).network().per_image_scaling is True
