@@ -179,6 +179,26 @@ def test_export_never_reopens_the_training_run(trained_run):
     assert len(seen_new) == 1
 
 
+def test_export_logs_the_model_in_the_training_runs_experiment_whatever_the_environment_says(
+    trained_run, monkeypatch: pytest.MonkeyPatch
+):
+    """An auditor finds the exported graph beside its run, even if MLflow's variables point away."""
+    from training import export_and_register
+
+    _, result = trained_run
+    client = _client()
+    elsewhere = client.create_experiment("not-the-training-experiment")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", elsewhere)
+    exported = export_and_register(result.run_id)
+    version = client.get_model_version(exported.model_name, exported.version)
+    assert version.source.startswith("models:/"), version.source
+    logged_model = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged_model.experiment_id == client.get_run(result.run_id).info.experiment_id
+    assert logged_model.source_run_id == result.run_id
+    assert logged_model.status.to_int() == logged_model.status.READY.to_int()
+    assert not client.search_logged_models(experiment_ids=[elsewhere])
+
+
 def test_export_cli_names_an_unknown_run():
     line = medscreen_error_line("export", "--run-id", "0" * 32)
     assert "run '00000000000000000000000000000000' not found" in line

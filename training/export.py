@@ -346,11 +346,21 @@ def register_version(
         card_path.write_text(card.model_dump_json(indent=2))
         markdown_path = Path(card_dir) / CARD_MARKDOWN_FILENAME
         markdown_path.write_text(card.to_markdown())
+        # Created in the training run's experiment: left to log_model, an MLFLOW_EXPERIMENT_NAME
+        # or _ID in the environment would put the logged model in another experiment.
+        run = client.get_run(run_id)
+        logged_model = mlflow.initialize_logged_model(
+            name=f"{REGISTRY_ARTIFACT_NAME}-{card.onnx.variant}",
+            source_run_id=run_id,
+            params=run.data.params,
+            experiment_id=run.info.experiment_id,
+        )
         model_info = mlflow.onnx.log_model(
             onnx_model,
             name=f"{REGISTRY_ARTIFACT_NAME}-{card.onnx.variant}",
             signature=signature,
             run_id=run_id,
+            model_id=logged_model.model_id,
             onnx_execution_providers=["CPUExecutionProvider"],
             save_as_external_data=False,
             extra_files=[str(card_path), str(markdown_path)],
