@@ -52,6 +52,11 @@ MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 MAX_IMAGE_PIXELS = 6000 * 6000
 # The fewest pixels (voxels) along each axis of a picture (volume), for files and arrays alike.
 MIN_SIDE = 2
+# The least share of a picture that the centre crop to the model's aspect ratio may keep: a
+# 4:3 ultrasound frame keeps 75% of itself for a square model, a 1024 x 256 DICOM sample 25%,
+# a 10000 x 10 strip (a wrong export, or frames laid side by side) would keep 0.1% and be
+# scored on that.
+MIN_KEPT_FRACTION = 1 / 4
 # The narrowest span of values, in steps of the file's own values, that a channel of a model
 # input may have. The graph stretches each image to its own range, so a black frame with a
 # little noise would be scored as a full-contrast picture; every MedMNIST image spans at least
@@ -525,7 +530,8 @@ def check_contrast(model_input: np.ndarray, gain: float = 1.0, *, noun: str = "i
 def fit_picture(pixels: np.ndarray, channels: int, height: int, width: int) -> np.ndarray:
     """Fit a 2D picture to a model's input, as every upload is fitted.
 
-    Matches the channels, centre-crops to the target aspect ratio and resizes (bicubic).
+    Matches the channels, centre-crops to the target aspect ratio and resizes (bicubic). A
+    picture whose crop would keep less than :data:`MIN_KEPT_FRACTION` of it is refused.
 
     Args:
         pixels: uint8 (H, W) grayscale, or (H, W, 2|3|4) grayscale+alpha, RGB or RGBA.
@@ -537,7 +543,8 @@ def fit_picture(pixels: np.ndarray, channels: int, height: int, width: int) -> n
         uint8 (channels, height, width).
 
     Raises:
-        ImageDecodeError: if ``pixels`` is not a 2D picture.
+        ImageDecodeError: if ``pixels`` is not a 2D picture (422 if its shape is too far from
+            the model's).
     """
     mode = "L" if channels == 1 else "RGB"
     if pixels.ndim == 2:
@@ -548,9 +555,19 @@ def fit_picture(pixels: np.ndarray, channels: int, height: int, width: int) -> n
         picture = Image.fromarray(pixels[..., 0], mode="L")
     else:
         raise ImageDecodeError(f"image of shape {pixels.shape} is not a 2D picture")
-    picture = picture.convert(mode)
-    source_width, source_height = picture.size
+    source_height, source_width = pixels.shape[:2]
     target_ratio = width / height
+    source_ratio = source_width / source_height
+    kept = min(source_ratio, target_ratio) / max(source_ratio, target_ratio)
+    if kept < MIN_KEPT_FRACTION:
+        raise ImageDecodeError(
+            f"the image is {source_width} x {source_height} pixels (width x height); cropped to "
+            f"the model's {width} x {height} input it would keep {kept:.1%} of itself (at least "
+            f"{MIN_KEPT_FRACTION:.0%} is needed); send the region to be screened, cropped closer "
+            "to the model's shape",
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+        )
+    picture = picture.convert(mode)
     if source_width / source_height > target_ratio:
         crop_width = round(source_height * target_ratio)
         left = (source_width - crop_width) // 2

@@ -405,6 +405,7 @@ def _jpeg_ls_dicom(shared_datasets: Path) -> bytes:
         ("waveform.dcm", None, 422, "no pixel data"),
         ("jpeg-ls.dcm", None, 415, "1.2.840.10008.1.2.4.80 (JPEG-LS"),
         ("truncated.png", None, 400, "truncated or corrupt"),
+        ("strip.png", None, 422, "would keep 0.3% of itself"),
     ],
 )
 def test_bad_uploads_get_a_clear_4xx(
@@ -427,6 +428,8 @@ def test_bad_uploads_get_a_clear_4xx(
         content = _jpeg_ls_dicom(shared_datasets)
     elif filename == "truncated.png":
         content = _png(np.full((64, 64), 7, dtype=np.uint8))[:-40]
+    elif filename == "strip.png":  # frames laid side by side, say: 3,000 x 10 pixels
+        content = _png((np.arange(30_000).reshape(10, 3_000) % 251).astype(np.uint8))
     response = _screen(
         served_model, service_keys.all_models, content, filename, registered_model.model_name
     )

@@ -262,6 +262,36 @@ def test_two_by_two_pixels_are_accepted_from_both():
     np.testing.assert_array_equal(upload.pixels, sent.pixels)
 
 
+def _gradient(height: int, width: int) -> np.ndarray:
+    return (np.add.outer(np.arange(height), np.arange(width)) * 255 // (height + width)).astype(
+        np.uint8
+    )
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "kept"),
+    [(10, 10_000, "0.1%"), (10_000, 10, "0.1%"), (28, 113, "24.8%"), (113, 28, "24.8%")],
+)
+def test_a_picture_whose_crop_would_keep_under_a_quarter_is_refused_from_both(
+    height: int, width: int, kept: str
+):
+    pixels = _gradient(height, width)
+    for error in (
+        _refused(lambda: decode_image(_png(pixels), **INPUT_28)),
+        _refused(lambda: decode_array(pixels.tolist(), shape=GRAY)),
+    ):
+        assert error.status == HTTPStatus.UNPROCESSABLE_ENTITY
+        assert f"the image is {width} x {height} pixels (width x height)" in str(error)
+        assert f"would keep {kept} of itself (at least 25% is needed)" in str(error)
+
+
+@pytest.mark.parametrize(("height", "width"), [(28, 112), (112, 28), (480, 640), (2500, 2000)])
+def test_pictures_whose_crop_keeps_a_quarter_or_more_are_accepted(height: int, width: int):
+    pixels = _gradient(height, width)
+    decoded = decode_image(_png(pixels), **INPUT_28, refuse_blank=True)
+    assert decoded.pixels.shape == GRAY
+
+
 # -- 2. EXIF orientation ----------------------------------------------------------------------
 
 
