@@ -313,6 +313,7 @@ class KeyStore:
         """Apply ``change`` to a fresh read of the store under the lock and write it back."""
         try:
             with file_lock(self.lock_path):
+                self._remove_leftover_temporaries()
                 # Re-read under the lock: the cache may predate another process's update.
                 _, keys = self._read()
                 changed = change(keys)
@@ -325,6 +326,17 @@ class KeyStore:
             raise KeyStoreError(f"{self.path}: cannot write the key store: {error}") from None
         self._current()
         return changed
+
+    def _remove_leftover_temporaries(self) -> None:
+        """Delete what a writer killed mid-write left; only call it holding the lock.
+
+        Every write happens under the lock, so a temporary file seen by the lock's holder
+        belongs to a writer that died: it holds key hashes and would otherwise stay for good.
+        """
+        prefix, suffix = f".{self.path.name}.", ".tmp"
+        for entry in self.path.parent.iterdir():
+            if entry.name.startswith(prefix) and entry.name.endswith(suffix):
+                entry.unlink(missing_ok=True)
 
     def create(self, hospital: str, region: str, models: list[str]) -> tuple[ApiKey, str]:
         """Issue a new key for one hospital.

@@ -178,6 +178,30 @@ def test_concurrent_creates_from_two_processes_lose_nothing(store: KeyStore) -> 
     assert sorted({key.hospital for key in keys}) == ["Hospital A", "Hospital B"]
 
 
+def _create_and_die_before_the_rename(path: str) -> None:
+    import signal
+
+    os.fsync = lambda descriptor: os.kill(os.getpid(), signal.SIGKILL)  # killed mid-write
+    KeyStore(Path(path)).create("Hospital A", "eu-west", [MODEL])
+
+
+def test_a_writer_killed_mid_write_leaves_no_temporary_after_the_next_write(
+    store: KeyStore,
+) -> None:
+    store.create("Hospital B", "eu-west", [MODEL])
+    killed = multiprocessing.get_context("fork").Process(
+        target=_create_and_die_before_the_rename, args=(str(store.path),)
+    )
+    killed.start()
+    killed.join(timeout=60)
+    assert killed.exitcode == -9
+    (leftover,) = store.path.parent.glob(f".{store.path.name}.*.tmp")
+    assert '"key_sha256"' in leftover.read_text()  # hashes, left lying about
+    store.create("Hospital C", "eu-west", [MODEL])
+    assert not leftover.exists()
+    assert sorted(key.hospital for key in store.list()) == ["Hospital B", "Hospital C"]
+
+
 def test_keys_commands_create_list_and_revoke(tmp_path: Path) -> None:
     path = tmp_path / "keys.json"
     runner = CliRunner()
