@@ -196,6 +196,15 @@ def load_manifest(path: Path, spec: TaskSpec) -> ManifestData:
     first_line: dict[str, int] = {}
     first_pixels_line: dict[str, int] = {}
     for line, row in rows:
+        fields = sum(value is not None for key, value in row.items() if key is not None)
+        fields += len(row.get(None) or [])  # DictReader puts the fields past the header there
+        if fields != len(header):
+            # A shifted row would file its values under the wrong columns (a patient's name
+            # under "site"); the values are not quoted back, since they may identify a patient.
+            raise DatasetError(
+                f"{path}:{line}: the row has {fields} field(s) and the header {len(header)}; "
+                "put any value that holds a comma in double quotes, and close every quote"
+            )
         label = _label_index(row["label"] or "", spec)
         if label is None:
             raise DatasetError(

@@ -109,6 +109,30 @@ def test_sites_whose_metric_names_would_collide_are_refused(tmp_path: Path):
     )
 
 
+@pytest.mark.parametrize(
+    ("row", "fields"),
+    [
+        ("images/b.png,normal,Doe, Jane,north", 5),  # a name with an unquoted comma
+        ("images/b.png,normal", 2),
+        ('images/b.png,normal,"Doe,north', 3),  # a quote never closed runs to the end
+    ],
+)
+def test_a_row_whose_fields_do_not_match_the_header_is_named_without_its_values(
+    tmp_path: Path, row: str, fields: int
+):
+    """Read as it comes, "Doe, Jane" shifts " Jane" under "site", and into MLflow."""
+    (tmp_path / "images").mkdir()
+    for name, value in (("ok", 0), ("b", 1)):
+        (tmp_path / "images" / f"{name}.png").write_bytes(_png(np.full((28, 28), value, np.uint8)))
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"path,label,patient_id,site\nimages/ok.png,normal,P1,south\n{row}\n")
+    with pytest.raises(DatasetError) as failure:
+        load_manifest(manifest, get_dataset_spec("pneumoniamnist"))
+    message = str(failure.value)
+    assert f"manifest.csv:3: the row has {fields} field(s) and the header 4" in message
+    assert "Jane" not in message and "Doe" not in message
+
+
 def _png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
