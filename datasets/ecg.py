@@ -10,6 +10,8 @@ torch, so that the monitoring service can reuse it and see the beats training sa
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,9 @@ DS2_RECORDS = (
     "213", "214", "219", "221", "222", "228", "231", "232", "233", "234",
 )  # fmt: skip
 SAMPLING_RATE_HZ = 360
+# A record is named as in its directory (118), never by a path: "./118" would otherwise pass
+# as a record that no recipe lists.
+RECORD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 WINDOW_BEFORE, WINDOW_AFTER = 90, 166  # samples around the R peak: 0.25 s before, 0.46 s after
 LOCAL_RR_BEATS = 10
 # The beat model's inputs, by name: beat windows, the median-beat templates, RR seconds.
@@ -126,6 +131,35 @@ def beat_windows(signal: np.ndarray, peaks: np.ndarray) -> tuple[np.ndarray, np.
     offsets = np.arange(-WINDOW_BEFORE, WINDOW_AFTER)
     windows = signal[peaks[inside, None] + offsets][:, None, :]
     return windows.astype(np.float32), inside
+
+
+def _checked(records: Sequence[str]) -> list[str]:
+    try:
+        return check_record_names(records)
+    except ValueError as error:
+        raise DatasetError(f"records: {error}") from None
+
+
+def check_record_names(records: Sequence[str]) -> list[str]:
+    """Return the record names without surrounding spaces, each checked and listed once.
+
+    Raises:
+        ValueError: naming an empty, path-like or repeated record name.
+    """
+    names = [record.strip() for record in records]
+    listed: set[str] = set()
+    for name in names:
+        if not name:
+            raise ValueError("an empty record name (a stray comma?)")
+        if not RECORD_NAME.fullmatch(name):
+            raise ValueError(
+                f"{name!r} is not a record name: give the name of the record in its directory "
+                "(for example 118), without a path or a suffix"
+            )
+        if name in listed:
+            raise ValueError(f"record {name} is listed twice; list each record once")
+        listed.add(name)
+    return names
 
 
 def _record_digest(records_dir: Path, record: str) -> str:
@@ -312,7 +346,7 @@ def load_beats(
             the lead.
     """
     parts, digest = [], hashlib.sha256()
-    for record in records:
+    for record in _checked(records):
         digest.update(f"{record}:{_record_digest(records_dir, record)}\n".encode())
         filtered, peaks, labels = _read_record(records_dir, record, lead)
         windows, templates, rr, inside = cut_beats(filtered, peaks)
@@ -345,7 +379,7 @@ def load_detected_beats(
     parts, digest = [], hashlib.sha256()
     missed_labels: list[int] = []
     missed_records: list[str] = []
-    for record in records:
+    for record in _checked(records):
         digest.update(f"{record}:{_record_digest(records_dir, record)}\n".encode())
         filtered, annotated, annotated_labels = _read_record(records_dir, record, lead)
         peaks = detect_r_peaks(filtered)

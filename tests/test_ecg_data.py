@@ -92,6 +92,15 @@ def test_bad_records_are_named(mitdb: Path, tmp_path: Path):
         load_beats(tmp_path, ["999"])
     with pytest.raises(DatasetError, match=r"101\.hea: no lead 'V9'"):
         load_beats(mitdb, ["101"], lead="V9")
+    for records, message in (
+        (["101", "101"], "records: record 101 is listed twice"),
+        ([f"{mitdb}/101"], "is not a record name"),
+        (["101", " "], "records: an empty record name"),
+    ):
+        with pytest.raises(DatasetError, match=message):
+            load_beats(mitdb, records)
+        with pytest.raises(DatasetError, match=message):
+            load_detected_beats(mitdb, records)
 
 
 def _copy_record(mitdb: Path, directory: Path, record: str) -> None:

@@ -67,6 +67,12 @@ def test_ecg_evaluation_on_unseen_records_is_a_linked_run(ecg_run, shared_datase
     assert set(per_record) == {"201", "223"}
     with pytest.raises(DatasetError, match=r"\['209'\] were used to train or select"):
         evaluate_ecg_records(ecg_run.run_id, shared_datasets / "mitdb", ["209", "223"])
+    # A training record named by a path, or with spaces, is still that record.
+    for spelling in (" 209", "./209"):
+        with pytest.raises(DatasetError, match=r"records: |\['209'\] were used to train"):
+            evaluate_ecg_records(ecg_run.run_id, shared_datasets / "mitdb", [spelling, "223"])
+    with pytest.raises(DatasetError, match=r"records: record 223 is listed twice"):
+        evaluate_ecg_records(ecg_run.run_id, shared_datasets / "mitdb", ["223", "223"])
 
 
 def test_ecg_recipe_errors_are_one_line(shared_datasets: Path):
@@ -74,6 +80,16 @@ def test_ecg_recipe_errors_are_one_line(shared_datasets: Path):
     assert "records_dir" in line
     line = medscreen_error_line("train", str(ECG_RECIPE), "--set", 'data.val_records=["101"]')
     assert "are in both train_records and val_records" in line
+    line = medscreen_error_line("train", str(ECG_RECIPE), "--set", 'data.val_records=["./118"]')
+    assert "data.val_records" in line and "'./118' is not a record name" in line
+    mitdb = str(shared_datasets / "mitdb")
+    for records, message in (
+        ("118,,119", "--records: an empty record name (a stray comma?)"),
+        ("118,../mitdb/101", "--records: '../mitdb/101' is not a record name"),
+        ("118, 118", "--records: record 118 is listed twice"),
+    ):
+        arguments = ["--run-id", "0" * 32, "--records-dir", mitdb, "--records", records]
+        assert message in medscreen_error_line("evaluate", *arguments)
     line = medscreen_error_line(
         "evaluate",
         "--run-id",

@@ -152,12 +152,17 @@ def evaluate_command(
                     name, f"{result.metrics[f'eval_{name}']:.4f}", f"{low:.4f} to {high:.4f}"
                 )
         else:
+            from datasets.ecg import check_record_names
             from training.ecg import evaluate_ecg_records
 
-            if not records:
-                typer.echo("error: --records: give the record names to evaluate", err=True)
-                raise typer.Exit(2)
-            result = evaluate_ecg_records(run_id, records_dir, records.split(","))
+            try:
+                if not records:
+                    raise ValueError("give the record names to evaluate")
+                names = check_record_names(records.split(","))
+            except ValueError as error:
+                typer.echo(f"error: --records: {error}", err=True)
+                raise typer.Exit(2) from None
+            result = evaluate_ecg_records(run_id, records_dir, names)
             for name in ("S", "V"):
                 for rate in ("sensitivity", "ppv"):
                     table.add_row(

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class RecipeError(ValueError):
@@ -338,6 +338,13 @@ class EcgDataSection(_Strict):
             "and labelled S (supraventricular ectopic: normal shape, early)."
         ),
     )
+
+    @field_validator("train_records", "val_records")
+    @classmethod
+    def _record_names(cls, records: list[str]) -> list[str]:
+        from datasets.ecg import check_record_names  # scipy: only ECG recipes pay its import
+
+        return check_record_names(records)
 
     @model_validator(mode="after")
     def _records_do_not_cross(self) -> EcgDataSection:
