@@ -127,8 +127,11 @@ def test_ecg_export_registers_a_beat_graph_with_its_card(ecg_model, shared_datas
         "onnx_checker",
         "parity probabilities",
         "parity decisions",
+        "validation cases",
         "minimum val_accuracy",
     ]
+    (counted,) = [check for check in card.release_gate if check.check == "validation cases"]
+    assert counted.passed and "at least 10 of each held" in counted.detail
     assert card.metrics["selected_val_sensitivity"] >= card.operating_point.sensitivity_target
     # Intervals resample records (patients), and the per-epoch curve is not a card figure.
     assert "selected_val_ci_resamples" in card.metrics and "val_sv_f1" not in card.metrics

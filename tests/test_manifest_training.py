@@ -34,6 +34,8 @@ TINY_MANIFEST_TRAINING = [
     "model.network_input_size=32",
     "optimisation.max_epochs=2",
     "registration.minimum_metrics={test_auc: 0.0}",
+    # A few dozen images split four ways hold 6-13 cases of a class per split.
+    "registration.minimum_cases_per_class=5",
 ]
 
 

@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from datasets import get_dataset_spec, load_split
-from tests.conftest import medscreen_error_line
+from tests.conftest import QUICK_RECIPE, TINY_TRAINING, medscreen_error_line
 
 pytestmark = pytest.mark.slow
 
@@ -197,6 +197,30 @@ def test_export_logs_the_model_in_the_training_runs_experiment_whatever_the_envi
     assert logged_model.source_run_id == result.run_id
     assert logged_model.status.to_int() == logged_model.status.READY.to_int()
     assert not client.search_logged_models(experiment_ids=[elsewhere])
+
+
+def test_the_gate_refuses_a_threshold_or_metrics_from_a_handful_of_cases(medmnist_dir: Path):
+    """Two test images give an AUC of 1.0 (interval 1.0 to 1.0): no evidence for a release."""
+    from training import export_and_register, load_recipe, train_recipe
+    from training.export import ExportError
+
+    overrides = [f"data.data_dir={medmnist_dir}", *TINY_TRAINING, "data.max_train_samples=64"]
+    recipe = load_recipe(QUICK_RECIPE, [*overrides, "data.max_test_samples=6"])
+    result = train_recipe(recipe, show_progress=False)
+    client = _client()
+    query = f"name='{recipe.registration.model_name}'"
+    before = len(client.search_model_versions(query))
+    with pytest.raises(ExportError) as failure:
+        export_and_register(result.run_id)
+    message = str(failure.value)
+    assert "validation cases" not in message  # 160 validation images pass
+    positives = int(client.get_run(result.run_id).data.metrics["test_positives"])
+    assert (
+        f"test cases: {positives} positive and {6 - positives} negative case(s); at least 10 of "
+        "each needed" in message
+    )
+    assert message.endswith("nothing was registered")
+    assert len(client.search_model_versions(query)) == before
 
 
 def test_export_cli_names_an_unknown_run():

@@ -52,6 +52,7 @@ from training.evaluation import (
 from training.export import (
     ExportError,
     ExportResult,
+    case_count_checks,
     check_onnx,
     enforce_gate,
     minimum_metric_checks,
@@ -256,9 +257,15 @@ def export_ecg_and_register(run_id: str, *, records_dir: Path | None = None) -> 
             compare_classes=True,
         )
         tolerance = recipe.registration.parity_tolerance
+        counts = {"selected_val_cases": len(truth), "selected_val_positives": int(truth.sum())}
         gate = [
             checker,
             *parity,
+            *case_count_checks(
+                counts,
+                recipe.registration.minimum_cases_per_class,
+                splits=(("selected_val", "validation"),),
+            ),
             *minimum_metric_checks(run.data.metrics, recipe.registration.minimum_metrics),
         ]
         enforce_gate(gate)

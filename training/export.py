@@ -150,6 +150,38 @@ def minimum_metric_checks(metrics: dict[str, float], minimums: dict[str, float])
     return checks
 
 
+IMAGE_GATE_SPLITS = (("selected_val", "validation"), ("test", "test"))
+
+
+def case_count_checks(
+    metrics: dict[str, float], minimum: int, splits: tuple[tuple[str, str], ...] = IMAGE_GATE_SPLITS
+) -> list[GateCheck]:
+    """Check that the threshold and the metrics rest on enough cases of each kind.
+
+    A metric from a handful of cases is not evidence: two test images give an AUC of 1.0 with
+    an interval of 1.0 to 1.0.
+
+    Args:
+        metrics: Holds ``{prefix}_cases`` and ``{prefix}_positives`` for each split.
+        minimum: The fewest positive and the fewest negative cases each split may hold.
+        splits: (metric prefix, split name) pairs to check.
+    """
+    checks = []
+    for prefix, split in splits:
+        cases, positives = metrics.get(f"{prefix}_cases"), metrics.get(f"{prefix}_positives")
+        if cases is None or positives is None:
+            detail, passed = f"the run has no metric {prefix}_cases or {prefix}_positives", False
+        else:
+            negatives = cases - positives
+            passed = min(positives, negatives) >= minimum
+            detail = (
+                f"{positives:.0f} positive and {negatives:.0f} negative case(s); at least "
+                f"{minimum} of each {'held' if passed else 'needed'}"
+            )
+        checks.append(GateCheck(check=f"{split} cases", passed=passed, detail=detail))
+    return checks
+
+
 def enforce_gate(checks: list[GateCheck]) -> None:
     """Raise :class:`ExportError` naming every failed check; nothing is registered then."""
     failed = [check for check in checks if not check.passed]
@@ -459,6 +491,9 @@ def export_and_register(run_id: str, *, data_dir: Path | None = None) -> ExportR
         gate = [
             checker,
             *parity,
+            *case_count_checks(
+                context.run.data.metrics, recipe.registration.minimum_cases_per_class
+            ),
             *minimum_metric_checks(context.run.data.metrics, recipe.registration.minimum_metrics),
         ]
         enforce_gate(gate)
@@ -594,6 +629,7 @@ def export_int8(float_result: ExportResult, *, data_dir: Path | None = None) -> 
         gate = [
             checker,
             auc_check,
+            *case_count_checks(metrics, recipe.registration.minimum_cases_per_class),
             *minimum_metric_checks(metrics, recipe.registration.minimum_metrics),
         ]
         enforce_gate(gate)

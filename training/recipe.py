@@ -283,6 +283,14 @@ class RegistrationSection(_Strict):
     int8_max_auc_drop: float = Field(
         default=0.005, ge=0, description="An INT8 model may lose at most this much AUC."
     )
+    minimum_cases_per_class: int = Field(
+        default=10,
+        ge=1,
+        description=(
+            "Release gate: the fewest positive and the fewest negative cases that the validation "
+            "split (the threshold) and the test split (the metrics) may each hold."
+        ),
+    )
 
 
 class Recipe(_Strict):
