@@ -13,7 +13,12 @@ from rich.table import Table
 
 from serving.api_keys import KeyStore, KeyStoreError, UnknownKeyError
 from serving.prediction_log import head_path_for, parse_head, verify_log
-from serving.settings import key_store_path, prediction_log_path, tracking_uri
+from serving.settings import (
+    PREDICTION_LOG_ENV,
+    key_store_path,
+    prediction_log_path,
+    tracking_uri,
+)
 
 keys_app = typer.Typer(
     help="Per-hospital API keys for the service: create, list, revoke.", no_args_is_help=True
@@ -206,9 +211,16 @@ def verify_command(
         except ValueError as error:
             _fail(f"--expect-head: {error}")
     path = log or prediction_log_path()
-    if log is not None and not path.exists() and not head_path_for(path).exists():
-        # A mistyped path must not pass as an empty, intact log.
-        _fail(f"--log: {path}: no such prediction log (and no head file)")
+    if not path.exists() and not head_path_for(path).exists():
+        # A mistyped path, variable or state dir must not pass as an empty, intact log.
+        if log is not None:
+            _fail(f"--log: {path}: no such prediction log (and no head file)")
+        source = (
+            f"${PREDICTION_LOG_ENV}"
+            if os.environ.get(PREDICTION_LOG_ENV)
+            else "the state dir's default; set $MEDSCREEN_STATE_DIR or give --log"
+        )
+        _fail(f"{path}: no such prediction log (and no head file); the path is from {source}")
     if path.is_dir():
         _fail(f"--log: {path} is a directory, not a prediction log")
     try:

@@ -528,6 +528,25 @@ def test_a_writer_prefers_its_own_commit_over_another_workers_record_of_the_same
         assert problem in _only_problem(path)
 
 
+def test_a_missing_log_named_by_the_environment_or_state_dir_is_not_an_intact_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A typo in the variable, or the wrong state dir, must not pass as "0 records, intact"."""
+    runner = CliRunner()
+    monkeypatch.setenv("MEDSCREEN_PREDICTION_LOG", str(tmp_path / "typo" / "predictions.jsonl"))
+    result = runner.invoke(app, ["audit", "verify"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"error: {tmp_path / 'typo' / 'predictions.jsonl'}: no such prediction log (and no head "
+        "file); the path is from $MEDSCREEN_PREDICTION_LOG"
+    )
+    monkeypatch.delenv("MEDSCREEN_PREDICTION_LOG")
+    monkeypatch.setenv("MEDSCREEN_STATE_DIR", str(tmp_path / "elsewhere"))
+    result = runner.invoke(app, ["audit", "verify"])
+    assert result.exit_code == 2
+    assert "no such prediction log" in result.stderr and "$MEDSCREEN_STATE_DIR" in result.stderr
+
+
 def test_an_empty_log_prints_no_head_to_keep(tmp_path: Path) -> None:
     path = tmp_path / "predictions.jsonl"
     path.touch()
