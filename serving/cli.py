@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -57,11 +58,7 @@ def serve_command(
         with socket.create_server((host, port)):
             pass
     except OSError as error:
-        typer.echo(
-            f"error: --port: cannot listen on {host}:{port}: {error.strerror or error} "
-            "(is another medscreen serve running?)",
-            err=True,
-        )
+        typer.echo(f"error: {_listen_problem(host, port, error)}", err=True)
         raise typer.Exit(2) from None
     uri = tracking_uri()
     try:
@@ -72,8 +69,16 @@ def serve_command(
             )
         # The same checks the service makes at start-up (registry, approvals, card, checksum),
         # so a bad reference is one line here rather than a traceback from BentoML.
+        named: dict[str, str] = {}
         for reference in references:
-            load_served_model(reference, tracking=uri)
+            served = load_served_model(reference, tracking=uri)
+            if earlier := named.get(served.card.model_name):
+                # Requests name a model, not a version: one of the two could never answer.
+                raise ModelLoadError(
+                    f"model {served.card.model_name!r} is named twice ({earlier} and "
+                    f"{reference}); serve one version of each model"
+                )
+            named[served.card.model_name] = reference
     except ModelLoadError as error:
         typer.echo(f"error: --model: {error}", err=True)
         raise typer.Exit(2) from None
@@ -99,6 +104,21 @@ def serve_command(
         str(port),
     ]
     os.execvpe(command[0], command, environment)
+
+
+def _listen_problem(host: str, port: int, error: OSError) -> str:
+    """Say which option keeps the server from listening, and why."""
+    reason = error.strerror or str(error)
+    # create_server re-raises a failed name lookup as a plain OSError with the EAI_ code (< 0).
+    if (
+        isinstance(error, socket.gaierror)
+        or error.errno == errno.EADDRNOTAVAIL
+        or (error.errno is not None and error.errno < 0)
+    ):
+        return f"--host: cannot listen on {host!r}: {reason} (give an address of this machine)"
+    if error.errno == errno.EADDRINUSE:
+        return f"--port: {host}:{port} is in use: {reason} (is another medscreen serve running?)"
+    return f"--port: cannot listen on {host}:{port}: {reason}"
 
 
 def predict_command(
@@ -131,8 +151,12 @@ def predict_command(
             "error: --api-key: has spaces or control characters; copy the whole key", err=True
         )
         raise typer.Exit(2)
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        parsed.port  # noqa: B018 - raises ValueError for a port outside 0-65535
+    except ValueError:  # an unclosed IPv6 bracket, a bad port
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
         typer.echo(
             f"error: --url: {url!r} is not an http(s) URL (for example http://127.0.0.1:3000)",
             err=True,

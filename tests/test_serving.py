@@ -679,13 +679,29 @@ def test_serve_cli_names_an_unknown_model_or_a_bad_reference():
     assert line == "error: --port: 99999 is not a TCP port (1-65535)"
     line = medscreen_error_line("serve", "--reload-seconds", "nan")
     assert line == "error: --reload-seconds: nan is not a number >= 0"
+    for host in ("999.1.1.1", "192.0.2.1"):  # not an address; not one of this machine's
+        line = medscreen_error_line("serve", "--host", host, "--port", port)
+        assert line.startswith(f"error: --host: cannot listen on '{host}': ")
+        assert line.endswith("(give an address of this machine)")
+
+
+def test_serve_cli_refuses_a_model_named_twice(served_model, registered_model):
+    """Requests name a model, not a version: one of two versions could never answer."""
+    twice = f"{registered_model.model_name}@candidate"
+    line = medscreen_error_line(
+        "serve", "--model", twice, "--model", twice, "--port", str(free_port())
+    )
+    assert line == (
+        f"error: --model: model '{registered_model.model_name}' is named twice ({twice} and "
+        f"{twice}); serve one version of each model"
+    )
 
 
 def test_serve_cli_names_a_port_in_use_in_one_line():
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         line = medscreen_error_line("serve", "--model", "any@champion", "--port", str(port))
-    assert line.startswith(f"error: --port: cannot listen on 127.0.0.1:{port}: ")
+    assert line.startswith(f"error: --port: 127.0.0.1:{port} is in use: ")
     assert "another medscreen serve" in line
 
 
@@ -697,6 +713,8 @@ def test_serve_cli_names_a_port_in_use_in_one_line():
         (["keys", "revoke"], "error: Missing argument 'key_id'"),
         (["datasets", "list", "--bogus"], "error: No such option: --bogus"),
         (["predict", __file__, "--url", "localhost:3000"], "error: --url: 'localhost:3000' is not"),
+        (["predict", __file__, "--url", "http://[::1"], "error: --url: 'http://[::1' is not"),
+        (["predict", __file__, "--url", "http://127.0.0.1:99999"], "error: --url: 'http://127"),
     ],
 )
 def test_usage_errors_are_one_line_naming_the_option(arguments: list[str], expected: str):
