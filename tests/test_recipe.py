@@ -148,6 +148,39 @@ def test_train_cli_prints_one_line_naming_the_field():
     assert "field 'optimisation.max_epochs'" in line
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("seed=-5", "field 'seed': Input should be greater than or equal to 0"),
+        (f"seed={2**32}", "field 'seed': Input should be less than or equal to 4294967295"),
+        ('experiment=""', "field 'experiment': String should have at least 1 character"),
+        # Allowed by the recipe's types, refused by MONAI: named before any run starts.
+        (
+            "model.network_params.growth_rate=-1",
+            "error: model.network_params: MONAI's DenseNet refused them: Trying to create tensor",
+        ),
+        (
+            "model.network_params.act=bogus",
+            "error: model.network_params: MONAI's DenseNet refused them: Unsupported option",
+        ),
+    ],
+)
+def test_values_that_would_fail_later_are_one_line_before_any_run(
+    override: str, message: str, medmnist_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path
+):
+    monkeypatch.setenv("MEDSCREEN_STATE_DIR", str(tmp_path))
+    arguments = ["--set", override, "--set", f"data.data_dir={medmnist_dir}", "--no-progress"]
+    assert message in medscreen_error_line("train", str(QUICK_RECIPE), *arguments)
+    assert not (tmp_path / "mlflow.db").exists() or "run" not in _runs_in(tmp_path)
+
+
+def _runs_in(state: Path) -> str:
+    import sqlite3
+
+    with sqlite3.connect(state / "mlflow.db") as database:
+        return "run" if database.execute("SELECT COUNT(*) FROM runs").fetchone()[0] else ""
+
+
 ECG_RECIPE = PROJECT_ROOT / "training" / "recipes" / "ecg-full.yaml"
 
 

@@ -50,7 +50,7 @@ def train_command(
                 "test_specificity",
                 "test_accuracy",
             ]
-    except DatasetError as error:
+    except (DatasetError, RecipeError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     table = Table("metric", "value", title=f"run {result.run_id} ({resolved.name})")

@@ -8,7 +8,7 @@ from monai.networks import nets
 from torch import nn
 from torch.nn import functional
 
-from training.recipe import ModelSection
+from training.recipe import ModelSection, RecipeError
 
 _INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
@@ -97,26 +97,15 @@ def build_network(
         The network, ready to train.
     """
     in_channels, spatial_dims = image_shape[0], len(image_shape) - 1
-    params = dict(section.network_params)
-    if section.network == "ResNet":
-        params.setdefault("block", "basic")
-        params.setdefault("layers", (2, 2, 2, 2))
-        params.setdefault("block_inplanes", (64, 128, 256, 512))
-        backbone = nets.ResNet(
-            spatial_dims=spatial_dims,
-            n_input_channels=in_channels,
-            num_classes=num_classes,
-            **params,
-        )
-    else:
-        densenet = nets.DenseNet121 if section.network == "DenseNet121" else nets.DenseNet
-        backbone = densenet(
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            out_channels=num_classes,
-            dropout_prob=section.dropout,
-            **params,
-        )
+    try:
+        backbone = _backbone(section, in_channels, spatial_dims, num_classes)
+    except (ValueError, TypeError, RuntimeError, KeyError) as error:
+        # Values the recipe's types allow but MONAI refuses (a negative growth rate, an unknown
+        # activation): named here, before any run starts.
+        raise RecipeError(
+            f"model.network_params: MONAI's {section.network} refused them: "
+            + " ".join(str(error).split())
+        ) from None
     return ScreeningNetwork(
         backbone,
         spatial_dims=spatial_dims,
@@ -124,6 +113,30 @@ def build_network(
         intensity_mean=section.intensity_mean,
         intensity_std=section.intensity_std,
         per_image_scaling=section.intensity_scaling == "per_image",
+    )
+
+
+def _backbone(
+    section: ModelSection, in_channels: int, spatial_dims: int, num_classes: int
+) -> nn.Module:
+    params = dict(section.network_params)
+    if section.network == "ResNet":
+        params.setdefault("block", "basic")
+        params.setdefault("layers", (2, 2, 2, 2))
+        params.setdefault("block_inplanes", (64, 128, 256, 512))
+        return nets.ResNet(
+            spatial_dims=spatial_dims,
+            n_input_channels=in_channels,
+            num_classes=num_classes,
+            **params,
+        )
+    densenet = nets.DenseNet121 if section.network == "DenseNet121" else nets.DenseNet
+    return densenet(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=num_classes,
+        dropout_prob=section.dropout,
+        **params,
     )
 
 

@@ -12,6 +12,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# numpy's seeds (and so MONAI's set_determinism) take 0 to 2**32 - 1.
+SEED_MAX = 2**32 - 1
+
 
 class RecipeError(ValueError):
     """A recipe file or override is invalid. The message names the field."""
@@ -299,8 +302,8 @@ class Recipe(_Strict):
     kind: Literal["image-screening"] = "image-screening"
     name: str
     description: str = ""
-    seed: int = 0
-    experiment: str = Field(description="MLflow experiment name.")
+    seed: int = Field(default=0, ge=0, le=SEED_MAX, description="Seeds every random choice.")
+    experiment: str = Field(min_length=1, description="MLflow experiment name.")
     data: DataSection
     augmentation: AugmentationSection = Field(default_factory=AugmentationSection)
     model: ModelSection = Field(default_factory=ModelSection)
@@ -380,8 +383,8 @@ class EcgRecipe(_Strict):
     kind: Literal["ecg-monitoring"]
     name: str
     description: str = ""
-    seed: int = 0
-    experiment: str
+    seed: int = Field(default=0, ge=0, le=SEED_MAX, description="Seeds every random choice.")
+    experiment: str = Field(min_length=1, description="MLflow experiment name.")
     data: EcgDataSection
     model: EcgModelSection = Field(default_factory=EcgModelSection)
     optimisation: OptimisationSection = Field(default_factory=OptimisationSection)
