@@ -120,6 +120,11 @@ def test_promotion_needs_an_approver_a_reason_and_a_passed_gate(registered_model
         promote(name, version, alias="champion", approver=None, reason="ok")
     with pytest.raises(GovernanceError, match="--reason"):
         promote(name, version, alias="champion", approver="alice", reason="  ")
+    with pytest.raises(GovernanceError, match="--approver: an approver ID is 2-64 letters"):
+        promote(name, version, alias="champion", approver="a", reason="ok")
+    for reason in ("line1\nline2", "ok \x1b[31mRED", "tab\there"):
+        with pytest.raises(GovernanceError, match="--reason: give one line of text"):
+            promote(name, version, alias="champion", approver="alice", reason=reason)
     client = _client()
     assert "champion" not in client.get_registered_model(name).aliases
     # A version registered around medscreen (no release gate) cannot be promoted.
@@ -207,6 +212,23 @@ def test_history_answers_which_version_held_an_alias_at_a_time(
         check=True,
     )
     assert name in listed.stdout
+    # Piped, as into an audit report: whole times and run ids, not 80 columns of ellipses.
+    import os
+
+    environment = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
+    piped = {
+        command: subprocess.run(
+            [*medscreen_command(), "models", command, name],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+            env=environment,
+        ).stdout
+        for command in ("history", "show")
+    }
+    assert "…" not in piped["history"] and "…" not in piped["show"]
+    assert _client().get_model_version(name, first).run_id in piped["show"]
 
 
 def _shown_aliases(name: str) -> dict[str, str]:

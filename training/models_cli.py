@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 from typing import TYPE_CHECKING, Annotated
 
@@ -19,7 +20,10 @@ app = typer.Typer(
 )
 _SELECTOR = re.compile(r"^(?P<name>[^@/]+)(?:@(?P<alias>[^@/]+)|/(?P<version>\d+))?$")
 # No markup: reasons, approvers, descriptions and tags are free text ('[/x]' would crash Rich).
-console = Console(markup=False)
+# Piped (to a file, grep, an audit report), full values rather than 80 columns of ellipses.
+console = Console(
+    markup=False, width=None if Console().is_terminal or "COLUMNS" in os.environ else 200
+)
 
 
 def _fail(message: str) -> None:

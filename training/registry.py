@@ -198,12 +198,21 @@ def version_at(name: str, alias: str, moment: datetime.datetime) -> str | None:
 
 
 def _validate_approval(approver: str | None, reason: str | None) -> tuple[str, str]:
-    if not approver or not APPROVER_PATTERN.match(approver):
+    if not approver:
+        raise GovernanceError("--approver: an approver ID is required")
+    if not APPROVER_PATTERN.match(approver):
         raise GovernanceError(
-            "--approver: an approver ID is required (2-64 letters, digits, '.', '_', '@', '-')"
+            "--approver: an approver ID is 2-64 letters, digits, '.', '_', '@' or '-', "
+            "starting with a letter or digit"
         )
     if not reason or not reason.strip():
         raise GovernanceError("--reason: a reason for the change is required")
+    if not reason.isprintable():
+        # Stored for good and shown to auditors: an escape sequence could restyle or hide text
+        # in their terminal, a line break could pass for another entry.
+        raise GovernanceError(
+            "--reason: give one line of text, without line breaks, tabs or control characters"
+        )
     return approver, reason.strip()
 
 
