@@ -210,6 +210,8 @@ def load_manifest(path: Path, spec: TaskSpec) -> ManifestData:
             raise DatasetError(
                 f"{path}:{line}: label {row['label']!r} is not one of {list(spec.classes)}"
             )
+        if not (row["path"] or "").strip():
+            raise DatasetError(f"{path}:{line}: the path is empty; give the image's file")
         image_path = Path(row["path"] or "")
         if not image_path.is_absolute():
             image_path = path.parent / image_path

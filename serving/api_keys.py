@@ -81,8 +81,8 @@ def check_name(field: str, value: str) -> str:
     """
     if not NAME_PATTERN.fullmatch(value):
         raise KeyStoreError(
-            f"{field}: {value!r} is not a valid name (1-64 letters, digits, spaces, '_', '.' "
-            "or '-', starting with a letter or digit)"
+            f"{field}: {value!r} is not a valid name (1-64 ASCII letters, digits, spaces, '_', "
+            "'.' or '-', starting with a letter or digit)"
         )
     return value
 

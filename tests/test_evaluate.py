@@ -77,6 +77,7 @@ def test_manifest_reads_pngs_and_dicom_with_sites(tmp_path, medmnist_dir, shared
     ("bad_row", "message"),
     [
         ({"path": "images/nowhere.png", "label": "normal"}, "No such file"),
+        ({"path": " ", "label": "normal"}, "the path is empty; give the image's file"),
         ({"path": "notes.txt", "label": "normal"}, "not a PNG, JPEG or DICOM"),
         ({"path": "images/ok.png", "label": "bronchitis"}, "label 'bronchitis' is not one of"),
         # Indices are refused: "1" is malignant in one hospital and benign in BreastMNIST.

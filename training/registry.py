@@ -189,7 +189,7 @@ def alias_history(name: str, *, client: MlflowClient | None = None) -> list[Alia
 def version_at(name: str, alias: str, moment: datetime.datetime) -> str | None:
     """Return the version that held ``alias`` at ``moment`` (None if none did)."""
     if moment.tzinfo is None:
-        raise GovernanceError("give the time with its zone, for example 2026-11-29T17:00:00Z")
+        raise GovernanceError("--at: give the time with its zone, for example 2026-11-29T17:00:00Z")
     holder = None
     for event in alias_history(name):
         if event.alias == alias and event.moment <= moment:
