@@ -167,6 +167,29 @@ def _decode_row(data: bytes, name: str, spec: TaskSpec) -> DecodedImage:
     return decode_image(data, channels=channels, height=height, width=width)
 
 
+def _csv_records(text: str, path: Path) -> list[tuple[int, list[str]]]:
+    """Every non-blank CSV record with the line it starts on.
+
+    Raises:
+        DatasetError: naming the line of a record that is not valid CSV (strict quoting).
+    """
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    records, start = [], 1
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return records
+        except csv.Error as error:
+            raise DatasetError(
+                f"{path}:{start}: not valid CSV ({error}); close every quote on the line that "
+                "opens it"
+            ) from None
+        if fields:
+            records.append((start, fields))
+        start = reader.line_num + 1
+
+
 def load_manifest(path: Path, spec: TaskSpec) -> ManifestData:
     """Read and check every row of a manifest before any work starts.
 
@@ -182,29 +205,38 @@ def load_manifest(path: Path, spec: TaskSpec) -> ManifestData:
     """
     try:
         raw = path.read_bytes()
-        reader = csv.DictReader(io.StringIO(raw.decode("utf-8-sig"), newline=""))
-        rows = [(reader.line_num, row) for row in reader]
-    except (OSError, ValueError, csv.Error) as error:  # ValueError: not UTF-8, a NUL in the path
+        records = _csv_records(raw.decode("utf-8-sig"), path)
+    except (OSError, ValueError) as error:  # ValueError: not UTF-8, a NUL in the path
         raise DatasetError(f"{path}: cannot read manifest ({error})") from error
-    if not rows:
+    if len(records) < 2:
         raise DatasetError(f"{path}: the manifest has no rows")
-    header = reader.fieldnames or []
+    (_, header), *lines = records
+    repeated = sorted({column for column in header if header.count(column) > 1})
+    if repeated:
+        raise DatasetError(f"{path}: column(s) {', '.join(repeated)} given twice in the header")
     missing = [column for column in REQUIRED_COLUMNS if column not in header]
     if missing:
         raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}")
+    rows: list[tuple[int, dict[str, str]]] = []
+    for line, fields in lines:
+        # A shifted row would file its values under the wrong columns (a patient's name under
+        # "site"); the values are not quoted back, since they may identify a patient.
+        if any("\n" in field or "\r" in field for field in fields):
+            raise DatasetError(
+                f"{path}:{line}: a quoted value runs on past the end of the line; close every "
+                "quote on its own line"
+            )
+        if len(fields) != len(header):
+            raise DatasetError(
+                f"{path}:{line}: the row has {len(fields)} field(s) and the header "
+                f"{len(header)}; give every column (empty if unknown), and put any value that "
+                "holds a comma in double quotes"
+            )
+        rows.append((line, dict(zip(header, fields, strict=True))))
     images, labels, digests, digest = [], [], [], hashlib.sha256()
     first_line: dict[str, int] = {}
     first_pixels_line: dict[str, int] = {}
     for line, row in rows:
-        fields = sum(value is not None for key, value in row.items() if key is not None)
-        fields += len(row.get(None) or [])  # DictReader puts the fields past the header there
-        if fields != len(header):
-            # A shifted row would file its values under the wrong columns (a patient's name
-            # under "site"); the values are not quoted back, since they may identify a patient.
-            raise DatasetError(
-                f"{path}:{line}: the row has {fields} field(s) and the header {len(header)}; "
-                "put any value that holds a comma in double quotes, and close every quote"
-            )
         label = _label_index(row["label"] or "", spec)
         if label is None:
             raise DatasetError(

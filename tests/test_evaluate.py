@@ -110,28 +110,43 @@ def test_sites_whose_metric_names_would_collide_are_refused(tmp_path: Path):
     )
 
 
+RUNS_ON = "a quoted value runs on past the end of the line"
+
+
 @pytest.mark.parametrize(
-    ("row", "fields"),
+    ("rows", "message"),
     [
-        ("images/b.png,normal,Doe, Jane,north", 5),  # a name with an unquoted comma
-        ("images/b.png,normal", 2),
-        ('images/b.png,normal,"Doe,north', 3),  # a quote never closed runs to the end
+        # A name with an unquoted comma: " Jane" would be filed under "site".
+        ("images/b.png,normal,Doe, Jane,north", "the row has 5 field(s) and the header 4"),
+        ("images/b.png,normal", "the row has 2 field(s) and the header 4"),
+        ('images/b.png,normal,"Doe,north', "not valid CSV"),  # a quote never closed
+        # Closed by the next row's quote: as many fields as the header, one image gone.
+        ('images/b.png,normal,"Doe, Jane,north\nimages/c.png,normal,"P3",south', "not valid CSV"),
+        # Valid CSV, but a value over two lines is a quote closed in the wrong place.
+        ('images/b.png,normal,"Doe\nJane",north', RUNS_ON),
     ],
 )
 def test_a_row_whose_fields_do_not_match_the_header_is_named_without_its_values(
-    tmp_path: Path, row: str, fields: int
+    tmp_path: Path, rows: str, message: str
 ):
-    """Read as it comes, "Doe, Jane" shifts " Jane" under "site", and into MLflow."""
     (tmp_path / "images").mkdir()
-    for name, value in (("ok", 0), ("b", 1)):
+    for value, name in enumerate(("ok", "b", "c")):
         (tmp_path / "images" / f"{name}.png").write_bytes(_png(np.full((28, 28), value, np.uint8)))
     manifest = tmp_path / "manifest.csv"
-    manifest.write_text(f"path,label,patient_id,site\nimages/ok.png,normal,P1,south\n{row}\n")
+    manifest.write_text(f"path,label,patient_id,site\nimages/ok.png,normal,P1,south\n{rows}\n")
     with pytest.raises(DatasetError) as failure:
         load_manifest(manifest, get_dataset_spec("pneumoniamnist"))
-    message = str(failure.value)
-    assert f"manifest.csv:3: the row has {fields} field(s) and the header 4" in message
-    assert "Jane" not in message and "Doe" not in message
+    text = str(failure.value)
+    assert f"manifest.csv:3: {message}" in text  # the line the row starts on
+    assert "Jane" not in text and "Doe" not in text
+
+
+def test_a_header_naming_a_column_twice_is_refused(tmp_path: Path):
+    (tmp_path / "ok.png").write_bytes(_png(np.zeros((28, 28), dtype=np.uint8)))
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label,site,site\nok.png,normal,a,b\n")
+    with pytest.raises(DatasetError, match=r"manifest.csv: column\(s\) site given twice"):
+        load_manifest(manifest, get_dataset_spec("pneumoniamnist"))
 
 
 def _png(pixels: np.ndarray) -> bytes:
