@@ -148,10 +148,12 @@ def _picture(values: np.ndarray, shape: tuple[int, ...]) -> DecodedImage:
     if values.ndim not in (2, 3):
         raise _shape_error(values, shape, accepted)
     _check_content(values, 2)
+    try:
+        fitted = fit_picture(np.ascontiguousarray(values), channels, height, width)
+    except ImageDecodeError as error:  # a shape too far from the model's
+        raise _error(str(error), error.status) from None
     return DecodedImage(
-        pixels=_check_contrast(
-            fit_picture(np.ascontiguousarray(values), channels, height, width), "image"
-        ),
+        pixels=_check_contrast(fitted, "image"),
         source_format="array",
         source_shape=(int(values.shape[0]), int(values.shape[1])),
     )

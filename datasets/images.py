@@ -560,11 +560,12 @@ def fit_picture(pixels: np.ndarray, channels: int, height: int, width: int) -> n
     source_ratio = source_width / source_height
     kept = min(source_ratio, target_ratio) / max(source_ratio, target_ratio)
     if kept < MIN_KEPT_FRACTION:
+        shown = math.floor(kept * 1000) / 10  # rounded down: 24.99% must not read as 25.0%
         raise ImageDecodeError(
             f"the image is {source_width} x {source_height} pixels (width x height); cropped to "
-            f"the model's {width} x {height} input it would keep {kept:.1%} of itself (at least "
-            f"{MIN_KEPT_FRACTION:.0%} is needed); send the region to be screened, cropped closer "
-            "to the model's shape",
+            f"the model's {width} x {height} input it would keep {shown:.1f}% of itself (at "
+            f"least {MIN_KEPT_FRACTION:.0%} is needed); send the region to be screened, cropped "
+            "closer to the model's shape",
             HTTPStatus.UNPROCESSABLE_ENTITY,
         )
     picture = picture.convert(mode)

@@ -55,7 +55,8 @@ def serve_command(
         raise typer.Exit(2)
     try:
         # BentoML's own failure to bind is a 20-line traceback from its supervisor.
-        with socket.create_server((host, port)):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # "::1" is an address too
+        with socket.create_server((host, port), family=family):
             pass
     except OSError as error:
         typer.echo(f"error: {_listen_problem(host, port, error)}", err=True)
@@ -71,14 +72,16 @@ def serve_command(
         # so a bad reference is one line here rather than a traceback from BentoML.
         named: dict[str, str] = {}
         for reference in references:
-            served = load_served_model(reference, tracking=uri)
-            if earlier := named.get(served.card.model_name):
+            name = reference.partition("@")[0]
+            if earlier := named.get(name):
                 # Requests name a model, not a version: one of the two could never answer.
                 raise ModelLoadError(
-                    f"model {served.card.model_name!r} is named twice ({earlier} and "
-                    f"{reference}); serve one version of each model"
+                    f"model {name!r} is named twice ({earlier} and {reference}); serve one "
+                    "version of each model"
                 )
-            named[served.card.model_name] = reference
+            named[name] = reference
+        for reference in references:
+            load_served_model(reference, tracking=uri)
     except ModelLoadError as error:
         typer.echo(f"error: --model: {error}", err=True)
         raise typer.Exit(2) from None

@@ -122,9 +122,11 @@ def test_promotion_needs_an_approver_a_reason_and_a_passed_gate(registered_model
         promote(name, version, alias="champion", approver="alice", reason="  ")
     with pytest.raises(GovernanceError, match="--approver: an approver ID is 2-64 letters"):
         promote(name, version, alias="champion", approver="a", reason="ok")
-    for reason in ("line1\nline2", "ok \x1b[31mRED", "tab\there"):
+    for reason in ("line1\nline2", "ok \x1b[31mRED", "tab\there", "ok\u2028no"):
         with pytest.raises(GovernanceError, match="--reason: give one line of text"):
             promote(name, version, alias="champion", approver="alice", reason=reason)
+    with pytest.raises(GovernanceError, match="--approver: an approver ID is 2-64"):
+        promote(name, version, alias="champion", approver="alice\n", reason="ok")
     client = _client()
     assert "champion" not in client.get_registered_model(name).aliases
     # A version registered around medscreen (no release gate) cannot be promoted.

@@ -154,6 +154,13 @@ def test_train_cli_prints_one_line_naming_the_field():
         ("seed=-5", "field 'seed': Input should be greater than or equal to 0"),
         (f"seed={2**32}", "field 'seed': Input should be less than or equal to 4294967295"),
         ('experiment=""', "field 'experiment': String should have at least 1 character"),
+        ('experiment="  "', "field 'experiment': String should match pattern"),
+        (f"experiment={'a' * 501}", "field 'experiment': String should have at most 500"),
+        # Built, but MONAI fails at the first forward pass: caught by a trial pass.
+        (
+            "model.network_params.init_features=0",
+            "error: model.network_params: MONAI's DenseNet refused them: ",
+        ),
         # Allowed by the recipe's types, refused by MONAI: named before any run starts.
         (
             "model.network_params.growth_rate=-1",

@@ -270,16 +270,22 @@ def _gradient(height: int, width: int) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("height", "width", "kept"),
-    [(10, 10_000, "0.1%"), (10_000, 10, "0.1%"), (28, 113, "24.8%"), (113, 28, "24.8%")],
+    [
+        (10, 10_000, "0.1%"),
+        (10_000, 10, "0.1%"),
+        (28, 113, "24.7%"),  # 24.78%, rounded down
+        (113, 28, "24.7%"),
+        (1000, 4001, "24.9%"),  # 24.994%: not "25.0%" beside "at least 25%"
+    ],
 )
 def test_a_picture_whose_crop_would_keep_under_a_quarter_is_refused_from_both(
     height: int, width: int, kept: str
 ):
     pixels = _gradient(height, width)
-    for error in (
-        _refused(lambda: decode_image(_png(pixels), **INPUT_28)),
-        _refused(lambda: decode_array(pixels.tolist(), shape=GRAY)),
-    ):
+    upload = _refused(lambda: decode_image(_png(pixels), **INPUT_28))
+    array = _refused(lambda: decode_array(pixels.tolist(), shape=GRAY))
+    assert str(array) == f"field 'array': {upload}"  # the array's errors name their field
+    for error in (upload, array):
         assert error.status == HTTPStatus.UNPROCESSABLE_ENTITY
         assert f"the image is {width} x {height} pixels (width x height)" in str(error)
         assert f"would keep {kept} of itself (at least 25% is needed)" in str(error)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from monai.networks import nets
@@ -98,8 +100,15 @@ def build_network(
     """
     in_channels, spatial_dims = image_shape[0], len(image_shape) - 1
     try:
-        backbone = _backbone(section, in_channels, spatial_dims, num_classes)
-    except (ValueError, TypeError, RuntimeError, KeyError) as error:
+        # Degenerate values also warn (zero-element weights); the error below says it all.
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", UserWarning)
+            backbone = _backbone(section, in_channels, spatial_dims, num_classes)
+            # Some values fail only at the first forward pass (zero features, a zero stride).
+            backbone.eval()
+            backbone(torch.zeros(2, in_channels, *[section.network_input_size] * spatial_dims))
+            backbone.train()
+    except (ValueError, TypeError, RuntimeError, KeyError, ZeroDivisionError) as error:
         # Values the recipe's types allow but MONAI refuses (a negative growth rate, an unknown
         # activation): named here, before any run starts.
         raise RecipeError(

@@ -303,7 +303,9 @@ class Recipe(_Strict):
     name: str
     description: str = ""
     seed: int = Field(default=0, ge=0, le=SEED_MAX, description="Seeds every random choice.")
-    experiment: str = Field(min_length=1, description="MLflow experiment name.")
+    experiment: str = Field(
+        min_length=1, max_length=500, pattern=r"\S", description="MLflow experiment name."
+    )
     data: DataSection
     augmentation: AugmentationSection = Field(default_factory=AugmentationSection)
     model: ModelSection = Field(default_factory=ModelSection)
@@ -384,7 +386,9 @@ class EcgRecipe(_Strict):
     name: str
     description: str = ""
     seed: int = Field(default=0, ge=0, le=SEED_MAX, description="Seeds every random choice.")
-    experiment: str = Field(min_length=1, description="MLflow experiment name.")
+    experiment: str = Field(
+        min_length=1, max_length=500, pattern=r"\S", description="MLflow experiment name."
+    )
     data: EcgDataSection
     model: EcgModelSection = Field(default_factory=EcgModelSection)
     optimisation: OptimisationSection = Field(default_factory=OptimisationSection)

@@ -33,6 +33,7 @@ import re
 import socket
 import threading
 import time
+import unicodedata
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -52,10 +53,10 @@ APPROVAL_FIELDS = ("approved_by", "approval_reason", "approved_at")
 # host, or a PID that may have been reused). A mover slower than that (a stalled registry) finds
 # its move settled when it checks again just before the alias write, and stops there.
 STALE_MOVE_SECONDS = 600.0
-APPROVER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{1,63}$")
-ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+APPROVER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{1,63}")
+ALIAS_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 # MLflow refuses these alias names: ``latest`` and ``v<digits>`` name versions.
-RESERVED_ALIAS_PATTERN = re.compile(r"^(?:latest|v\d+)$", re.IGNORECASE)
+RESERVED_ALIAS_PATTERN = re.compile(r"latest|v\d+", re.IGNORECASE)
 
 logger = logging.getLogger("medscreen.registry")
 # Suffixes of the moves this process is making now: its own pending tags that are not in this
@@ -200,20 +201,22 @@ def version_at(name: str, alias: str, moment: datetime.datetime) -> str | None:
 def _validate_approval(approver: str | None, reason: str | None) -> tuple[str, str]:
     if not approver:
         raise GovernanceError("--approver: an approver ID is required")
-    if not APPROVER_PATTERN.match(approver):
+    if not APPROVER_PATTERN.fullmatch(approver):
         raise GovernanceError(
             "--approver: an approver ID is 2-64 letters, digits, '.', '_', '@' or '-', "
             "starting with a letter or digit"
         )
-    if not reason or not reason.strip():
+    # Spaces pasted from word processors (no-break, narrow) are spaces.
+    reason = "".join(" " if unicodedata.category(c) == "Zs" else c for c in reason or "").strip()
+    if not reason:
         raise GovernanceError("--reason: a reason for the change is required")
-    if not reason.isprintable():
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in reason):
         # Stored for good and shown to auditors: an escape sequence could restyle or hide text
         # in their terminal, a line break could pass for another entry.
         raise GovernanceError(
             "--reason: give one line of text, without line breaks, tabs or control characters"
         )
-    return approver, reason.strip()
+    return approver, reason
 
 
 def _this_host() -> str:
@@ -569,9 +572,9 @@ def promote(
             running, or MLflow refused the alias.
     """
     approver, reason = _validate_approval(approver, reason)
-    if not ALIAS_PATTERN.match(alias):
+    if not ALIAS_PATTERN.fullmatch(alias):
         raise GovernanceError(f"--to: {alias!r} is not an alias (lower-case letters, digits, -_)")
-    if RESERVED_ALIAS_PATTERN.match(alias):
+    if RESERVED_ALIAS_PATTERN.fullmatch(alias):
         raise GovernanceError(
             f"--to: {alias!r} is reserved by MLflow ('latest' and 'v<number>' name versions)"
         )
