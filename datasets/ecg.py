@@ -162,6 +162,15 @@ def check_record_names(records: Sequence[str]) -> list[str]:
     return names
 
 
+def record_digests(records_dir: Path, records: Sequence[str]) -> dict[str, str]:
+    """SHA-256 over each record's header, signal and annotation files, by record name.
+
+    Raises:
+        DatasetError: naming a record file that cannot be read.
+    """
+    return {record: _record_digest(records_dir, record) for record in records}
+
+
 def _record_digest(records_dir: Path, record: str) -> str:
     digest = hashlib.sha256()
     for suffix in (".hea", ".dat", ".atr"):

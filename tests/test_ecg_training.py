@@ -73,6 +73,23 @@ def test_ecg_evaluation_on_unseen_records_is_a_linked_run(ecg_run, shared_datase
             evaluate_ecg_records(ecg_run.run_id, shared_datasets / "mitdb", [spelling, "223"])
     with pytest.raises(DatasetError, match=r"records: record 223 is listed twice"):
         evaluate_ecg_records(ecg_run.run_id, shared_datasets / "mitdb", ["223", "223"])
+    assert run.data.tags["medscreen.overlap_check"].startswith("passed: no record has the files")
+
+
+def test_ecg_evaluation_refuses_a_renamed_copy_of_a_training_record(
+    ecg_run, shared_datasets: Path, tmp_path: Path
+):
+    from training.ecg import evaluate_ecg_records
+
+    for suffix in (".hea", ".dat", ".atr"):  # 209 trained the run; 909 is its copy
+        data = (shared_datasets / "mitdb" / f"209{suffix}").read_bytes()
+        (tmp_path / f"909{suffix}").write_bytes(data)
+    with pytest.raises(DatasetError) as failure:
+        evaluate_ecg_records(ecg_run.run_id, tmp_path, ["909"])
+    assert str(failure.value) == (
+        f"{tmp_path / '909'}: the same files as record 209, which run {ecg_run.run_id} trained "
+        "or selected on; evaluate on records it has never seen"
+    )
 
 
 def test_ecg_recipe_errors_are_one_line(shared_datasets: Path):

@@ -36,12 +36,15 @@ from datasets.ecg import (
     check_record_names,
     load_beats,
     load_detected_beats,
+    record_digests,
 )
+from training.evaluate import OVERLAP_CHECK_TAG
 from training.plots import confusion_figure, log_figures
 from training.recipe import EcgModelSection, EcgRecipe
 from training.runs import RunError, read_run_recipe
 from training.tracking import configure_tracking, ensure_experiment, provenance
 from training.train import (
+    LINEAGE_ARTIFACT,
     RECIPE_ARTIFACT,
     WEIGHTS_ARTIFACT,
     EpochMetricsToMlflow,
@@ -396,8 +399,12 @@ def train_ecg(recipe: EcgRecipe, *, show_progress: bool = True) -> EcgTrainingRe
                 # Copies of recorded N beats given premature timing, trained on as S.
                 "train_synthetic_premature_beats": len(train) - len(recorded),
                 "fingerprints": {"train": train.fingerprint, "val": val.fingerprint},
+                # Per record, so that evaluation can refuse a renamed copy of one.
+                "record_sha256": record_digests(
+                    records_dir, [*recipe.data.train_records, *recipe.data.val_records]
+                ),
             },
-            "data/lineage.json",
+            LINEAGE_ARTIFACT,
         )
         with tempfile.TemporaryDirectory() as checkpoint_dir:
             best = ModelCheckpoint(
@@ -450,6 +457,28 @@ def load_ecg_run(run_id: str) -> tuple[mlflow.entities.Run, EcgRecipe, EcgBeatNe
     return run, recipe, network
 
 
+def _refuse_copies_of_seen_records(run_id: str, records_dir: Path, records: list[str]) -> str:
+    """Refuse a record whose files are those of a record the run trained or selected on.
+
+    Returns:
+        What was checked, for the evaluation run's overlap tag.
+
+    Raises:
+        DatasetError: naming the record and the one it copies.
+    """
+    lineage = mlflow.artifacts.load_dict(f"runs:/{run_id}/{LINEAGE_ARTIFACT}")
+    seen = {digest: record for record, digest in lineage.get("record_sha256", {}).items()}
+    if not seen:
+        return "names only: the run predates per-record digests"
+    for record, digest in record_digests(records_dir, records).items():
+        if digest in seen:
+            raise DatasetError(
+                f"{records_dir / record}: the same files as record {seen[digest]}, which run "
+                f"{run_id} trained or selected on; evaluate on records it has never seen"
+            )
+    return "passed: no record has the files of one the run trained or selected on"
+
+
 def evaluate_ecg_records(run_id: str, records_dir: Path, records: list[str]) -> EcgTrainingResult:
     """Evaluate an ECG run's model on any records (DS2 elsewhere), as a linked MLflow run.
 
@@ -468,6 +497,7 @@ def evaluate_ecg_records(run_id: str, records_dir: Path, records: list[str]) -> 
             f"records {sorted(seen & set(records))} were used to train or select "
             f"run {run_id}; evaluate on records it has never seen"
         )
+    overlap_check = _refuse_copies_of_seen_records(run_id, records_dir, records)
     beats = load_beats(records_dir, records, recipe.data.lead)
     with mlflow.start_run(
         experiment_id=run.info.experiment_id,
@@ -476,6 +506,7 @@ def evaluate_ecg_records(run_id: str, records_dir: Path, records: list[str]) -> 
             "mlflow.parentRunId": run_id,
             "medscreen.evaluates_run_id": run_id,
             "medscreen.data.eval.fingerprint": beats.fingerprint,
+            OVERLAP_CHECK_TAG: overlap_check,
             **provenance(),
         },
     ) as evaluation:
