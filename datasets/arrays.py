@@ -8,7 +8,9 @@ the model's is resized exactly as an uploaded picture (2D) or NIfTI volume (3D) 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator
 from http import HTTPStatus
 
 import numpy as np
@@ -119,21 +121,13 @@ def _shape_error(values: np.ndarray, shape: tuple[int, ...], accepted: str) -> I
     )
 
 
-def _check_content(values: np.ndarray, spatial_axes: int) -> None:
-    """The rule uploads follow (size, not blank), its message naming the field."""
+@contextlib.contextmanager
+def _as_field_error() -> Iterator[None]:
+    """The rules uploads follow (size, crop, not blank), their messages naming the field."""
     try:
-        check_content(values, spatial_axes)
+        yield
     except ImageDecodeError as error:
         raise _error(str(error), error.status) from None
-
-
-def _check_contrast(model_input: np.ndarray, noun: str) -> np.ndarray:
-    """The rule uploads follow (not nearly blank), its message naming the field."""
-    try:
-        check_contrast(model_input, noun=noun)
-    except ImageDecodeError as error:
-        raise _error(str(error), error.status) from None
-    return model_input
 
 
 def _picture(values: np.ndarray, shape: tuple[int, ...]) -> DecodedImage:
@@ -147,13 +141,12 @@ def _picture(values: np.ndarray, shape: tuple[int, ...]) -> DecodedImage:
         values = values[0] if values.shape[0] == 1 else np.moveaxis(values, 0, -1)
     if values.ndim not in (2, 3):
         raise _shape_error(values, shape, accepted)
-    _check_content(values, 2)
-    try:
+    with _as_field_error():
+        check_content(values, 2)
         fitted = fit_picture(np.ascontiguousarray(values), channels, height, width)
-    except ImageDecodeError as error:  # a shape too far from the model's
-        raise _error(str(error), error.status) from None
+        check_contrast(fitted, noun="image")
     return DecodedImage(
-        pixels=_check_contrast(fitted, "image"),
+        pixels=fitted,
         source_format="array",
         source_shape=(int(values.shape[0]), int(values.shape[1])),
     )
@@ -169,9 +162,12 @@ def _volume(values: np.ndarray, shape: tuple[int, ...]) -> DecodedImage:
         raise _shape_error(values, shape, accepted)
     if min(values.shape) < 2:
         raise _error(f"shape {list(values.shape)} is a single slice, not a volume; send {accepted}")
-    _check_content(values, 3)
+    with _as_field_error():
+        check_content(values, 3)
+        fitted = resize_volume(values, depth, height, width)[None]
+        check_contrast(fitted, noun="volume")
     return DecodedImage(
-        pixels=_check_contrast(resize_volume(values, depth, height, width)[None], "volume"),
+        pixels=fitted,
         source_format="array",
         source_shape=tuple(int(size) for size in values.shape),
     )

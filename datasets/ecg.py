@@ -133,7 +133,8 @@ def beat_windows(signal: np.ndarray, peaks: np.ndarray) -> tuple[np.ndarray, np.
     return windows.astype(np.float32), inside
 
 
-def _checked(records: Sequence[str]) -> list[str]:
+def checked_records(records: Sequence[str]) -> list[str]:
+    """:func:`check_record_names`, its error a :class:`DatasetError` naming ``records``."""
     try:
         return check_record_names(records)
     except ValueError as error:
@@ -355,7 +356,7 @@ def load_beats(
             the lead.
     """
     parts, digest = [], hashlib.sha256()
-    for record in _checked(records):
+    for record in checked_records(records):
         digest.update(f"{record}:{_record_digest(records_dir, record)}\n".encode())
         filtered, peaks, labels = _read_record(records_dir, record, lead)
         windows, templates, rr, inside = cut_beats(filtered, peaks)
@@ -388,7 +389,7 @@ def load_detected_beats(
     parts, digest = [], hashlib.sha256()
     missed_labels: list[int] = []
     missed_records: list[str] = []
-    for record in _checked(records):
+    for record in checked_records(records):
         digest.update(f"{record}:{_record_digest(records_dir, record)}\n".encode())
         filtered, annotated, annotated_labels = _read_record(records_dir, record, lead)
         peaks = detect_r_peaks(filtered)

@@ -569,7 +569,7 @@ def fit_picture(pixels: np.ndarray, channels: int, height: int, width: int) -> n
             HTTPStatus.UNPROCESSABLE_ENTITY,
         )
     picture = picture.convert(mode)
-    if source_width / source_height > target_ratio:
+    if source_ratio > target_ratio:
         crop_width = round(source_height * target_ratio)
         left = (source_width - crop_width) // 2
         picture = picture.crop((left, 0, left + crop_width, source_height))

@@ -44,7 +44,7 @@ def serve_command(
     """Serve registered models over HTTP with BentoML (/v1/screen, /v1/monitor, /v1/models)."""
     from serving.errors import ModelLoadError
     from serving.model import load_served_model
-    from serving.pool import default_references
+    from serving.pool import default_references, references_by_name
 
     if not 1 <= port <= 65535:  # checked here, not by click, so the error is one line
         typer.echo(f"error: --port: {port} is not a TCP port (1-65535)", err=True)
@@ -70,16 +70,7 @@ def serve_command(
             )
         # The same checks the service makes at start-up (registry, approvals, card, checksum),
         # so a bad reference is one line here rather than a traceback from BentoML.
-        named: dict[str, str] = {}
-        for reference in references:
-            name = reference.partition("@")[0]
-            if earlier := named.get(name):
-                # Requests name a model, not a version: one of the two could never answer.
-                raise ModelLoadError(
-                    f"model {name!r} is named twice ({earlier} and {reference}); serve one "
-                    "version of each model"
-                )
-            named[name] = reference
+        references_by_name(references)  # the pool's own check, before anything loads
         for reference in references:
             load_served_model(reference, tracking=uri)
     except ModelLoadError as error:

@@ -43,6 +43,25 @@ def default_references(tracking: str, alias: str = DEFAULT_ALIAS) -> list[str]:
     return sorted(f"{model.name}@{alias}" for model in registered if alias in model.aliases)
 
 
+def references_by_name(references: list[str]) -> dict[str, str]:
+    """Map each served model's name to its reference; each model may be named once.
+
+    Raises:
+        ModelLoadError: for a malformed reference, or a model named twice (requests name a
+            model, not a version: one of the two could never answer).
+    """
+    named: dict[str, str] = {}
+    for reference in references:
+        name = ModelReference.parse(reference).name
+        if earlier := named.get(name):
+            raise ModelLoadError(
+                f"model {name!r} is named twice ({earlier} and {reference}); serve one version "
+                "of each model"
+            )
+        named[name] = reference
+    return named
+
+
 class ModelPool:
     """The served models by registered name, switched in place when their alias moves.
 
@@ -68,12 +87,7 @@ class ModelPool:
             )
         self._tracking = tracking
         self._make_batcher = make_batcher
-        self._references: dict[str, str] = {}
-        for reference in references:
-            name = ModelReference.parse(reference).name
-            if name in self._references:
-                raise ModelLoadError(f"model {name!r} is named twice ({reference!r})")
-            self._references[name] = reference
+        self._references = references_by_name(references)
         self._current: dict[str, Served] = {}
         self._rejected: set[tuple[str, str]] = set()  # versions not to download again
         self._kept_because: dict[str, str] = {}  # last warning per name: said once, not per poll

@@ -33,7 +33,7 @@ from datasets.ecg import (
     NO_ANNOTATED_BEAT,
     SAMPLING_RATE_HZ,
     BeatSet,
-    check_record_names,
+    checked_records,
     load_beats,
     load_detected_beats,
     record_digests,
@@ -486,10 +486,7 @@ def evaluate_ecg_records(run_id: str, records_dir: Path, records: list[str]) -> 
         RunError: if the run does not exist or is not an ECG run.
         DatasetError: naming a record that is missing or corrupt.
     """
-    try:
-        records = check_record_names(records)
-    except ValueError as error:
-        raise DatasetError(f"records: {error}") from None
+    records = checked_records(records)
     run, recipe, network = load_ecg_run(run_id)
     seen = set(recipe.data.train_records) | set(recipe.data.val_records)
     if seen & set(records):
