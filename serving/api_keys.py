@@ -396,6 +396,9 @@ class KeyStore:
             UnknownKeyError: if no key has that id.
             KeyStoreError: if the store cannot be read or written.
         """
+        if not self.path.exists():
+            # Checked before locking: revoking must not leave a lock file where no store is.
+            raise UnknownKeyError(f"no API key with id {key_id!r}: {self.path} does not exist")
 
         def mark(keys: dict[str, ApiKey]) -> ApiKey:
             key = keys.get(key_id)

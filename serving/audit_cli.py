@@ -41,10 +41,27 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def _store(path: Path | None) -> KeyStore:
+def _store(path: Path | None, *, new_file_allowed: bool = False) -> KeyStore:
+    """The key store at ``--store`` or the default path, refusing what cannot be one.
+
+    Args:
+        path: The ``--store`` value; None for ``$MEDSCREEN_KEY_STORE`` or the state dir's.
+        new_file_allowed: Whether a missing file is fine (``create`` starts a store). A
+            ``--store`` whose folder is missing is refused even then: a mistyped path would
+            otherwise hold keys that the service never reads.
+
+    Returns:
+        The store.
+    """
     store = path or key_store_path()
     if store.is_dir():
         _fail(f"--store: {store} is a directory, not a key store file")
+    if path is not None and not store.exists():
+        if not new_file_allowed:
+            _fail(f"--store: {store}: no such key store")
+        if not store.parent.is_dir():
+            problem = "is not a folder" if store.parent.exists() else "does not exist"
+            _fail(f"--store: {store}: {store.parent} {problem}")
     return KeyStore(store)
 
 
@@ -102,7 +119,7 @@ def create_command(
         _fail("--region: give the hospital's region")
     if not model:
         _fail("--model: give at least one registered model name, or '*' for every model")
-    key_store = _store(store)
+    key_store = _store(store, new_file_allowed=True)
     try:
         key, plaintext = key_store.create(hospital, region, model)
     except KeyStoreError as error:

@@ -317,9 +317,45 @@ def test_a_store_under_a_file_is_one_line_not_a_traceback(tmp_path: Path) -> Non
     line = medscreen_error_line(
         "keys", "create", "--hospital", "A", "--region", "eu", "--model", "*", "--store", store
     )
-    assert line.startswith(f"error: {store}: cannot write the key store")
+    assert line == f"error: --store: {store}: {tmp_path / 'notes.txt'} is not a folder"
     line = medscreen_error_line("keys", "list", "--store", store)
-    assert line.startswith(f"error: {store}: cannot read the key store")
+    assert line == f"error: --store: {store}: no such key store"
+    # The library says why too, for the default path (which the CLI does not check).
+    with pytest.raises(KeyStoreError, match="cannot write the key store"):
+        KeyStore(Path(store)).create("A", "eu", ["*"])
+    with pytest.raises(KeyStoreError, match="cannot read the key store"):
+        KeyStore(Path(store)).list()
+
+
+def test_a_mistyped_store_is_refused_and_nothing_is_left_behind(
+    monkeypatch, tmp_path: Path
+) -> None:
+    """A typo in --store must not start a store the service never reads, nor pass as empty."""
+    typo = tmp_path / "medscren" / "keys.json"
+    line = medscreen_error_line(
+        "keys", "create", "--hospital", "A", "--region", "eu", "--model", "*", "--store", str(typo)
+    )
+    assert line == f"error: --store: {typo}: {typo.parent} does not exist"
+    assert not typo.parent.exists()
+    missing = tmp_path / "keys-typo.json"
+    assert medscreen_error_line("keys", "list", "--store", str(missing)) == (
+        f"error: --store: {missing}: no such key store"
+    )
+    line = medscreen_error_line("keys", "revoke", "feedfacecafe", "--store", str(missing))
+    assert line == f"error: --store: {missing}: no such key store"
+    # The default store not created yet: listing says so, revoking finds no key and no lock
+    # file is left where no store is.
+    monkeypatch.setenv("MEDSCREEN_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("MEDSCREEN_KEY_STORE", raising=False)
+    default = tmp_path / "state" / "serving" / "api_keys.json"
+    listed = CliRunner().invoke(app, ["keys", "list"])
+    assert listed.exit_code == 0 and listed.stdout.strip() == f"no API keys in {default}"
+    revoked = CliRunner().invoke(app, ["keys", "revoke", "feedfacecafe"])
+    assert revoked.exit_code == 2
+    assert revoked.stderr.strip() == (
+        f"error: KEY_ID: no API key with id 'feedfacecafe': {default} does not exist"
+    )
+    assert not (tmp_path / "state").exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can write another user's file")

@@ -177,6 +177,14 @@ def test_history_answers_which_version_held_an_alias_at_a_time(
     assert tags["medscreen.approval.champion.approval_reason"] == "regional complaint"
     with pytest.raises(GovernanceError, match="give the time with its zone"):
         version_at(name, "champion", after_first.replace(tzinfo=None))
+    # A mistyped alias is refused, not answered with "no version" as if nothing held it then.
+    with pytest.raises(GovernanceError, match="'champoin' was never set"):
+        version_at(name, "champoin", after_first)
+    for extra in ((), ("--at", after_second.isoformat())):
+        line = medscreen_error_line("models", "history", name, "--alias", "champoin", *extra)
+        assert line == (
+            f"error: --alias: 'champoin' was never set on {name} (aliases in its history: champion)"
+        )
 
     completed = subprocess.run(
         [

@@ -241,7 +241,12 @@ def history_command(
     ] = None,
 ) -> None:
     """Show every recorded alias change; with --alias and --at, the version at that time."""
-    from training.registry import GovernanceError, alias_history, version_at
+    from training.registry import (
+        GovernanceError,
+        alias_history,
+        check_alias_in_history,
+        version_at,
+    )
 
     if at is not None and alias is None:
         _fail("--at needs --alias")
@@ -259,6 +264,8 @@ def history_command(
             )
             return
         events = alias_history(name)
+        if alias is not None:
+            check_alias_in_history(name, alias, events)
     except GovernanceError as error:
         _fail(str(error))
     table = Table(

@@ -188,14 +188,35 @@ def alias_history(name: str, *, client: MlflowClient | None = None) -> list[Alia
 
 
 def version_at(name: str, alias: str, moment: datetime.datetime) -> str | None:
-    """Return the version that held ``alias`` at ``moment`` (None if none did)."""
+    """Return the version that held ``alias`` at ``moment`` (None if none held it yet).
+
+    Raises:
+        GovernanceError: if ``moment`` has no time zone, or ``alias`` was never set on the
+            model (a mistyped alias must not read as "no version held it then").
+    """
     if moment.tzinfo is None:
         raise GovernanceError("--at: give the time with its zone, for example 2026-11-29T17:00:00Z")
+    events = alias_history(name)
+    check_alias_in_history(name, alias, events)
     holder = None
-    for event in alias_history(name):
+    for event in events:
         if event.alias == alias and event.moment <= moment:
             holder = event.version
     return holder
+
+
+def check_alias_in_history(name: str, alias: str, events: list[AliasEvent]) -> None:
+    """Refuse an alias that no recorded promote or rollback of ``name`` ever set.
+
+    Raises:
+        GovernanceError: naming the aliases the history does hold.
+    """
+    recorded = sorted({event.alias for event in events})
+    if alias not in recorded:
+        held = ", ".join(recorded) if recorded else "none"
+        raise GovernanceError(
+            f"--alias: {alias!r} was never set on {name} (aliases in its history: {held})"
+        )
 
 
 def _validate_approval(approver: str | None, reason: str | None) -> tuple[str, str]:
