@@ -163,16 +163,38 @@ def check_record_names(records: Sequence[str]) -> list[str]:
     return names
 
 
-def record_digests(records_dir: Path, records: Sequence[str]) -> dict[str, str]:
-    """SHA-256 over each record's header, signal and annotation files, by record name.
+RECORD_FILE_SUFFIXES = (".hea", ".dat", ".atr")
+
+
+def record_file_digests(records_dir: Path, records: Sequence[str]) -> dict[str, dict[str, str]]:
+    """SHA-256 of each file of each record (header, signal, annotations), by record name.
+
+    File by file, as PhysioNet's ``SHA256SUMS`` lists them, so an auditor can compare the two;
+    and a renamed copy of a record keeps its signal's and annotations' digests even though
+    its header, which names the record, must change.
 
     Raises:
         DatasetError: naming a record file that cannot be read.
     """
-    return {record: _record_digest(records_dir, record) for record in records}
+    return {
+        record: {
+            f"{record}{suffix}": file_sha256_or_error(records_dir / f"{record}{suffix}")
+            for suffix in RECORD_FILE_SUFFIXES
+        }
+        for record in records
+    }
 
 
-def _record_digest(records_dir: Path, record: str) -> str:
+def file_sha256_or_error(path: Path) -> str:
+    """The file's SHA-256; an unreadable file is a DatasetError naming it."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as error:
+        raise DatasetError(f"{path}: {error.strerror or 'cannot read'}") from error
+
+
+def record_digest(records_dir: Path, record: str) -> str:
+    """SHA-256 over a record's header, signal and annotation files, read in that order."""
     digest = hashlib.sha256()
     for suffix in (".hea", ".dat", ".atr"):
         path = records_dir / f"{record}{suffix}"
@@ -357,7 +379,7 @@ def load_beats(
     """
     parts, digest = [], hashlib.sha256()
     for record in checked_records(records):
-        digest.update(f"{record}:{_record_digest(records_dir, record)}\n".encode())
+        digest.update(f"{record}:{record_digest(records_dir, record)}\n".encode())
         filtered, peaks, labels = _read_record(records_dir, record, lead)
         windows, templates, rr, inside = cut_beats(filtered, peaks)
         if not inside.any():
@@ -390,7 +412,7 @@ def load_detected_beats(
     missed_labels: list[int] = []
     missed_records: list[str] = []
     for record in checked_records(records):
-        digest.update(f"{record}:{_record_digest(records_dir, record)}\n".encode())
+        digest.update(f"{record}:{record_digest(records_dir, record)}\n".encode())
         filtered, annotated, annotated_labels = _read_record(records_dir, record, lead)
         peaks = detect_r_peaks(filtered)
         if len(peaks) < 2:

@@ -24,6 +24,10 @@ from serving.errors import ModelLoadError
 from serving.settings import tracking_uri
 
 GATE_TAG = "medscreen.release_gate"
+# Written with the version by `medscreen export`; what the served files must match.
+ONNX_SHA256_TAG = "medscreen.onnx_sha256"
+CARD_SHA256_TAG = "medscreen.card_sha256"
+THRESHOLD_TAG = "medscreen.threshold"
 _APPROVAL_PREFIX = "medscreen.approval."  # medscreen.approval.<alias>.approved_by, on the version
 # The lengths match what the prediction log records.
 _REFERENCE = re.compile(
@@ -146,6 +150,11 @@ class ServedModel:
     def threshold(self) -> float:
         """Threshold of the positive finding."""
         return self.card.operating_point.threshold
+
+    @property
+    def onnx_sha256(self) -> str:
+        """SHA-256 of the graph, checked against the card and the registration at load."""
+        return self.card.onnx.sha256
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Return class probabilities for named input batches (all with the same first axis)."""
@@ -278,9 +287,55 @@ def load_served_model(reference: str, *, tracking: str | None = None) -> ServedM
             raise ModelLoadError(
                 f"{reference!r}: {onnx_path.name} is missing or its SHA-256 differs from the card's"
             )
+        _check_registered_artifacts(reference, version, card, card_path)
         return ServedModel(
             card,
             onnx_path,
             version=str(version.version),
             alias=None if parsed.is_version else parsed.selector,
+        )
+
+
+def _check_registered_artifacts(
+    reference: str, version: ModelVersion, card: ServedCard, card_path: Path
+) -> None:
+    """Serve only the graph, card and threshold the registry recorded when the gate passed.
+
+    The version's tags are written with it in one registry write by ``medscreen export``; the
+    artifacts are files that someone with access to the artifact store could replace, card
+    and graph together, so that they still agree with each other.
+
+    Raises:
+        ModelLoadError: naming what differs from the registered version.
+    """
+    what = f"{reference!r} (version {version.version})"
+    registered_onnx = version.tags.get(ONNX_SHA256_TAG)
+    if registered_onnx is None:
+        raise ModelLoadError(
+            f"{what} has no {ONNX_SHA256_TAG} tag, so its graph cannot be checked against the "
+            "registration; register models with `medscreen export`"
+        )
+    if card.onnx.sha256 != registered_onnx:
+        raise ModelLoadError(
+            f"{what}: the graph's SHA-256 {card.onnx.sha256} is not the registered "
+            f"{registered_onnx}; the artifact was changed after the release gate, so it is not "
+            "served"
+        )
+    registered_card = version.tags.get(CARD_SHA256_TAG)  # absent on versions before it existed
+    if registered_card is not None and file_sha256(card_path) != registered_card:
+        raise ModelLoadError(
+            f"{what}: its card's SHA-256 is not the registered {registered_card}; the artifact "
+            "was changed after the release gate, so it is not served"
+        )
+    registered_threshold = version.tags.get(THRESHOLD_TAG)
+    try:
+        # The tag holds six decimals.
+        agrees = abs(float(registered_threshold) - card.operating_point.threshold) <= 5.1e-7
+    except (TypeError, ValueError):
+        agrees = False
+    if not agrees:
+        raise ModelLoadError(
+            f"{what}: the card's threshold {card.operating_point.threshold:.6f} is not the "
+            f"registered {registered_threshold}; the artifact was changed after the release "
+            "gate, so it is not served"
         )

@@ -129,6 +129,8 @@ class PredictionRecord(BaseModel):
     model_name: str | None = None
     model_version: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     model_alias: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # The graph that answered, as registered: ties the record to one exact file.
+    model_sha256: str | None = Field(default=None, pattern=_HEX64)
     input_sha256: str | None = Field(default=None, pattern=_HEX64)
     input_format: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.+/-]{1,64}$")
     score: float | None = None

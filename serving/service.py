@@ -518,11 +518,12 @@ class Screening:
         for served in self.pool.all():
             model = served.model
             logger.info(
-                "serving %s version %s (alias %s, threshold %.6f)",
+                "serving %s version %s (alias %s, threshold %.6f, ONNX SHA-256 %s)",
                 model.name,
                 model.version,
                 model.alias,
                 model.threshold,
+                model.onnx_sha256,
             )
 
     @bentoml.on_shutdown
@@ -846,6 +847,7 @@ class Screening:
             "model_name": served.model.name if served else None,
             "model_version": served.model.version if served else None,
             "model_alias": served.model.alias if served else None,
+            "model_sha256": served.model.onnx_sha256 if served else None,
         }
 
     @staticmethod

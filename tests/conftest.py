@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from mlflow.tracking import MlflowClient
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = Path(
@@ -139,6 +140,19 @@ def volume_model(medmnist_dir: Path):
         RECIPES / "vessel3d-full.yaml", [f"data.data_dir={medmnist_dir}", *TINY_VOLUME]
     )
     return export_and_register(train_recipe(recipe, show_progress=False).run_id)
+
+
+def registration_tags(name: str, version: str) -> dict[str, str]:
+    """The tags `medscreen export` gave a version (gate, hashes, threshold), without approvals.
+
+    For tests that register the same graph again as further versions.
+    """
+    from training.tracking import configure_tracking
+
+    configure_tracking()
+    tags = MlflowClient().get_model_version(name, version).tags
+    governance = ("medscreen.approval.", "medscreen.alias_")
+    return {key: value for key, value in tags.items() if not key.startswith(governance)}
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import PROJECT_ROOT, medscreen_command
+from tests.conftest import PROJECT_ROOT, medscreen_command, registration_tags
 
 pytestmark = pytest.mark.slow
 
@@ -156,7 +156,7 @@ def versions(registered_model) -> tuple[str, str, str, str]:
     name, first = registered_model.model_name, registered_model.version
     client = _client()
     source = client.get_model_version(name, first).source
-    gated = {"medscreen.release_gate": "passed"}
+    gated = registration_tags(name, first)  # as `medscreen export` wrote them
     second = client.create_model_version(name, source, tags=gated).version
     third = client.create_model_version(name, source, tags=gated).version
     return name, str(first), str(second), str(third)

@@ -111,6 +111,16 @@ def test_corrupt_download_leaves_nothing_and_says_why(http_server: str, tmp_path
     assert _leftovers(destination.parent) == []
 
 
+def test_a_download_must_match_both_checksums(http_server: str, tmp_path: Path):
+    """MD5 is what the authors publish, SHA-256 what the catalogue pins: each is checked."""
+    destination = tmp_path / "cache" / "good.bin"
+    with pytest.raises(DatasetError, match=r"SHA-256 .* expected .* discarded"):
+        download_file(f"{http_server}/good.bin", destination, md5=PAYLOAD_MD5, sha256="0" * 64)
+    with pytest.raises(DatasetError, match=r"MD5 .* expected .* discarded"):
+        download_file(f"{http_server}/good.bin", destination, md5="0" * 32, sha256=PAYLOAD_SHA256)
+    assert _leftovers(destination.parent) == []
+
+
 def test_interrupted_download_leaves_nothing_and_says_why(http_server: str, tmp_path: Path):
     destination = tmp_path / "cache" / "interrupted.bin"
     with pytest.raises(DatasetError, match="failed"):

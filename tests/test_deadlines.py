@@ -42,7 +42,9 @@ def _records(screening) -> list[dict]:
 def _answered(exchange) -> None:
     """What a request has established by the time it answers: who asked, which model."""
     exchange.key = SimpleNamespace(hospital="St Mary", region="eu-west", key_id="0123456789ab")
-    model = SimpleNamespace(name="pneumonia-screening", version="3", alias="champion")
+    model = SimpleNamespace(
+        name="pneumonia-screening", version="3", alias="champion", onnx_sha256="ab" * 32
+    )
     model.threshold = 0.5
     exchange.served = SimpleNamespace(model=model)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -13,7 +14,14 @@ from mlflow.tracking import MlflowClient
 from datasets import DatasetError
 from tests.conftest import PROJECT_ROOT, medscreen_error_line
 
+SUFFIXES = (".hea", ".dat", ".atr")
 ECG_RECIPE = PROJECT_ROOT / "training" / "recipes" / "ecg-full.yaml"
+
+
+def _published_sha256(shared_datasets: Path) -> dict[str, str]:
+    """PhysioNet's SHA256SUMS for the MIT-BIH files here, by file name."""
+    lines = (shared_datasets / "mitdb" / "SHA256SUMS").read_text().splitlines()
+    return {name: digest for digest, name in (line.split() for line in lines)}
 
 
 def _client() -> MlflowClient:
@@ -65,15 +73,19 @@ def test_ecg_evaluation_on_unseen_records_is_a_linked_run(ecg_run, shared_datase
         mlflow.artifacts.load_text(f"runs:/{result.run_id}/evaluation/eval_per_record.json")
     )
     assert set(per_record) == {"201", "223"}
-    with pytest.raises(DatasetError, match=r"\['209'\] were used to train or select"):
-        evaluate_ecg_records(ecg_run.run_id, shared_datasets / "mitdb", ["209", "223"])
+    # 209 trained the run and 220 selected its checkpoint: neither is unseen.
+    for seen in ("209", "220"):
+        with pytest.raises(DatasetError, match=rf"\['{seen}'\] were used to train or select"):
+            evaluate_ecg_records(ecg_run.run_id, shared_datasets / "mitdb", [seen, "223"])
     # A training record named by a path, or with spaces, is still that record.
     for spelling in (" 209", "./209"):
         with pytest.raises(DatasetError, match=r"records: |\['209'\] were used to train"):
             evaluate_ecg_records(ecg_run.run_id, shared_datasets / "mitdb", [spelling, "223"])
     with pytest.raises(DatasetError, match=r"records: record 223 is listed twice"):
         evaluate_ecg_records(ecg_run.run_id, shared_datasets / "mitdb", ["223", "223"])
-    assert run.data.tags["medscreen.overlap_check"].startswith("passed: no record has the files")
+    assert run.data.tags["medscreen.overlap_check"].startswith(
+        "passed: no record has a signal or annotation file"
+    )
 
 
 def test_ecg_evaluation_refuses_a_renamed_copy_of_a_training_record(
@@ -81,15 +93,28 @@ def test_ecg_evaluation_refuses_a_renamed_copy_of_a_training_record(
 ):
     from training.ecg import evaluate_ecg_records
 
-    for suffix in (".hea", ".dat", ".atr"):  # 209 trained the run; 909 is its copy
-        data = (shared_datasets / "mitdb" / f"209{suffix}").read_bytes()
-        (tmp_path / f"909{suffix}").write_bytes(data)
-    with pytest.raises(DatasetError) as failure:
-        evaluate_ecg_records(ecg_run.run_id, tmp_path, ["909"])
-    assert str(failure.value) == (
-        f"{tmp_path / '909'}: the same files as record 209, which run {ecg_run.run_id} trained "
-        "or selected on; evaluate on records it has never seen"
-    )
+    # 209 trained the run and 220 selected its checkpoint; 909 and 920 are their copies,
+    # renamed as wfdb needs: the header names the record and its signal file.
+    for original, copy in (("209", "909"), ("220", "920")):
+        source = shared_datasets / "mitdb" / original
+        for suffix in (".dat", ".atr"):
+            (tmp_path / f"{copy}{suffix}").write_bytes(source.with_suffix(suffix).read_bytes())
+        header = source.with_suffix(".hea").read_text().replace(original, copy)
+        (tmp_path / f"{copy}.hea").write_text(header)
+        with pytest.raises(DatasetError) as failure:
+            evaluate_ecg_records(ecg_run.run_id, tmp_path, [copy])
+        assert str(failure.value) == (
+            f"{tmp_path / copy}.dat: the same file as in record {original}, which run "
+            f"{ecg_run.run_id} trained or selected on; evaluate on records it has never seen"
+        )
+    lineage = json.loads(mlflow.artifacts.load_text(f"runs:/{ecg_run.run_id}/data/lineage.json"))
+    # File by file, comparable with PhysioNet's own SHA256SUMS list.
+    published = _published_sha256(shared_datasets)
+    kept = lineage["record_files_sha256"]
+    assert set(kept) == {"106", "118", "207", "209", "220"}
+    for files in kept.values():
+        for name, digest in files.items():
+            assert digest == published[name], name
 
 
 def test_ecg_recipe_errors_are_one_line(shared_datasets: Path):
@@ -123,8 +148,13 @@ def test_ecg_recipe_errors_are_one_line(shared_datasets: Path):
 def test_ecg_export_registers_a_beat_graph_with_its_card(ecg_model, shared_datasets: Path):
     import onnxruntime
 
-    from datasets.ecg import load_beats
-    from training.ecg_export import ECG_INPUTS, ECTOPIC_CLASSES
+    from datasets.ecg import load_beats, load_detected_beats
+    from training.ecg_export import (
+        ECG_INPUTS,
+        ECTOPIC_CLASSES,
+        NEVER_ALERTED_SCORE,
+        ecg_onnx_probabilities,
+    )
 
     result = ecg_model
     card = result.card
@@ -153,6 +183,15 @@ def test_ecg_export_registers_a_beat_graph_with_its_card(ecg_model, shared_datas
     # Intervals resample records (patients), and the per-epoch curve is not a card figure.
     assert "selected_val_ci_resamples" in card.metrics and "val_sv_f1" not in card.metrics
     assert "360 Hz" in card.to_markdown()
+    # The data, file by file as PhysioNet lists it, and one digest of that listing.
+    published = _published_sha256(shared_datasets)
+    files = card.training_data.files_sha256
+    records = ("106", "118", "207", "209", "220")
+    assert set(files) == {f"{record}{suffix}" for record in records for suffix in SUFFIXES}
+    assert all(files[name] == published[name] for name in files)
+    listing = "".join(f"{published[name]} {name}\n" for name in sorted(files))
+    assert card.training_data.file_sha256 == hashlib.sha256(listing.encode()).hexdigest()
+    assert f"209.dat `{published['209.dat']}`" in card.to_markdown()
 
     version = MlflowClient().get_model_version(result.model_name, result.version)
     assert version.tags["medscreen.kind"] == "ecg-monitoring"
@@ -172,6 +211,24 @@ def test_ecg_export_registers_a_beat_graph_with_its_card(ecg_model, shared_datas
     )
     assert probabilities.shape == (len(beats), 5)
     assert abs(float(probabilities.sum(axis=1).mean()) - 1) < 1e-5
+
+    # The alert threshold, recomputed from its definition on the validation record's beats as
+    # the detector finds them (a missed ectopic beat is never alerted): the registered graph's
+    # scores reach the target there, a threshold just above the lowest alerted ectopic beat
+    # would not, and the threshold lies midway between that beat and the next lower score.
+    served, missed = load_detected_beats(shared_datasets / "mitdb", ["220"])
+    served_scores = ecg_onnx_probabilities(model_dir / "model.onnx", served)[
+        :, list(ECTOPIC_CLASSES)
+    ].sum(axis=1)
+    scores = np.concatenate([served_scores, np.full(len(missed.labels), NEVER_ALERTED_SCORE)])
+    truth = np.isin(np.concatenate([served.labels, missed.labels]), ECTOPIC_CLASSES)
+    threshold = card.operating_point.threshold
+    target = card.operating_point.sensitivity_target
+    assert (scores[truth] >= threshold).mean() >= target
+    lowest_alerted = scores[truth & (scores >= threshold)].min()
+    assert (scores[truth] > lowest_alerted).mean() < target
+    next_lower = scores[scores < lowest_alerted].max(initial=0.0)
+    assert threshold == pytest.approx((lowest_alerted + next_lower) / 2, abs=1e-7)
 
 
 @pytest.mark.slow

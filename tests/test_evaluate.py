@@ -211,6 +211,8 @@ def test_evaluation_is_a_linked_run_without_patient_identifiers(
     metrics = run.data.metrics
     assert metrics["eval_cases"] == 41 and metrics["eval_positives"] == 20
     assert metrics["eval_auc_ci_low"] <= metrics["eval_auc"] <= metrics["eval_auc_ci_high"]
+    # The manifest names patients, so the intervals resample patients, not images.
+    assert 900 <= metrics["eval_ci_resamples"] <= 1000
     assert metrics["eval_site_north_cases"] == 20 and metrics["eval_site_south_cases"] == 21
     recorded = " ".join([*run.data.params.values(), *run.data.tags.values(), *metrics])
     assert SECRET not in recorded
@@ -229,6 +231,19 @@ def test_evaluation_is_a_linked_run_without_patient_identifiers(
         MlflowClient().get_run(training.run_id).data.tags["medscreen.data.val.fingerprint"]
     )
     assert commit in shown.stdout and val_fingerprint in shown.stdout
+    # And the evaluation itself: what it checked, and the threshold and temperature it used.
+    shown = subprocess.run(
+        [*medscreen_command(), "runs", "show", result.run_id],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert f"evaluates run {training.run_id}" in shown.stdout
+    assert "overlap check: passed: no row is in the run's training or validation data" in (
+        shown.stdout
+    )
+    assert "parameters" in shown.stdout and run.data.params["threshold"] in shown.stdout
     assert medscreen_error_line("runs", "show", "not-a-run").startswith("error: RUN_ID:")
 
 
@@ -264,21 +279,23 @@ def test_training_images_are_refused_as_evaluation_data(trained_run, tmp_path, m
     from training.runs import load_run_context
 
     context = load_run_context(trained_run[1].run_id)
-    train = context.split("train")
     test = load_split(get_dataset_spec("pneumoniamnist"), "test", data_dir=medmnist_dir)
-    rows = [(test.images[0, 0], "normal"), (test.images[1, 0], "normal")]
-    rows.append((train.images[0, 0], ["normal", "pneumonia"][train.labels[0]]))
-    lines = ["path,label"]
-    for number, (pixels, label) in enumerate(rows):
-        Image.fromarray(pixels).save(tmp_path / f"case{number}.png")
-        lines.append(f"case{number}.png,{label}")
-    manifest = tmp_path / "manifest.csv"
-    manifest.write_text("\n".join(lines) + "\n")
-    line = medscreen_error_line(
-        "evaluate", "--run-id", trained_run[1].run_id, "--manifest", str(manifest)
-    )
-    assert "manifest.csv:4: this image is in the training or validation data" in line, line
-    assert "(1 of 3 rows are)" in line
+    # Training images and the validation images that chose the checkpoint and the threshold.
+    for split in ("train", "val"):
+        seen = context.split(split)
+        rows = [(test.images[0, 0], "normal"), (test.images[1, 0], "normal")]
+        rows.append((seen.images[0, 0], ["normal", "pneumonia"][seen.labels[0]]))
+        lines = ["path,label"]
+        for number, (pixels, label) in enumerate(rows):
+            Image.fromarray(pixels).save(tmp_path / f"{split}{number}.png")
+            lines.append(f"{split}{number}.png,{label}")
+        manifest = tmp_path / f"{split}.csv"
+        manifest.write_text("\n".join(lines) + "\n")
+        line = medscreen_error_line(
+            "evaluate", "--run-id", trained_run[1].run_id, "--manifest", str(manifest)
+        )
+        assert f"{split}.csv:4: this image is in the training or validation data" in line, line
+        assert "(1 of 3 rows are)" in line
 
 
 def test_unusable_manifest_paths_are_dataset_errors(tmp_path: Path):

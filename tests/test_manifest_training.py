@@ -148,6 +148,8 @@ def test_manifest_run_is_patient_disjoint_with_per_site_metrics(
     for site, rows in site_rows.items():
         assert metrics[f"test_site_{site}_cases"] == rows
     assert metrics["test_auc_ci_low"] <= metrics["test_auc_ci_high"]
+    # Only a bootstrap over patients logs its resample count (images: Wilson intervals).
+    assert 900 <= metrics["test_ci_resamples"] <= 1000
     # Patient IDs are never recorded.
     recorded = json.dumps(lineage) + " ".join(
         [*run.data.params.values(), *run.data.tags.values(), *metrics]
@@ -210,6 +212,7 @@ def test_manifest_run_evaluates_on_another_manifest(
     assert metrics["eval_site_north_cases"] + metrics["eval_site_south_cases"] == 72
     # Patient IDs are present, so intervals come from resampling patients.
     assert metrics["eval_auc_ci_low"] <= metrics["eval_auc_ci_high"]
+    assert 900 <= metrics["eval_ci_resamples"] <= 1000
 
 
 def _valid_rows(folder: Path, count: int = 12) -> list[dict[str, str]]:

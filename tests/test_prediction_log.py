@@ -499,6 +499,19 @@ def test_a_kept_head_catches_a_log_and_head_file_replaced_together(log_path: Pat
     )
     assert replaced.exit_code == 1
     assert "the kept head records seq 10 but the last record is seq 3" in replaced.stdout
+    # A longer forgery reaches the kept seq, but not with the kept hash.
+    head_path_for(log_path).unlink()
+    log_path.unlink()
+    with PredictionLog(log_path) as log:
+        for number in range(12):
+            log.append(_record(number, hospital="Forged"))
+    assert verify_log(log_path).ok
+    forged = runner.invoke(app, ["audit", "verify", "--log", str(log_path), "--expect-head", kept])
+    assert forged.exit_code == 1
+    assert (
+        "the kept head: the record with seq 10 does not have the hash the kept head records: "
+        "the log was rewritten"
+    ) in forged.stdout
     malformed = runner.invoke(
         app, ["audit", "verify", "--log", str(log_path), "--expect-head", "10:abc"]
     )

@@ -110,6 +110,16 @@ def test_png_answer_matches_the_registered_onnx_model(
     assert record["model_name"] == registered_model.model_name
     assert record["model_version"] == registered_model.version
     assert record["model_alias"] == "candidate"
+    # The exact graph that answered, as its registration recorded it.
+    from training.tracking import configure_tracking
+
+    configure_tracking()
+    version = mlflow.MlflowClient().get_model_version(
+        registered_model.model_name, registered_model.version
+    )
+    assert record["model_sha256"] == version.tags["medscreen.onnx_sha256"]
+    graph_bytes = (model_dir / "model.onnx").read_bytes()
+    assert record["model_sha256"] == hashlib.sha256(graph_bytes).hexdigest()
     assert record["input_sha256"] == hashlib.sha256(content).hexdigest()
     assert record["score"] == pytest.approx(body["probability"])
     assert record["threshold"] == pytest.approx(body["threshold"])

@@ -79,6 +79,17 @@ def test_task_trains_evaluates_and_exports(
     truth = np.isin(test.labels, spec.positive_classes)
     # Near-tied scores of a one-epoch model may swap order between PyTorch and onnxruntime.
     assert roc_auc_score(truth, scores) == pytest.approx(metrics["test_auc"], abs=2e-3)
+    # AUC alone cannot tell the classes apart in a two-class task (swapping them swaps both
+    # scores and truth); sensitivity and specificity at the threshold can. Both are recomputed
+    # for the catalogue's positive classes, allowing one case to sit on the threshold.
+    threshold = exported.card.operating_point.threshold
+    assert metrics["threshold"] == pytest.approx(threshold, abs=1e-6)
+    flagged = scores >= threshold
+    for name, cases, expected in (
+        ("test_sensitivity", truth, flagged[truth].mean()),
+        ("test_specificity", ~truth, (~flagged[~truth]).mean()),
+    ):
+        assert metrics[name] == pytest.approx(expected, abs=1.01 / cases.sum()), name
     if len(spec.classes) > 2:
         assert 0 <= metrics["test_multiclass_auc"] <= 1
 

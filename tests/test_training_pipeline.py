@@ -222,6 +222,19 @@ def test_the_gate_refuses_a_threshold_or_metrics_from_a_handful_of_cases(medmnis
     assert message.endswith("nothing was registered")
     assert len(client.search_model_versions(query)) == before
 
+    # A threshold chosen on a handful of validation images is refused the same way.
+    recipe = load_recipe(QUICK_RECIPE, [*overrides, "data.max_val_samples=12"])
+    result = train_recipe(recipe, show_progress=False)
+    with pytest.raises(ExportError) as failure:
+        export_and_register(result.run_id)
+    message = str(failure.value)
+    positives = int(client.get_run(result.run_id).data.metrics["selected_val_positives"])
+    assert message == (
+        f"release gate failed: validation cases: {positives} positive and {12 - positives} "
+        "negative case(s); at least 10 of each needed; nothing was registered"
+    )
+    assert len(client.search_model_versions(query)) == before
+
 
 def test_export_cli_names_an_unknown_run():
     line = medscreen_error_line("export", "--run-id", "0" * 32)

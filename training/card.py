@@ -68,11 +68,16 @@ class TrainingData(_Card):
 
     dataset: str
     url: str
-    file_sha256: str
+    file_sha256: str = Field(
+        description="SHA-256 of the dataset file; for a dataset of many files (WFDB records), "
+        "SHA-256 of their SHA256SUMS-format listing, one 'DIGEST NAME' line per file, by name."
+    )
     licence: str
     citation: str
     split_fingerprints: dict[str, str]
     split_rows: dict[str, int]
+    # WFDB records: each file used to train or select, as PhysioNet's SHA256SUMS lists it.
+    files_sha256: dict[str, str] | None = None
 
 
 class Provenance(_Card):
@@ -190,6 +195,17 @@ class ModelCard(_Card):
         fingerprints = ", ".join(
             f"{split} `{value}`" for split, value in self.training_data.split_fingerprints.items()
         )
+        data = self.training_data
+        if data.files_sha256:
+            digest = (
+                f"SHA-256 of the SHA256SUMS listing of its {len(data.files_sha256)} files "
+                f"`{data.file_sha256}`; each file, as PhysioNet's SHA256SUMS lists it: "
+                + ", ".join(
+                    f"{name} `{digest}`" for name, digest in sorted(data.files_sha256.items())
+                )
+            )
+        else:
+            digest = f"SHA-256 `{data.file_sha256}`"
         return f"""# Model card: {self.model_name}
 
 **Task.** {self.task}
@@ -218,7 +234,7 @@ class ModelCard(_Card):
 {gate}
 
 **Training data.** {self.training_data.dataset} ({self.training_data.licence}),
-{self.training_data.url}, SHA-256 `{self.training_data.file_sha256}`.
+{self.training_data.url}, {digest}.
 Split fingerprints: {fingerprints}.
 Cite: {self.training_data.citation}
 

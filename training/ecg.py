@@ -36,7 +36,8 @@ from datasets.ecg import (
     checked_records,
     load_beats,
     load_detected_beats,
-    record_digests,
+    record_digest,
+    record_file_digests,
 )
 from training.evaluate import OVERLAP_CHECK_TAG
 from training.plots import confusion_figure, log_figures
@@ -399,8 +400,9 @@ def train_ecg(recipe: EcgRecipe, *, show_progress: bool = True) -> EcgTrainingRe
                 # Copies of recorded N beats given premature timing, trained on as S.
                 "train_synthetic_premature_beats": len(train) - len(recorded),
                 "fingerprints": {"train": train.fingerprint, "val": val.fingerprint},
-                # Per record, so that evaluation can refuse a renamed copy of one.
-                "record_sha256": record_digests(
+                # Per file, as PhysioNet's SHA256SUMS lists them; evaluation refuses a renamed
+                # copy of a record by its signal or annotation file.
+                "record_files_sha256": record_file_digests(
                     records_dir, [*recipe.data.train_records, *recipe.data.val_records]
                 ),
             },
@@ -467,16 +469,38 @@ def _refuse_copies_of_seen_records(run_id: str, records_dir: Path, records: list
         DatasetError: naming the record and the one it copies.
     """
     lineage = mlflow.artifacts.load_dict(f"runs:/{run_id}/{LINEAGE_ARTIFACT}")
-    seen = {digest: record for record, digest in lineage.get("record_sha256", {}).items()}
+    # Signal and annotations, not the header: renaming a record means editing its header.
+    seen = {
+        digest: record
+        for record, files in lineage.get("record_files_sha256", {}).items()
+        for name, digest in files.items()
+        if not name.endswith(".hea")
+    }
     if not seen:
-        return "names only: the run predates per-record digests"
-    for record, digest in record_digests(records_dir, records).items():
-        if digest in seen:
+        # Runs of 2026-11-30 kept one digest over each record's three files.
+        seen = {digest: record for record, digest in lineage.get("record_sha256", {}).items()}
+        copies = [
+            (record, seen[digest])
+            for record in records
+            if (digest := record_digest(records_dir, record)) in seen
+        ]
+        if copies:
+            record, original = copies[0]
             raise DatasetError(
-                f"{records_dir / record}: the same files as record {seen[digest]}, which run "
+                f"{records_dir / record}: the same files as record {original}, which run "
                 f"{run_id} trained or selected on; evaluate on records it has never seen"
             )
-    return "passed: no record has the files of one the run trained or selected on"
+        if seen:
+            return "passed, whole records only: the run predates per-file digests"
+        return "names only: the run predates per-record digests"
+    for files in record_file_digests(records_dir, records).values():
+        for name, digest in files.items():
+            if digest in seen and not name.endswith(".hea"):
+                raise DatasetError(
+                    f"{records_dir / name}: the same file as in record {seen[digest]}, which "
+                    f"run {run_id} trained or selected on; evaluate on records it has never seen"
+                )
+    return "passed: no record has a signal or annotation file of one the run trained or selected on"
 
 
 def evaluate_ecg_records(run_id: str, records_dir: Path, records: list[str]) -> EcgTrainingResult:

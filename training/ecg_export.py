@@ -9,10 +9,12 @@ chosen on the validation records for the recipe's sensitivity target.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import torch
 from mlflow.models import ModelSignature
@@ -61,6 +63,7 @@ from training.export import (
     utc_now,
 )
 from training.tracking import package_versions
+from training.train import LINEAGE_ARTIFACT
 
 ECG_OUTPUT = "probabilities"
 NEVER_ALERTED_SCORE = -1.0  # below any threshold: a beat the detector missed raises no alert
@@ -138,6 +141,16 @@ def _torch_probabilities(network: EcgBeatNetwork, beats: BeatSet) -> np.ndarray:
         torch.from_numpy(beats.templates),
         torch.from_numpy(beats.rr_seconds),
     ).numpy()
+
+
+def listing_sha256(files_sha256: dict[str, str]) -> str:
+    """SHA-256 of a SHA256SUMS-format listing (``DIGEST NAME`` lines, sorted by name).
+
+    PhysioNet publishes such a list for each database, so an auditor can rebuild this digest
+    from its lines for the same files.
+    """
+    listing = "".join(f"{files_sha256[name]} {name}\n" for name in sorted(files_sha256))
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def _signature() -> ModelSignature:
@@ -292,6 +305,12 @@ def export_ecg_and_register(run_id: str, *, records_dir: Path | None = None) -> 
             if name.endswith("_ci_low")
         }
         tags = run.data.tags
+        lineage = mlflow.artifacts.load_dict(f"runs:/{run_id}/{LINEAGE_ARTIFACT}")
+        files_sha256 = {
+            name: digest
+            for files in lineage.get("record_files_sha256", {}).values()
+            for name, digest in files.items()
+        }
         card = ModelCard(
             kind="ecg-monitoring",
             model_name=recipe.registration.model_name,
@@ -322,7 +341,12 @@ def export_ecg_and_register(run_id: str, *, records_dir: Path | None = None) -> 
             training_data=TrainingData(
                 dataset="MIT-BIH Arrhythmia Database 1.0.0 (DS1)",
                 url=MITDB_URL,
-                file_sha256=tags.get("medscreen.data.train.fingerprint", ""),
+                file_sha256=(
+                    listing_sha256(files_sha256)
+                    if files_sha256
+                    else tags.get("medscreen.data.train.fingerprint", "")  # runs before them
+                ),
+                files_sha256=files_sha256 or None,
                 licence=MITDB_LICENCE,
                 citation=MITDB_CITATION,
                 split_fingerprints={

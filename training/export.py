@@ -64,6 +64,8 @@ from training.tracking import export_provenance, package_versions
 ONNX_INPUT, ONNX_OUTPUT = "image", "probabilities"
 REGISTRY_ARTIFACT_NAME = "onnx-model"
 GATE_PASSED_TAG = "medscreen.release_gate"
+# The service refuses a version whose files differ from these (serving.model's tags).
+CARD_SHA256_TAG = "medscreen.card_sha256"
 _CALIBRATION_IMAGES = 512
 
 
@@ -376,6 +378,7 @@ def register_version(
     with tempfile.TemporaryDirectory() as card_dir:
         card_path = Path(card_dir) / CARD_FILENAME
         card_path.write_text(card.model_dump_json(indent=2))
+        card_sha256 = file_sha256(card_path)
         markdown_path = Path(card_dir) / CARD_MARKDOWN_FILENAME
         markdown_path.write_text(card.to_markdown())
         # Created in the training run's experiment: left to log_model, an MLFLOW_EXPERIMENT_NAME
@@ -410,6 +413,7 @@ def register_version(
         "medscreen.card_schema": card.card_schema,
         "medscreen.variant": card.onnx.variant,
         "medscreen.onnx_sha256": card.onnx.sha256,
+        CARD_SHA256_TAG: card_sha256,
         "medscreen.test_auc": f"{card.metrics.get('test_auc', float('nan')):.4f}",
         "medscreen.run_id": run_id,
         "medscreen.data.train.fingerprint": card.training_data.split_fingerprints["train"],

@@ -159,7 +159,16 @@ def _show_version(version) -> None:
         ("code commit", provenance.get("git_commit")),
         ("uncommitted changes", provenance.get("git_dirty")),
         ("dataset", data.get("dataset")),
-        ("dataset SHA-256", data.get("file_sha256")),
+        (
+            "dataset files' SHA256SUMS listing, SHA-256"
+            if data.get("files_sha256")
+            else "dataset SHA-256",
+            data.get("file_sha256"),
+        ),
+        *(
+            (f"file {name}", digest)
+            for name, digest in sorted((data.get("files_sha256") or {}).items())
+        ),
         *(
             (f"{split} fingerprint", fingerprint)
             for split, fingerprint in data.get("split_fingerprints", {}).items()

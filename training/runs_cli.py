@@ -73,6 +73,8 @@ def show_command(
     )
     if evaluated := tags.get("medscreen.evaluates_run_id"):
         console.print(f"evaluates run {evaluated}")
+        # Whether the data was checked against what the run trained and selected on.
+        console.print(f"overlap check: {tags.get('medscreen.overlap_check', 'not recorded')}")
     _table(
         "provenance",
         sorted((key, value) for key, value in tags.items() if key.startswith(_PROVENANCE_PREFIXES)),
@@ -103,6 +105,7 @@ def show_command(
             if key.startswith("medscreen.version.")
         ),
     )
+    _table("parameters", sorted(run.data.params.items()))
     _table("metrics", [(key, f"{value:.4f}") for key, value in sorted(run.data.metrics.items())])
     evaluations = client.search_runs(
         [info.experiment_id], filter_string=f"tags.`medscreen.evaluates_run_id` = '{run_id}'"
@@ -125,7 +128,8 @@ def show_command(
             (
                 f"{version.name}/{version.version}",
                 f"release gate {version.tags.get('medscreen.release_gate', 'none')}, "
-                f"threshold {version.tags.get('medscreen.threshold', '?')}",
+                f"threshold {version.tags.get('medscreen.threshold', '?')}, "
+                f"ONNX SHA-256 {version.tags.get('medscreen.onnx_sha256', '?')}",
             )
             for version in sorted(versions, key=lambda version: int(version.version))
         ],
