@@ -192,6 +192,15 @@ def test_patient_disjoint_split_keeps_each_patient_in_one_split():
     assert len(seen[2]) == 10 and len(seen[1]) == 10
 
 
+def _runs_show(run_id: str) -> str:
+    """The output of `medscreen runs show RUN_ID`, which must succeed."""
+    shown = subprocess.run(
+        [*medscreen_command(), "runs", "show", run_id], capture_output=True, text=True, timeout=120
+    )
+    assert shown.returncode == 0, shown.stderr
+    return shown.stdout
+
+
 @pytest.mark.slow
 def test_evaluation_is_a_linked_run_without_patient_identifiers(
     trained_run, tmp_path, medmnist_dir, shared_datasets
@@ -218,32 +227,18 @@ def test_evaluation_is_a_linked_run_without_patient_identifiers(
     assert SECRET not in recorded
 
     # An auditor finds the evaluation from the training run, on the command line.
-    shown = subprocess.run(
-        [*medscreen_command(), "runs", "show", training.run_id],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert shown.returncode == 0, shown.stderr
-    assert result.run_id in shown.stdout and "evaluations of this run" in shown.stdout
+    shown = _runs_show(training.run_id)
+    assert result.run_id in shown and "evaluations of this run" in shown
     commit = run.data.tags["medscreen.git_commit"]
     val_fingerprint = (
         MlflowClient().get_run(training.run_id).data.tags["medscreen.data.val.fingerprint"]
     )
-    assert commit in shown.stdout and val_fingerprint in shown.stdout
+    assert commit in shown and val_fingerprint in shown
     # And the evaluation itself: what it checked, and the threshold and temperature it used.
-    shown = subprocess.run(
-        [*medscreen_command(), "runs", "show", result.run_id],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert shown.returncode == 0, shown.stderr
-    assert f"evaluates run {training.run_id}" in shown.stdout
-    assert "overlap check: passed: no row is in the run's training or validation data" in (
-        shown.stdout
-    )
-    assert "parameters" in shown.stdout and run.data.params["threshold"] in shown.stdout
+    shown = _runs_show(result.run_id)
+    assert f"evaluates run {training.run_id}" in shown
+    assert "overlap check: passed: no row is in the run's training or validation data" in shown
+    assert "parameters" in shown and run.data.params["threshold"] in shown
     assert medscreen_error_line("runs", "show", "not-a-run").startswith("error: RUN_ID:")
 
 
