@@ -193,16 +193,75 @@ def file_sha256_or_error(path: Path) -> str:
         raise DatasetError(f"{path}: {error.strerror or 'cannot read'}") from error
 
 
+# PhysioNet publishes one per database; a download of the directory brings it along.
+PUBLISHED_CHECKSUM_FILES = ("SHA256SUMS.txt", "SHA256SUMS")
+_CHECKSUM_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *]?(\S+)")
+
+
+def published_checksums(records_dir: Path) -> tuple[Path, dict[str, str]] | None:
+    """The checksum list in a records directory, by file name; None if it holds none.
+
+    Raises:
+        DatasetError: naming the line of a list that is not ``SHA256 NAME`` lines.
+    """
+    for name in PUBLISHED_CHECKSUM_FILES:
+        path = records_dir / name
+        if not path.is_file():
+            continue
+        try:
+            lines = path.read_text(encoding="ascii").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise DatasetError(f"{path}: cannot read the checksum list: {error}") from error
+        listed = {}
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            match = _CHECKSUM_LINE.fullmatch(line.strip())
+            if match is None:
+                raise DatasetError(f"{path}:{number}: not a 'SHA256 FILE' line")
+            listed[match[2]] = match[1].lower()
+        return path, listed
+    return None
+
+
 def record_digest(records_dir: Path, record: str) -> str:
-    """SHA-256 over a record's header, signal and annotation files, read in that order."""
+    """SHA-256 over a record's header, signal and annotation files, read in that order.
+
+    Each file the directory's published checksum list names must match it.
+
+    Raises:
+        DatasetError: naming a file that cannot be read or differs from the list.
+    """
+    published = published_checksums(records_dir)
     digest = hashlib.sha256()
-    for suffix in (".hea", ".dat", ".atr"):
+    for suffix in RECORD_FILE_SUFFIXES:
         path = records_dir / f"{record}{suffix}"
         try:
-            digest.update(path.read_bytes())
+            data = path.read_bytes()
         except OSError as error:
             raise DatasetError(f"{path}: {error.strerror or 'cannot read'}") from error
+        if published is not None and (expected := published[1].get(path.name)) is not None:
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != expected:
+                raise DatasetError(
+                    f"{path}: SHA-256 is {actual}, but {published[0].name} lists {expected}: "
+                    "the file is corrupt or was changed"
+                )
+        digest.update(data)
     return digest.hexdigest()
+
+
+def published_checksum_summary(records_dir: Path, records: Sequence[str]) -> str:
+    """How many of the records' files the directory's checksum list names (all matched).
+
+    Only meaningful after the records were loaded, which checks each listed file.
+    """
+    published = published_checksums(records_dir)
+    if published is None:
+        return "no published checksum list in the records directory"
+    files = [f"{record}{suffix}" for record in records for suffix in RECORD_FILE_SUFFIXES]
+    listed = sum(name in published[1] for name in files)
+    return f"{listed} of {len(files)} files checked against {published[0].name}"
 
 
 def check_annotation_file(path: Path) -> None:

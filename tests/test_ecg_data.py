@@ -19,6 +19,7 @@ from datasets.ecg import (
     WINDOW_BEFORE,
     load_beats,
     load_detected_beats,
+    published_checksum_summary,
     rr_intervals,
 )
 
@@ -131,3 +132,31 @@ def test_a_truncated_annotation_file_is_refused(mitdb: Path, tmp_path: Path):
     (tmp_path / "115.atr").write_bytes((mitdb / "115.atr").read_bytes()[:201])  # odd length
     with pytest.raises(DatasetError, match=r"115\.atr: truncated"):
         load_beats(tmp_path, ["115"])
+
+
+def test_records_are_checked_against_the_published_checksum_list(mitdb: Path, tmp_path: Path):
+    """PhysioNet's SHA256SUMS beside the records: a changed file is refused, naming it."""
+    assert published_checksum_summary(mitdb, ["101", "118"]) == (
+        "6 of 6 files checked against SHA256SUMS"
+    )
+    _copy_record(mitdb, tmp_path, "101")
+    assert published_checksum_summary(tmp_path, ["101"]) == (
+        "no published checksum list in the records directory"
+    )
+    listed = [line for line in (mitdb / "SHA256SUMS").read_text().splitlines() if "101." in line]
+    (tmp_path / "SHA256SUMS.txt").write_text("\n".join(listed) + "\n")
+    assert len(load_beats(tmp_path, ["101"])) > 1000
+    signal = bytearray((mitdb / "101.dat").read_bytes())
+    signal[5000] ^= 0x01  # one bit of one sample: wfdb would read it without complaint
+    (tmp_path / "101.dat").write_bytes(bytes(signal))
+    expected = next(line.split()[0] for line in listed if line.endswith("101.dat"))
+    for load in (load_beats, load_detected_beats):
+        with pytest.raises(DatasetError) as failure:
+            load(tmp_path, ["101"])
+        assert str(failure.value).startswith(f"{tmp_path / '101.dat'}: SHA-256 is ")
+        assert str(failure.value).endswith(
+            f", but SHA256SUMS.txt lists {expected}: the file is corrupt or was changed"
+        )
+    (tmp_path / "SHA256SUMS.txt").write_text(listed[0] + "\nnot a checksum line\n")
+    with pytest.raises(DatasetError, match=r"SHA256SUMS\.txt:2: not a 'SHA256 FILE' line"):
+        load_beats(tmp_path, ["101"])

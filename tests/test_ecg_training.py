@@ -56,6 +56,7 @@ def test_ecg_run_reports_aami_metrics_per_class_and_per_record(ecg_run):
     assert lineage["train_records"] == ["106", "118", "207", "209"]
     assert lineage["train_beats_per_class"]["S"] == 96 + 107 + 383
     assert lineage["train_synthetic_premature_beats"] == 4 * 50  # the recipe's 50 per record
+    assert lineage["published_checksums"] == "15 of 15 files checked against SHA256SUMS"
     assert {Path(a.path).name for a in client.list_artifacts(ecg_run.run_id, "plots")} == {
         "val_confusion.png"
     }
@@ -69,6 +70,9 @@ def test_ecg_evaluation_on_unseen_records_is_a_linked_run(ecg_run, shared_datase
     run = _client().get_run(result.run_id)
     assert run.data.tags["mlflow.parentRunId"] == ecg_run.run_id
     assert run.data.metrics["eval_V_beats"] == 198 + 473
+    assert run.data.tags["medscreen.data.published_checksums"] == (
+        "6 of 6 files checked against SHA256SUMS"
+    )
     per_record = json.loads(
         mlflow.artifacts.load_text(f"runs:/{result.run_id}/evaluation/eval_per_record.json")
     )

@@ -36,6 +36,7 @@ from datasets.ecg import (
     checked_records,
     load_beats,
     load_detected_beats,
+    published_checksum_summary,
     record_digest,
     record_file_digests,
 )
@@ -53,6 +54,8 @@ from training.train import (
 )
 
 ECG_DIR_ENV = "MEDSCREEN_ECG_DIR"
+# Whether the records matched the checksum list published with them (PhysioNet's SHA256SUMS).
+PUBLISHED_CHECKSUMS_TAG = "medscreen.data.published_checksums"
 MAX_CLASS_WEIGHT = 50.0  # Q has 8 beats in DS1: an uncapped inverse frequency swamps the loss
 
 
@@ -405,6 +408,9 @@ def train_ecg(recipe: EcgRecipe, *, show_progress: bool = True) -> EcgTrainingRe
                 "record_files_sha256": record_file_digests(
                     records_dir, [*recipe.data.train_records, *recipe.data.val_records]
                 ),
+                "published_checksums": published_checksum_summary(
+                    records_dir, [*recipe.data.train_records, *recipe.data.val_records]
+                ),
             },
             LINEAGE_ARTIFACT,
         )
@@ -527,6 +533,7 @@ def evaluate_ecg_records(run_id: str, records_dir: Path, records: list[str]) -> 
             "mlflow.parentRunId": run_id,
             "medscreen.evaluates_run_id": run_id,
             "medscreen.data.eval.fingerprint": beats.fingerprint,
+            PUBLISHED_CHECKSUMS_TAG: published_checksum_summary(records_dir, records),
             OVERLAP_CHECK_TAG: overlap_check,
             **provenance(),
         },
