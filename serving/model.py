@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
@@ -22,6 +23,8 @@ from datasets.ecg import ECG_INPUTS
 from serving.card import CARD_FILENAME, ServedCard
 from serving.errors import ModelLoadError
 from serving.settings import tracking_uri
+
+logger = logging.getLogger("medscreen.serving")
 
 GATE_TAG = "medscreen.release_gate"
 # Written with the version by `medscreen export`; what the served files must match.
@@ -321,8 +324,16 @@ def _check_registered_artifacts(
             f"{registered_onnx}; the artifact was changed after the release gate, so it is not "
             "served"
         )
-    registered_card = version.tags.get(CARD_SHA256_TAG)  # absent on versions before it existed
-    if registered_card is not None and file_sha256(card_path) != registered_card:
+    registered_card = version.tags.get(CARD_SHA256_TAG)
+    if registered_card is None:
+        # Versions exported before 2026-11-30 15:00 UTC: refusing them would stop serving them.
+        logger.warning(
+            "%s: registered before cards were hashed, so only its graph and threshold are checked "
+            "against the registration, not the rest of its card (positive classes, say); "
+            "re-export it with `medscreen export` to have the whole card checked",
+            what,
+        )
+    elif file_sha256(card_path) != registered_card:
         raise ModelLoadError(
             f"{what}: its card's SHA-256 is not the registered {registered_card}; the artifact "
             "was changed after the release gate, so it is not served"

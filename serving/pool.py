@@ -200,7 +200,7 @@ class ModelPool:
             current.batcher.close()
             change = (
                 f"{reference} moved from version {current.model.version} "
-                f"to {replacement.model.version}"
+                f"to {replacement.model.version} (ONNX SHA-256 {replacement.model.onnx_sha256})"
             )
             logger.info("switched %s", change)
             changes.append(change)

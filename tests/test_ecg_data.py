@@ -160,3 +160,30 @@ def test_records_are_checked_against_the_published_checksum_list(mitdb: Path, tm
     (tmp_path / "SHA256SUMS.txt").write_text(listed[0] + "\nnot a checksum line\n")
     with pytest.raises(DatasetError, match=r"SHA256SUMS\.txt:2: not a 'SHA256 FILE' line"):
         load_beats(tmp_path, ["101"])
+
+
+def test_checksum_lists_in_every_form_sha256sum_writes_are_read(mitdb: Path, tmp_path: Path):
+    """Paths, binary markers, tabs, a BOM, CRLF and names with spaces are all read as lists."""
+    _copy_record(mitdb, tmp_path, "101")
+    signal = bytearray((mitdb / "101.dat").read_bytes())
+    signal[5000] ^= 0x01
+    (tmp_path / "101.dat").write_bytes(bytes(signal))
+    published = {
+        line.split()[1]: line.split()[0]
+        for line in (mitdb / "SHA256SUMS").read_text().splitlines()
+        if "101." in line
+    }
+    for prefix, separator in (("./", "  "), ("mitdb/", " *"), ("", "\t")):
+        lines = [f"{digest}{separator}{prefix}{name}" for name, digest in published.items()]
+        lines.append(f"{'0' * 64}  {prefix}notes on the records.pdf")
+        text = "\ufeff" + "\r\n".join(lines) + "\r\n"
+        (tmp_path / "SHA256SUMS").write_text(text, encoding="utf-8")
+        assert published_checksum_summary(tmp_path, ["101"]) == (
+            "3 of 3 files checked against SHA256SUMS"
+        )
+        with pytest.raises(DatasetError, match=r"101\.dat: SHA-256 is .* but SHA256SUMS lists"):
+            load_beats(tmp_path, ["101"])
+    twice = f"{published['101.dat']}  a/101.dat\n{'0' * 64}  b/101.dat\n"
+    (tmp_path / "SHA256SUMS").write_text(twice)
+    with pytest.raises(DatasetError, match=r"SHA256SUMS:2: lists 101\.dat again with another"):
+        load_beats(tmp_path, ["101"])

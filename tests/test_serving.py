@@ -647,7 +647,11 @@ def test_alias_move_switches_version_without_restart_or_failed_requests(
             sender.join()
     assert seen and all(status == 200 for status, _ in seen), seen
     assert {version for _, version in seen} == {registered_model.version, second.version}
-    assert "moved from version" in served_model.log()
+    switched_to_second = (
+        f"{name}@candidate moved from version {registered_model.version} to {second.version} "
+        f"(ONNX SHA-256 {second.card.onnx.sha256})"
+    )
+    assert switched_to_second in served_model.log()
 
 
 def test_health_and_metrics_endpoints_stay_on(served_model):
