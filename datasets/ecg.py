@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from scipy.signal import butter, sosfiltfilt
 
+from datasets.download import file_sha256
 from datasets.errors import DatasetError
 
 AAMI_CLASSES = ("N", "S", "V", "F", "Q")
@@ -188,7 +189,7 @@ def record_file_digests(records_dir: Path, records: Sequence[str]) -> dict[str, 
 def file_sha256_or_error(path: Path) -> str:
     """The file's SHA-256; an unreadable file is a DatasetError naming it."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return file_sha256(path)
     except OSError as error:
         raise DatasetError(f"{path}: {error.strerror or 'cannot read'}") from error
 
@@ -237,15 +238,20 @@ def published_checksums(records_dir: Path) -> tuple[Path, dict[str, str]] | None
     return None
 
 
-def record_digest(records_dir: Path, record: str) -> str:
+def record_digest(
+    records_dir: Path, record: str, published: tuple[Path, dict[str, str]] | None
+) -> str:
     """SHA-256 over a record's header, signal and annotation files, read in that order.
 
-    Each file the directory's published checksum list names must match it.
+    Args:
+        records_dir: The records directory.
+        record: The record's name.
+        published: The directory's checksum list (:func:`published_checksums`): each file it
+            names must match it.
 
     Raises:
         DatasetError: naming a file that cannot be read or differs from the list.
     """
-    published = published_checksums(records_dir)
     digest = hashlib.sha256()
     for suffix in RECORD_FILE_SUFFIXES:
         path = records_dir / f"{record}{suffix}"
@@ -261,6 +267,19 @@ def record_digest(records_dir: Path, record: str) -> str:
                     "the file is corrupt or was changed"
                 )
         digest.update(data)
+    return digest.hexdigest()
+
+
+def records_fingerprint(records_dir: Path, records: Sequence[str]) -> str:
+    """SHA-256 over the records' names and digests: the fingerprint of beats read from them.
+
+    Raises:
+        DatasetError: as :func:`record_digest`.
+    """
+    published = published_checksums(records_dir)
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(f"{record}:{record_digest(records_dir, record, published)}\n".encode())
     return digest.hexdigest()
 
 
@@ -449,9 +468,10 @@ def load_beats(
             another rate than :data:`SAMPLING_RATE_HZ`, without beat annotations or without
             the lead.
     """
-    parts, digest = [], hashlib.sha256()
-    for record in checked_records(records):
-        digest.update(f"{record}:{record_digest(records_dir, record)}\n".encode())
+    records = checked_records(records)
+    fingerprint = records_fingerprint(records_dir, records)
+    parts = []
+    for record in records:
         filtered, peaks, labels = _read_record(records_dir, record, lead)
         windows, templates, rr, inside = cut_beats(filtered, peaks)
         if not inside.any():
@@ -459,7 +479,7 @@ def load_beats(
                 f"{records_dir / record}.atr: no annotated beat has a full window in the signal"
             )
         parts.append((windows, templates, rr, labels[inside], np.full(inside.sum(), record)))
-    return _beat_set(parts, digest.hexdigest())
+    return _beat_set(parts, fingerprint)
 
 
 def load_detected_beats(
@@ -480,11 +500,12 @@ def load_detected_beats(
     Raises:
         DatasetError: as :func:`load_beats`.
     """
-    parts, digest = [], hashlib.sha256()
+    records = checked_records(records)
+    fingerprint = records_fingerprint(records_dir, records)
+    parts = []
     missed_labels: list[int] = []
     missed_records: list[str] = []
-    for record in checked_records(records):
-        digest.update(f"{record}:{record_digest(records_dir, record)}\n".encode())
+    for record in records:
         filtered, annotated, annotated_labels = _read_record(records_dir, record, lead)
         peaks = detect_r_peaks(filtered)
         if len(peaks) < 2:
@@ -513,4 +534,4 @@ def load_detected_beats(
     missed = MissedBeats(
         labels=np.array(missed_labels, dtype=np.int64), records=np.array(missed_records, dtype=str)
     )
-    return _beat_set(parts, digest.hexdigest()), missed
+    return _beat_set(parts, fingerprint), missed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -280,7 +281,8 @@ def load_served_model(reference: str, *, tracking: str | None = None) -> ServedM
             ) from error
         card_path = model_dir / "extra_files" / CARD_FILENAME
         try:
-            card = ServedCard.model_validate_json(card_path.read_bytes())
+            card_bytes = card_path.read_bytes()
+            card = ServedCard.model_validate_json(card_bytes)
         except (OSError, ValidationError) as error:
             raise ModelLoadError(
                 f"{reference!r}: model card {card_path.name} is unusable: {error}"
@@ -290,7 +292,9 @@ def load_served_model(reference: str, *, tracking: str | None = None) -> ServedM
             raise ModelLoadError(
                 f"{reference!r}: {onnx_path.name} is missing or its SHA-256 differs from the card's"
             )
-        _check_registered_artifacts(reference, version, card, card_path)
+        _check_registered_artifacts(
+            reference, version, card, hashlib.sha256(card_bytes).hexdigest()
+        )
         return ServedModel(
             card,
             onnx_path,
@@ -300,7 +304,7 @@ def load_served_model(reference: str, *, tracking: str | None = None) -> ServedM
 
 
 def _check_registered_artifacts(
-    reference: str, version: ModelVersion, card: ServedCard, card_path: Path
+    reference: str, version: ModelVersion, card: ServedCard, card_sha256: str
 ) -> None:
     """Serve only the graph, card and threshold the registry recorded when the gate passed.
 
@@ -333,7 +337,7 @@ def _check_registered_artifacts(
             "re-export it with `medscreen export` to have the whole card checked",
             what,
         )
-    elif file_sha256(card_path) != registered_card:
+    elif card_sha256 != registered_card:
         raise ModelLoadError(
             f"{what}: its card's SHA-256 is not the registered {registered_card}; the artifact "
             "was changed after the release gate, so it is not served"

@@ -37,6 +37,7 @@ from datasets.ecg import (
     load_beats,
     load_detected_beats,
     published_checksum_summary,
+    published_checksums,
     record_digest,
     record_file_digests,
 )
@@ -51,6 +52,7 @@ from training.train import (
     WEIGHTS_ARTIFACT,
     EpochMetricsToMlflow,
     build_trainer,
+    read_run_json,
 )
 
 ECG_DIR_ENV = "MEDSCREEN_ECG_DIR"
@@ -474,7 +476,7 @@ def _refuse_copies_of_seen_records(run_id: str, records_dir: Path, records: list
     Raises:
         DatasetError: naming the record and the one it copies.
     """
-    lineage = mlflow.artifacts.load_dict(f"runs:/{run_id}/{LINEAGE_ARTIFACT}")
+    lineage = read_run_json(run_id, LINEAGE_ARTIFACT)
     # Signal and annotations, not the header: renaming a record means editing its header.
     seen = {
         digest: record
@@ -485,10 +487,11 @@ def _refuse_copies_of_seen_records(run_id: str, records_dir: Path, records: list
     if not seen:
         # Runs of 2026-11-30 kept one digest over each record's three files.
         seen = {digest: record for record, digest in lineage.get("record_sha256", {}).items()}
+        published = published_checksums(records_dir)
         copies = [
             (record, seen[digest])
             for record in records
-            if (digest := record_digest(records_dir, record)) in seen
+            if (digest := record_digest(records_dir, record, published)) in seen
         ]
         if copies:
             record, original = copies[0]

@@ -14,7 +14,6 @@ import logging
 import tempfile
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 from mlflow.models import ModelSignature
@@ -63,7 +62,7 @@ from training.export import (
     utc_now,
 )
 from training.tracking import package_versions
-from training.train import LINEAGE_ARTIFACT
+from training.train import LINEAGE_ARTIFACT, read_run_json
 
 ECG_OUTPUT = "probabilities"
 NEVER_ALERTED_SCORE = -1.0  # below any threshold: a beat the detector missed raises no alert
@@ -305,7 +304,7 @@ def export_ecg_and_register(run_id: str, *, records_dir: Path | None = None) -> 
             if name.endswith("_ci_low")
         }
         tags = run.data.tags
-        lineage = mlflow.artifacts.load_dict(f"runs:/{run_id}/{LINEAGE_ARTIFACT}")
+        lineage = read_run_json(run_id, LINEAGE_ARTIFACT)
         files_sha256 = {
             name: digest
             for files in lineage.get("record_files_sha256", {}).values()
