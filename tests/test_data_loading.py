@@ -1,4 +1,4 @@
-"""Training batches: augmentation draws differ between loader workers and between epochs."""
+"""Training batches: augmentation draws per worker and epoch, and balanced class weights."""
 
 from __future__ import annotations
 
@@ -73,3 +73,22 @@ def test_augmentation_fills_uncovered_corners_with_the_image_minimum(medmnist_di
         # Interpolation stays within the image's range; only rounding may cross it.
         assert int(augmented.min()) >= int(original.min()) - 1
         assert int(augmented.max()) <= int(original.max()) + 1
+
+
+def test_balanced_class_weights_are_scikit_learns_for_the_training_split(medmnist_dir: Path):
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from training import load_recipe
+    from training.data import ScreeningDataModule
+
+    recipe = load_recipe(
+        QUICK_RECIPE.with_name("breast-full.yaml"), [f"data.data_dir={medmnist_dir}"]
+    )
+    module = ScreeningDataModule(recipe)
+    module.setup()
+    labels = module.splits["train"].labels
+    weights = module.class_weights().numpy()
+    expected = compute_class_weight("balanced", classes=np.arange(2), y=labels)
+    np.testing.assert_allclose(weights, expected, rtol=1e-6)
+    # BreastMNIST's malignant class (0) is the rarer one, so it weighs more.
+    assert np.bincount(labels)[0] < np.bincount(labels)[1] and weights[0] > weights[1]

@@ -44,6 +44,7 @@ def train_command(
             result = train_recipe(resolved, show_progress=progress)
             shown = [
                 "selected_val_auc",
+                "val_accuracy",
                 "threshold",
                 "test_auc",
                 "test_sensitivity",
