@@ -142,8 +142,8 @@ def test_export_registers_a_version_with_card_and_checked_onnx(
     assert result.threshold == pytest.approx(threshold_on("val"), abs=1e-4)
     assert result.threshold != pytest.approx(threshold_on("test"), abs=1e-4)
 
-    # Accuracy at the most probable class, on each split, as the graph gives it (one image may
-    # flip within the parity tolerance).
+    # Validation accuracy at the most probable class, as the graph gives it (one image may flip
+    # within the parity tolerance).
     (val_probabilities,) = session.run(None, {"image": val.images})
     val_accuracy = float(np.mean(val_probabilities.argmax(axis=1) == val.labels))
     assert result.metrics["val_accuracy"] == pytest.approx(val_accuracy, abs=1.01 / len(val))
