@@ -18,7 +18,6 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from scipy.signal import butter, sosfiltfilt
 
-from datasets.download import file_sha256
 from datasets.errors import DatasetError
 
 AAMI_CLASSES = ("N", "S", "V", "F", "Q")
@@ -179,17 +178,19 @@ def record_file_digests(records_dir: Path, records: Sequence[str]) -> dict[str, 
     """
     return {
         record: {
-            f"{record}{suffix}": file_sha256_or_error(records_dir / f"{record}{suffix}")
+            f"{record}{suffix}": hashlib.sha256(
+                _read_record_file(records_dir / f"{record}{suffix}")
+            ).hexdigest()
             for suffix in RECORD_FILE_SUFFIXES
         }
         for record in records
     }
 
 
-def file_sha256_or_error(path: Path) -> str:
-    """The file's SHA-256; an unreadable file is a DatasetError naming it."""
+def _read_record_file(path: Path) -> bytes:
+    """The file's bytes; an unreadable file is a DatasetError naming it."""
     try:
-        return file_sha256(path)
+        return path.read_bytes()
     except OSError as error:
         raise DatasetError(f"{path}: {error.strerror or 'cannot read'}") from error
 
@@ -255,10 +256,7 @@ def record_digest(
     digest = hashlib.sha256()
     for suffix in RECORD_FILE_SUFFIXES:
         path = records_dir / f"{record}{suffix}"
-        try:
-            data = path.read_bytes()
-        except OSError as error:
-            raise DatasetError(f"{path}: {error.strerror or 'cannot read'}") from error
+        data = _read_record_file(path)
         if published is not None and (expected := published[1].get(path.name)) is not None:
             actual = hashlib.sha256(data).hexdigest()
             if actual != expected:
@@ -307,10 +305,7 @@ def check_annotation_file(path: Path) -> None:
     Raises:
         DatasetError: naming the file, if it is truncated or unreadable.
     """
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise DatasetError(f"{path}: {error.strerror or 'cannot read'}") from error
+    data = _read_record_file(path)
     position = 0
     while position + 2 <= len(data):
         word = int.from_bytes(data[position : position + 2], "little")
