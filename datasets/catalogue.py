@@ -68,5 +68,8 @@ def get_dataset_spec(name: str) -> DatasetSpec:
     """
     catalogue = _load_catalogue()
     if name not in catalogue:
-        raise DatasetError(f"unknown dataset {name!r}; the catalogue has {sorted(catalogue)}")
+        from datasets.records import list_record_databases
+
+        known = sorted([*catalogue, *(database.name for database in list_record_databases())])
+        raise DatasetError(f"unknown dataset {name!r}; the catalogue has {known}")
     return catalogue[name]

@@ -12,6 +12,7 @@ from rich.table import Table
 from datasets.catalogue import get_dataset_spec, list_datasets
 from datasets.download import fetch_dataset
 from datasets.errors import DatasetError
+from datasets.records import fetch_records, get_record_database, list_record_databases, record_list
 
 app = typer.Typer(help="List and fetch the raw datasets of the catalogue.", no_args_is_help=True)
 
@@ -24,12 +25,22 @@ def list_command() -> None:
         table.add_row(
             spec.name, spec.task, ", ".join(spec.classes), spec.positive_finding, spec.licence
         )
+    for database in list_record_databases():
+        table.add_row(
+            database.name,
+            database.task,
+            ", ".join(database.classes),
+            database.positive_finding,
+            database.licence,
+        )
     Console().print(table)
 
 
 @app.command("fetch")
 def fetch_command(
-    name: Annotated[str, typer.Argument(help="Catalogue name, for example pneumoniamnist.")],
+    name: Annotated[
+        str, typer.Argument(help="Catalogue name, for example pneumoniamnist or mitdb.")
+    ],
     data_dir: Annotated[
         Path | None,
         typer.Option(
@@ -42,9 +53,33 @@ def fetch_command(
     url: Annotated[
         str | None, typer.Option(help="Download from this mirror instead of the official URL.")
     ] = None,
+    records: Annotated[
+        str | None,
+        typer.Option(
+            help="Records of a WFDB database, comma-separated; DS1 and DS2 name MIT-BIH's "
+            "inter-patient sets (default: DS1,DS2)."
+        ),
+    ] = None,
 ) -> None:
     """Download a dataset into the cache with its checksums checked, or verify a local copy."""
     try:
+        if (database := get_record_database(name)) is not None:
+            fetched = fetch_records(
+                database,
+                record_list(database, records),
+                data_dir=data_dir,
+                cache_dir=cache_dir,
+                url=url,
+                show_progress=True,
+            )
+            downloaded = "" if data_dir else f"; {fetched.files_downloaded} downloaded"
+            typer.echo(
+                f"{database.name}: {len(fetched.records)} records in {fetched.directory} "
+                f"({fetched.files_checked} files, SHA-256 verified{downloaded})"
+            )
+            return
+        if records is not None:
+            raise DatasetError(f"--records: {name} is not a database of WFDB records")
         spec = get_dataset_spec(name)
         path = fetch_dataset(
             spec, data_dir=data_dir, cache_dir=cache_dir, url=url, show_progress=True

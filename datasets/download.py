@@ -37,19 +37,24 @@ def file_sha256(path: Path) -> str:
 
 
 def download_file(
-    url: str, destination: Path, *, md5: str, sha256: str, show_progress: bool = False
+    url: str,
+    destination: Path,
+    *,
+    sha256: str,
+    md5: str | None = None,
+    show_progress: bool = False,
 ) -> Path:
-    """Download ``url`` to ``destination`` with both checksums checked.
+    """Download ``url`` to ``destination`` with its checksums checked.
 
     The bytes go to a temporary file beside the destination, which is renamed into place only
-    after the transfer is complete and both checksums match, so a failed, interrupted or corrupt
-    download leaves nothing behind.
+    after the transfer is complete and every checksum given matches, so a failed, interrupted
+    or corrupt download leaves nothing behind.
 
     Args:
         url: Where to download from (http, https or file URLs that requests understands).
         destination: The final path of the file.
-        md5: Expected MD5 hex digest (as published by the dataset's authors).
         sha256: Expected SHA-256 hex digest.
+        md5: Expected MD5 hex digest, where the dataset's authors publish one.
         show_progress: Show a progress bar on the terminal.
 
     Returns:
@@ -97,7 +102,7 @@ def download_file(
             ("MD5", md5, md5_digest.hexdigest()),
             ("SHA-256", sha256, sha256_digest.hexdigest()),
         ):
-            if actual != expected:
+            if expected is not None and actual != expected:
                 raise DatasetError(
                     f"{name} of the file downloaded from {url} is {actual}, expected {expected}: "
                     "the file is corrupt or not the official one, and was discarded"

@@ -13,11 +13,12 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 from scipy.signal import butter, sosfiltfilt
 
+from datasets.checksums import published_checksums
 from datasets.errors import DatasetError
 
 AAMI_CLASSES = ("N", "S", "V", "F", "Q")
@@ -193,50 +194,6 @@ def _read_record_file(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as error:
         raise DatasetError(f"{path}: {error.strerror or 'cannot read'}") from error
-
-
-# PhysioNet publishes one per database; a download of the directory brings it along.
-PUBLISHED_CHECKSUM_FILES = ("SHA256SUMS.txt", "SHA256SUMS")
-# sha256sum's output: digest, space, space or '*' (binary mode), name; a line whose name holds
-# a backslash or a line break starts with a backslash and escapes them.
-_CHECKSUM_LINE = re.compile(r"(\\?)([0-9a-fA-F]{64})[ \t][ *\t]?(.+)")
-
-
-def published_checksums(records_dir: Path) -> tuple[Path, dict[str, str]] | None:
-    """The checksum list in a records directory, by file name; None if it holds none.
-
-    Raises:
-        DatasetError: naming the line of a list that is not ``SHA256 NAME`` lines.
-    """
-    for name in PUBLISHED_CHECKSUM_FILES:
-        path = records_dir / name
-        if not path.is_file():
-            continue
-        try:
-            lines = path.read_text(encoding="utf-8-sig").splitlines()
-        except UnicodeDecodeError:
-            raise DatasetError(f"{path}: not a checksum list (not UTF-8 text)") from None
-        except OSError as error:
-            raise DatasetError(f"{path}: cannot read the checksum list: {error}") from error
-        listed: dict[str, str] = {}
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            match = _CHECKSUM_LINE.fullmatch(line.strip())
-            if match is None:
-                raise DatasetError(f"{path}:{number}: not a 'SHA256 FILE' line")
-            escaped, digest, name = match.groups()
-            if escaped:
-                name = re.sub(r"\\(.)", lambda m: "\n" if m[1] == "n" else m[1], name)
-            # Lists made with `sha256sum ./*` or from a parent folder name files by path.
-            name = PurePosixPath(name.replace("\\", "/")).name
-            if listed.setdefault(name, digest.lower()) != digest.lower():
-                raise DatasetError(
-                    f"{path}:{number}: lists {name} again with another SHA-256; "
-                    "which copy is meant cannot be told"
-                )
-        return path, listed
-    return None
 
 
 def record_digest(

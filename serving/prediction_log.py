@@ -40,7 +40,8 @@ from pydantic import (
     model_validator,
 )
 
-from serving.api_keys import NAME_PATTERN, check_model_name, check_name, write_atomically
+from datasets.files import write_atomically
+from serving.api_keys import NAME_PATTERN, check_model_name, check_name
 
 logger = logging.getLogger("medscreen.serving")
 GENESIS_HASH = "0" * 64

@@ -225,7 +225,10 @@ def records_dir_of(recipe: EcgRecipe, override: Path | None = None) -> Path:
     """The directory of WFDB records: an override, the recipe's, or ``$MEDSCREEN_ECG_DIR``."""
     configured = override or recipe.data.records_dir or os.environ.get(ECG_DIR_ENV)
     if not configured:
-        raise DatasetError(f"set data.records_dir or ${ECG_DIR_ENV} to a directory of WFDB records")
+        raise DatasetError(
+            f"set data.records_dir or ${ECG_DIR_ENV} to a directory of WFDB records "
+            "(`medscreen datasets fetch mitdb` downloads MIT-BIH's)"
+        )
     return Path(configured)
 
 
