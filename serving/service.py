@@ -14,7 +14,8 @@ names the model version and threshold behind it, and every prediction request, a
 refused (and every refused model listing), is written to the hash-chained prediction log before
 the response leaves; a model listing that is answered and a path that is no route are not.
 Requests are parsed here rather than by BentoML's typed IO so that every client mistake gets a
-4xx in one JSON form.
+4xx in one JSON form; ``/v1/openapi.json`` publishes the bodies and answers that
+:mod:`serving.schemas` describes.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from PIL import Image
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Route
@@ -67,6 +69,16 @@ from serving.inputs import (
 from serving.monitoring import monitoring_answer
 from serving.pool import ModelPool, Served, default_references
 from serving.prediction_log import PredictionLog, PredictionLogError, PredictionRecord
+from serving.schemas import (
+    MONITOR_DICOM_UPLOAD,
+    SCREEN_UPLOAD,
+    ArrayRequest,
+    ErrorAnswer,
+    ModelList,
+    MonitoringAnswer,
+    MonitorRequest,
+    ScreeningAnswer,
+)
 from serving.settings import (
     MODELS_ENV,
     key_store_path,
@@ -872,35 +884,106 @@ def _screening(request: Request) -> Screening:
     return request.app.state.screening
 
 
-@api.get("/models")
+_WHY = {
+    400: "the body cannot be read: not the format it claims, or a broken multipart or JSON body",
+    401: "no API key, or one that is malformed, unknown or revoked",
+    403: "the key may not use this model",
+    404: "no model of that name is served here",
+    408: "the upload was still arriving after the upload deadline",
+    413: "the upload is over the size limit",
+    415: "a Content-Type or file format the route does not take (for example a DICOM transfer "
+    "syntax without a decoder here)",
+    422: "readable but unusable: a missing or wrong field, a blank image, the wrong shape or "
+    "lead, or a model of the other kind",
+    500: "a fault of the service, logged under the request id for its operators",
+    503: "the service cannot answer now (overloaded, keys or prediction log unavailable); "
+    "nothing was decided: try again later",
+}
+
+
+def _documented(
+    answer: type, statuses: tuple[int, ...], body: tuple[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Route arguments that publish its answer, its refusals and its body in the OpenAPI."""
+    extra: dict[str, Any] = {"security": [{"bearerAuth": []}, {"apiKeyHeader": []}]}
+    if body is not None:
+        media_type, schema = body
+        extra["requestBody"] = {"required": True, "content": {media_type: {"schema": schema}}}
+    return {
+        "response_model": None,
+        "responses": {
+            200: {"model": answer},
+            **{
+                status: {"model": ErrorAnswer, "description": _WHY[status]}
+                for status in sorted(statuses)
+            },
+        },
+        "openapi_extra": extra,
+    }
+
+
+_ALWAYS = (401, 500, 503)
+_UPLOAD = (*_ALWAYS, 400, 403, 404, 408, 413, 415, 422)
+
+
+def _json_body(model: type[BaseModel]) -> tuple[str, dict[str, Any]]:
+    return "application/json", model.model_json_schema(ref_template="#/components/schemas/{model}")
+
+
+@api.get("/models", **_documented(ModelList, _ALWAYS))
 async def list_models(request: Request) -> JSONResponse:
     """The models this key may use, each with its card (intended use, version, threshold)."""
     return await _screening(request).list_models(request)
 
 
-@api.post("/screen")
+@api.post("/screen", **_documented(ScreeningAnswer, _UPLOAD, (_MULTIPART, SCREEN_UPLOAD)))
 async def screen(request: Request) -> JSONResponse:
     """Screen one upload (PNG, JPEG, DICOM; NIfTI for 3D models) for the positive finding."""
     return await _screening(request).screen(request)
 
 
-@api.post("/screen/array")
+@api.post("/screen/array", **_documented(ScreeningAnswer, _UPLOAD, _json_body(ArrayRequest)))
 async def screen_array(request: Request) -> JSONResponse:
     """Screen raw uint8 pixel or voxel values sent as a JSON array (field ``array``)."""
     return await _screening(request).screen_array(request)
 
 
-@api.post("/monitor")
+@api.post("/monitor", **_documented(MonitoringAnswer, _UPLOAD, _json_body(MonitorRequest)))
 async def monitor(request: Request) -> JSONResponse:
     """Classify every beat of a single-lead ECG sent as JSON samples; summarise alerts."""
     return await _screening(request).monitor(request)
 
 
-@api.post("/monitor/dicom")
+@api.post(
+    "/monitor/dicom",
+    **_documented(MonitoringAnswer, _UPLOAD, (_MULTIPART, MONITOR_DICOM_UPLOAD)),
+)
 async def monitor_dicom(request: Request) -> JSONResponse:
     """Classify every beat of one lead of a DICOM ECG waveform (form field ``lead``)."""
     return await _screening(request).monitor_dicom(request)
 
+
+_generated_openapi = api.openapi
+
+
+def _openapi_with_key_scheme() -> dict[str, Any]:
+    """FastAPI's document, with the two ways of sending the API key that routes refer to."""
+    if api.openapi_schema is None:
+        components = _generated_openapi().setdefault("components", {})
+        about = "A hospital's API key (msk_...), issued with `medscreen keys create`."
+        components.setdefault("securitySchemes", {}).update(
+            bearerAuth={"type": "http", "scheme": "bearer", "description": about},
+            apiKeyHeader={
+                "type": "apiKey",
+                "in": "header",
+                "name": "X-API-Key",
+                "description": about,
+            },
+        )
+    return api.openapi_schema
+
+
+api.openapi = _openapi_with_key_scheme  # type: ignore[method-assign]
 
 _ROUTE_PATHS = frozenset(f"/v1{route.path}" for route in api.routes if isinstance(route, APIRoute))
 # The API's routes with its documentation (/v1/docs, /v1/openapi.json), and BentoML's.

@@ -23,6 +23,7 @@ from PIL import Image
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from datasets import get_dataset_spec, load_split
+from serving.schemas import ErrorAnswer, ModelList, MonitoringAnswer, ScreeningAnswer
 from tests.conftest import free_port, medscreen_command, medscreen_error_line
 
 pytestmark = pytest.mark.slow
@@ -60,6 +61,7 @@ def _log_records() -> list[dict]:
 
 
 def _check_answer(body: dict, registered_model) -> None:
+    ScreeningAnswer.model_validate(body)  # the published contract, no field more or less
     assert body["model"] == {
         "name": registered_model.model_name,
         "version": registered_model.version,
@@ -260,6 +262,7 @@ def test_nifti_volume_is_screened_by_the_3d_model(
     )
     assert response.status_code == 200, response.text
     body = response.json()
+    ScreeningAnswer.model_validate(body)
     assert body["model"]["name"] == volume_model.model_name
     assert body["input"]["format"] == "nifti" and body["input"]["depth"] > 1
     assert body["decision"] in ("positive", "negative")
@@ -318,6 +321,7 @@ def test_ecg_samples_get_per_beat_classes_and_an_alert_summary(
     )
     assert response.status_code == 200, response.text
     body = response.json()
+    MonitoringAnswer.model_validate(body)
     assert body["model"] == {
         "name": ecg_model.model_name,
         "version": ecg_model.version,
@@ -350,6 +354,7 @@ def test_noise_is_a_signal_quality_alarm_not_a_beat_report(served_model, service
     )
     assert response.status_code == 200, response.text
     body = response.json()
+    MonitoringAnswer.model_validate(body)
     assert body["decision"] == "alert"
     assert body["summary"]["signal_quality"]["acceptable"] is False
     first = body["summary"]["findings"][0]
@@ -368,7 +373,7 @@ def test_ecg_dicom_waveform_and_bad_ecg_input(
         timeout=60,
     )
     assert response.status_code == 200, response.text
-    assert response.json()["summary"]["beats"] >= 3
+    assert MonitoringAnswer.model_validate(response.json()).summary.beats >= 3
     truncated = requests.post(
         f"{served_model.url}/v1/monitor/dicom",
         files={"file": ("ecg.dcm", waveform[:-100])},
@@ -444,7 +449,7 @@ def test_bad_uploads_get_a_clear_4xx(
         served_model, service_keys.all_models, content, filename, registered_model.model_name
     )
     assert response.status_code == status, response.text
-    assert message in response.json()["error"]
+    assert message in ErrorAnswer.model_validate(response.json()).error
     (record,) = [r for r in _log_records() if r["request_id"] == response.json()["request_id"]]
     assert record["outcome"] == "failed" and record["status"] == status
     assert record.get("score") is None and record.get("decision") is None
@@ -496,6 +501,52 @@ def test_malformed_requests_get_a_4xx(served_model, service_keys, registered_mod
     assert nested.status_code == 400 and "not valid JSON" in nested.json()["error"]
 
 
+def test_the_openapi_document_publishes_each_route_s_body_answers_and_key(served_model):
+    document = requests.get(f"{served_model.url}/v1/openapi.json", timeout=30).json()
+    assert document["servers"] == [{"url": "/v1"}]
+    schemes = document["components"]["securitySchemes"]
+    assert (schemes["bearerAuth"]["type"], schemes["bearerAuth"]["scheme"]) == ("http", "bearer")
+    header = schemes["apiKeyHeader"]
+    assert (header["type"], header["in"], header["name"]) == ("apiKey", "header", "X-API-Key")
+    either_key = [{"bearerAuth": []}, {"apiKeyHeader": []}]
+    bodies = {
+        "/screen": ("multipart/form-data", ["file"], "ScreeningAnswer"),
+        "/screen/array": ("application/json", ["array"], "ScreeningAnswer"),
+        "/monitor": (
+            "application/json",
+            ["samples", "sampling_rate_hz", "lead"],
+            "MonitoringAnswer",
+        ),
+        "/monitor/dicom": ("multipart/form-data", ["file"], "MonitoringAnswer"),
+    }
+    for path, (media_type, required, answer) in bodies.items():
+        operation = document["paths"][path]["post"]
+        assert operation["security"] == either_key, path
+        assert list(operation["requestBody"]["content"]) == [media_type], path
+        schema = operation["requestBody"]["content"][media_type]["schema"]
+        assert schema["required"] == required, path
+        assert "model" in schema["properties"], path
+        responses = operation["responses"]
+        assert responses["200"]["content"]["application/json"]["schema"]["$ref"] == (
+            f"#/components/schemas/{answer}"
+        )
+        for status in ("400", "401", "403", "404", "413", "415", "422", "503"):
+            assert responses[status]["content"]["application/json"]["schema"]["$ref"] == (
+                "#/components/schemas/ErrorAnswer"
+            ), (path, status)
+    listing = document["paths"]["/models"]["get"]
+    assert listing["security"] == either_key
+    assert listing["responses"]["200"]["content"]["application/json"]["schema"]["$ref"] == (
+        "#/components/schemas/ModelList"
+    )
+    # The answers' fields as published: what the tests above validate real answers against.
+    published = document["components"]["schemas"]
+    assert set(published["ScreeningAnswer"]["required"]) == {
+        name for name, field in ScreeningAnswer.model_fields.items() if field.is_required()
+    }
+    assert set(published["BeatAnswer"]["properties"]) >= {"class", "ectopic_probability", "alert"}
+
+
 def test_keys_are_required_and_bound_to_their_models(
     served_model, service_keys, registered_model, ecg_model, volume_model
 ):
@@ -537,9 +588,11 @@ def test_keys_are_required_and_bound_to_their_models(
         f"{served_model.url}/v1/models", headers=_auth(service_keys.pneumonia_only), timeout=30
     )
     assert [model["name"] for model in listed.json()["models"]] == [registered_model.model_name]
-    everything = requests.get(
-        f"{served_model.url}/v1/models", headers=_auth(service_keys.all_models), timeout=30
-    ).json()["models"]
+    everything = ModelList.model_validate(
+        requests.get(
+            f"{served_model.url}/v1/models", headers=_auth(service_keys.all_models), timeout=30
+        ).json()
+    ).model_dump()["models"]
     by_name = {model["name"]: model for model in everything}
     assert set(by_name) == {
         registered_model.model_name,
