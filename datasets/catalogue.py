@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import cache
 from importlib import resources
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -14,12 +14,20 @@ from datasets.errors import DatasetError
 SplitName = Literal["train", "val", "test"]
 
 
-class DatasetSpec(BaseModel):
-    """What medscreen knows about one raw dataset: its source, checksums, licence and labels."""
+class MetadataSpec(BaseModel):
+    """What every raw dataset's metadata file holds: a name, checked strictly."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
+
+
+SpecT = TypeVar("SpecT", bound=MetadataSpec)
+
+
+class DatasetSpec(MetadataSpec):
+    """What medscreen knows about one raw dataset: its source, checksums, licence and labels."""
+
     title: str
     task: str
     modality: str
@@ -45,14 +53,19 @@ class DatasetSpec(BaseModel):
         return self
 
 
-@cache
-def _load_catalogue() -> dict[str, DatasetSpec]:
+def load_metadata_files(folder: str, spec_type: type[SpecT]) -> dict[str, SpecT]:
+    """Validate each YAML metadata file in a folder of ``datasets/metadata``, by its name."""
     specs = {}
-    for entry in resources.files("datasets").joinpath("metadata").iterdir():
+    for entry in resources.files("datasets").joinpath("metadata", folder).iterdir():
         if entry.name.endswith(".yaml"):
-            spec = DatasetSpec.model_validate(yaml.safe_load(entry.read_text()))
+            spec = spec_type.model_validate(yaml.safe_load(entry.read_text()))
             specs[spec.name] = spec
     return specs
+
+
+@cache
+def _load_catalogue() -> dict[str, DatasetSpec]:
+    return load_metadata_files("", DatasetSpec)
 
 
 def list_datasets() -> list[DatasetSpec]:

@@ -13,14 +13,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import requests
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from datasets.catalogue import MetadataSpec, load_metadata_files
 from datasets.checksums import checksum_list_entries, published_checksums
 from datasets.download import default_cache_dir, download_file, file_sha256
 from datasets.errors import DatasetError
@@ -33,12 +32,9 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MAX_CHECKSUM_LIST_BYTES = 10 << 20
 
 
-class RecordDatabaseSpec(BaseModel):
+class RecordDatabaseSpec(MetadataSpec):
     """What medscreen knows about a database of WFDB records: source, checksums, licence."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
     title: str
     task: str
     modality: str
@@ -77,13 +73,7 @@ class FetchedRecords:
 
 @cache
 def _load_record_databases() -> dict[str, RecordDatabaseSpec]:
-    specs = {}
-    folder = resources.files("datasets").joinpath("metadata", "records")
-    for entry in folder.iterdir():
-        if entry.name.endswith(".yaml"):
-            spec = RecordDatabaseSpec.model_validate(yaml.safe_load(entry.read_text()))
-            specs[spec.name] = spec
-    return specs
+    return load_metadata_files("records", RecordDatabaseSpec)
 
 
 def list_record_databases() -> list[RecordDatabaseSpec]:

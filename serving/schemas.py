@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+_MODEL_FIELD = "Model name; optional when the key may use one model of the route's kind."
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -156,9 +158,7 @@ class ArrayRequest(_Body):
         description="uint8 values (0-255) nested as the model's input: [height][width] or "
         "[channels][height][width] for images, [depth][height][width] for volumes."
     )
-    model: str | None = Field(
-        default=None, description="Model name; optional when the key may use one model."
-    )
+    model: str | None = Field(default=None, description=_MODEL_FIELD)
 
 
 class MonitorRequest(_Body):
@@ -167,46 +167,32 @@ class MonitorRequest(_Body):
     samples: list[float] = Field(description="One lead, in millivolts.")
     sampling_rate_hz: float = Field(description="Samples per second; resampled to the model's.")
     lead: str = Field(description="The lead's name, for example MLII or II.")
-    model: str | None = Field(
-        default=None, description="Model name; optional when the key may use one model."
-    )
+    model: str | None = Field(default=None, description=_MODEL_FIELD)
 
 
-_UPLOAD_FIELDS: dict[str, Any] = {
-    "file": {"type": "string", "format": "binary"},
-    "model": {
-        "type": "string",
-        "description": "Model name; optional when the key may use one model of the route's kind.",
-    },
-}
-# Multipart bodies, described by hand: the routes read the raw upload themselves.
-SCREEN_UPLOAD = {
-    "type": "object",
-    "required": ["file"],
-    "properties": {
-        **_UPLOAD_FIELDS,
-        "file": {
-            "type": "string",
-            "format": "binary",
-            "description": "PNG, JPEG or DICOM (uncompressed, RLE lossless, JPEG 2000: every "
-            "transfer syntax with a decoder installed here; others are refused with 415); "
-            "NIfTI (.nii, .nii.gz) for 3D models.",
+def _upload(file: str, **fields: str) -> dict[str, Any]:
+    """A multipart body, described by hand: the routes read the raw upload themselves.
+
+    Args:
+        file: What the ``file`` part holds.
+        **fields: The other text fields besides ``model``, each with its description.
+    """
+    texts = {"model": _MODEL_FIELD, **fields}
+    return {
+        "type": "object",
+        "required": ["file"],
+        "properties": {
+            "file": {"type": "string", "format": "binary", "description": file},
+            **{name: {"type": "string", "description": about} for name, about in texts.items()},
         },
-    },
-}
-MONITOR_DICOM_UPLOAD = {
-    "type": "object",
-    "required": ["file"],
-    "properties": {
-        **_UPLOAD_FIELDS,
-        "file": {
-            "type": "string",
-            "format": "binary",
-            "description": "A DICOM ECG waveform (12-lead or other).",
-        },
-        "lead": {
-            "type": "string",
-            "description": "The lead to classify (default: the model's, for example MLII).",
-        },
-    },
-}
+    }
+
+
+SCREEN_UPLOAD = _upload(
+    "PNG, JPEG or DICOM (uncompressed, RLE lossless, JPEG 2000: every transfer syntax with a "
+    "decoder installed here; others are refused with 415); NIfTI (.nii, .nii.gz) for 3D models."
+)
+MONITOR_DICOM_UPLOAD = _upload(
+    "A DICOM ECG waveform (12-lead or other).",
+    lead="The lead to classify (default: the model's, for example MLII).",
+)
