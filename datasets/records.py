@@ -125,6 +125,9 @@ def fetch_records(
     Raises:
         DatasetError: naming the record, file or list at fault.
     """
+    from datasets.ecg import checked_records
+
+    records = checked_records(records)  # names, never paths: they become file names here
     if data_dir is not None:
         return _check_local_records(spec, records, data_dir)
     directory = (cache_dir or default_cache_dir()) / spec.name

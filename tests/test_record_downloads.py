@@ -183,6 +183,8 @@ def test_record_lists_name_mitbih_sets_and_refuse_bad_names():
         record_list(MITDB, "DS1,101")
     with pytest.raises(DatasetError, match="not a record name"):
         record_list(MITDB, "../101")
+    with pytest.raises(DatasetError, match="not a record name"):
+        fetch_records(MITDB, ["../101"], cache_dir=Path("/nonexistent"), url="http://127.0.0.1:9/")
 
 
 def test_fetch_command_downloads_records_and_errors_in_one_line(physionet: str, tmp_path: Path):
