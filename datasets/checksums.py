@@ -12,7 +12,7 @@ from datasets.errors import DatasetError
 _CHECKSUM_LINE = re.compile(r"(\\?)([0-9a-fA-F]{64})[ \t][ *\t]?(.+)")
 
 
-def checksum_list_entries(text: str, source: str) -> list[tuple[int, str, str]]:
+def _checksum_list_entries(text: str, source: str) -> list[tuple[int, str, str]]:
     """The lines of a checksum list: (line number, name as listed, lower-case SHA-256).
 
     Args:
@@ -36,17 +36,28 @@ def checksum_list_entries(text: str, source: str) -> list[tuple[int, str, str]]:
     return entries
 
 
-def digests_by_file_name(text: str, source: str) -> dict[str, str]:
+def digests_by_file_name(
+    text: str, source: str, *, top_folder_only: bool = False
+) -> dict[str, str]:
     """A checksum list's digests by file name, whatever folder the list names each file in.
 
     Lists made with ``sha256sum ./*`` or from a parent folder name files by path.
+
+    Args:
+        text: The list's text.
+        source: The list's path or URL, for errors.
+        top_folder_only: Keep only the files of the list's own folder (a database's list also
+            names its documentation and other folders).
 
     Raises:
         DatasetError: naming a bad line, or a name listed twice with different digests.
     """
     listed: dict[str, str] = {}
-    for number, path, digest in checksum_list_entries(text, source):
-        name = PurePosixPath(path).name
+    for number, listed_path, digest in _checksum_list_entries(text, source):
+        path = PurePosixPath(listed_path)
+        if top_folder_only and len(path.parts) != 1:
+            continue
+        name = path.name
         if listed.setdefault(name, digest) != digest:
             raise DatasetError(
                 f"{source}:{number}: lists {name} again with another SHA-256; "

@@ -13,14 +13,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Literal
 
 import requests
 from pydantic import Field, field_validator
 
 from datasets.catalogue import MetadataSpec, load_metadata_files
-from datasets.checksums import checksum_list_entries, published_checksums
+from datasets.checksums import digests_by_file_name, published_checksums
 from datasets.download import default_cache_dir, download_file, file_sha256
 from datasets.errors import DatasetError
 from datasets.files import write_atomically
@@ -141,10 +141,9 @@ def fetch_records(
                 f"{base_url}{spec.checksum_list} lists {digest}; nothing was downloaded"
             )
         path = directory / name
-        if path.exists() and file_sha256(path) != digest:
+        if path.exists() and (actual := file_sha256(path)) != digest:
             raise DatasetError(
-                f"{path}: SHA-256 is {file_sha256(path)}, expected {digest}; "
-                "delete it to download it again"
+                f"{path}: SHA-256 is {actual}, expected {digest}; delete it to download it again"
             )
     missing = [name for name in expected if not (directory / name).exists()]
     for name in missing:
@@ -163,14 +162,8 @@ def _expected_digests(
 ) -> dict[str, str]:
     """Each record file's SHA-256: pinned, else from the published list, which must agree."""
     list_url = base_url + spec.checksum_list
-    published: dict[str, str] = {}
-    for number, listed_path, digest in checksum_list_entries(_fetch_text(list_url), list_url):
-        path = PurePosixPath(listed_path)
-        if len(path.parts) != 1:
-            continue  # the database's documentation and other folders
-        name = path.name
-        if published.setdefault(name, digest) != digest:
-            raise DatasetError(f"{list_url}:{number}: lists {name} again with another SHA-256")
+    published = digests_by_file_name(_fetch_text(list_url), list_url, top_folder_only=True)
+    for name, digest in published.items():
         pinned = spec.sha256.get(name)
         if pinned is not None and pinned != digest:
             raise DatasetError(

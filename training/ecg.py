@@ -28,6 +28,7 @@ from torch.nn import functional
 from torch.utils.data import DataLoader, TensorDataset
 
 from datasets import DatasetError
+from datasets.checksums import published_checksums
 from datasets.ecg import (
     AAMI_CLASSES,
     NO_ANNOTATED_BEAT,
@@ -37,7 +38,6 @@ from datasets.ecg import (
     load_beats,
     load_detected_beats,
     published_checksum_summary,
-    published_checksums,
     record_digest,
     record_file_digests,
 )
