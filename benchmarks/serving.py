@@ -79,6 +79,8 @@ ERROR_LEVEL = 64
 RECOVERY_MS = 10.0
 RECOVERY_WITHIN_S = 5.0
 BURST_CONCURRENCY = 64
+# Above this share of CPU busy before the start, the run shares its cores with other work.
+BUSY_WARNING_PERCENT = 25.0
 
 
 def say(text: str) -> None:
@@ -467,7 +469,7 @@ def version_of(package: str) -> str:
         return "absent"
 
 
-def machine_info(client: str) -> dict[str, Any]:
+def machine_info(client: str, cpu_busy_at_start: float) -> dict[str, Any]:
     wrk_version = None
     if wrk_path():
         completed = subprocess.run(["wrk", "--version"], capture_output=True, text=True)
@@ -478,6 +480,7 @@ def machine_info(client: str) -> dict[str, Any]:
         "cpu_model": _cpu_model(),
         "platform": platform.platform(),
         "python": platform.python_version(),
+        "cpu_busy_percent_at_start": cpu_busy_at_start,
         "load_average_at_start": os.getloadavg(),
         "client": client,
         "wrk": wrk_version,
@@ -570,7 +573,8 @@ def report(summary: dict[str, Any], service: list[LevelResult], eager: list[Leve
     say(
         f"machine: {machine['cpus_usable']} usable of {machine['cpu_count']} CPUs "
         f"({machine['cpu_model']}), {machine['platform']}, Python {machine['python']}; "
-        f"load average at start {', '.join(f'{v:.2f}' for v in machine['load_average_at_start'])}"
+        f"{machine['cpu_busy_percent_at_start']:.0f}% busy before the run; load average at "
+        f"start {', '.join(f'{v:.2f}' for v in machine['load_average_at_start'])}"
         f", at end {', '.join(f'{v:.2f}' for v in summary['load_average_at_end'])}"
     )
     say(
@@ -582,17 +586,24 @@ def report(summary: dict[str, Any], service: list[LevelResult], eager: list[Leve
     say("service knobs: " + ", ".join(f"{k}={v}" for k, v in summary["knobs"].items()))
     say(f"eager endpoint torch threads: {summary['eager_torch_threads']}")
     say(f"model: {summary['model']}; {summary['note']}")
-    if busy := busy_warning(machine["load_average_at_start"][0], machine["cpus_usable"]):
+    if busy := busy_warning(machine["cpu_busy_percent_at_start"], machine["cpus_usable"]):
         say(busy)
 
 
-def busy_warning(load: float, cpus: int) -> str | None:
+def cpu_busy_percent(seconds: float = 3.0) -> float:
+    """Share of all usable cores busy over the next few seconds, whatever is running them."""
+    # A sample, not the load average: that trails by minutes and warns after any recent work.
+    return psutil.cpu_percent(interval=seconds)
+
+
+def busy_warning(busy_percent: float, cpus: int) -> str | None:
     # Closed-loop numbers on shared cores measure the neighbours as much as the service.
-    if load <= 0.5 * cpus:
+    if busy_percent <= BUSY_WARNING_PERCENT:
         return None
     return (
-        f"WARNING: load average {load:.2f} on {cpus} CPUs before the benchmark: other work "
-        "shared the cores, so these numbers are not comparable with a quiet machine's"
+        f"WARNING: the {cpus} CPUs were {busy_percent:.0f}% busy in the seconds before the "
+        "benchmark: other work shared the cores, so these numbers are not comparable with a "
+        "quiet machine's"
     )
 
 
@@ -800,7 +811,8 @@ def _run(
     knobs = {name: os.environ.get(name, "unset (service default)") for name in KNOBS}
     model_name = yaml.safe_load(RECIPE.read_text())["registration"]["model_name"]
     say(f"state dir: {state}")
-    if busy := busy_warning(os.getloadavg()[0], len(os.sched_getaffinity(0))):
+    cpu_busy_at_start = cpu_busy_percent()
+    if busy := busy_warning(cpu_busy_at_start, len(os.sched_getaffinity(0))):
         say(busy)
     say("service knobs: " + ", ".join(f"{k}={v}" for k, v in knobs.items()))
 
@@ -838,7 +850,7 @@ def _run(
     summary["limit"] = limit
 
     load = Load(Upload.from_pngs(pngs, authorization), workdir, client)
-    summary["machine"] = machine_info(load.client)
+    summary["machine"] = machine_info(load.client, cpu_busy_at_start)
     eager_results: list[LevelResult] = []
     service_results: list[LevelResult] = []
 
