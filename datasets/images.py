@@ -25,10 +25,11 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom import config as pydicom_config
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, RLELossless
 
 
 class ImageDecodeError(ValueError):
@@ -361,11 +362,12 @@ def _read_dicom(data: bytes) -> tuple[np.ndarray, float]:
             "multi-frame DICOM is not accepted by this model; send one frame",
             HTTPStatus.UNPROCESSABLE_ENTITY,
         )
-    _check_decodable(dataset.file_meta.get("TransferSyntaxUID"))
-    _check_pixel_count(
-        int(dataset.get("Rows", 0) or 0) * int(dataset.get("Columns", 0) or 0),
-        int(dataset.get("SamplesPerPixel", 1) or 1),
-    )
+    syntax = dataset.file_meta.get("TransferSyntaxUID")
+    _check_decodable(syntax)
+    rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
+    _check_pixel_count(rows * columns, int(dataset.get("SamplesPerPixel", 1) or 1))
+    if syntax is not None and UID(syntax).is_compressed and syntax != RLELossless:
+        _check_codestream_size(dataset.PixelData, rows, columns)
     try:
         pixels = dataset.pixel_array
     except Image.DecompressionBombError as error:
@@ -378,6 +380,13 @@ def _read_dicom(data: bytes) -> tuple[np.ndarray, float]:
         raise ImageDecodeError(
             f"the DICOM pixel data cannot be decoded ({error})", HTTPStatus.UNPROCESSABLE_ENTITY
         ) from error
+    if pixels.shape[:2] != (rows, columns):
+        # pydicom reads pixel data longer than one frame as several frames.
+        raise ImageDecodeError(
+            f"the DICOM pixel data holds {pixels.size} values, more than one {rows} x {columns} "
+            "frame, and the file declares no Number of Frames: it is corrupt; re-export it",
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+        )
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric.startswith("MONOCHROME"):
         try:
@@ -387,13 +396,22 @@ def _read_dicom(data: bytes) -> tuple[np.ndarray, float]:
                 f"the DICOM display settings (modality or VOI LUT, window) are invalid ({error})",
                 HTTPStatus.UNPROCESSABLE_ENTITY,
             ) from error
-        scaled, _ = _scale_to_uint8(np.asarray(displayed))
-        # The gain per stored step, not per displayed one: a rescale slope of 0.001 must not
-        # make a real picture look nearly blank. (A window that clips pixels far outside it
-        # understates the gain, and so errs towards accepting.)
-        stored_span = float(pixels.max()) - float(pixels.min())
-        scaled_span = int(scaled.max()) - int(scaled.min())
-        gain = scaled_span / stored_span if stored_span > 0 and scaled_span > 0 else 1.0
+        displayed = np.asarray(displayed)
+        bits_stored = int(dataset.get("BitsStored", 8) or 8)
+        if displayed.dtype == np.uint8 and 1 <= bits_stored < 8:
+            # Fewer bits than a byte (a 1-bit mask), not rescaled or windowed: spread over
+            # 0-255, as Pillow does for PNG; a 1-bit picture would otherwise arrive as 0 and 1.
+            full_scale = (1 << bits_stored) - 1
+            levels = np.minimum(displayed, full_scale).astype(np.uint16)
+            scaled, gain = (levels * 255 // full_scale).astype(np.uint8), 1.0
+        else:
+            scaled, _ = _scale_to_uint8(displayed)
+            # The gain per stored step, not per displayed one: a rescale slope of 0.001 must not
+            # make a real picture look nearly blank. (A window that clips pixels far outside it
+            # understates the gain, and so errs towards accepting.)
+            stored_span = float(pixels.max()) - float(pixels.min())
+            scaled_span = int(scaled.max()) - int(scaled.min())
+            gain = scaled_span / stored_span if stored_span > 0 and scaled_span > 0 else 1.0
         # All zeros after scaling means one displayed value: a window far outside the stored
         # values, which would otherwise be scored as a blank picture.
         if not scaled.any() and pixels.min() != pixels.max():
@@ -411,6 +429,34 @@ def _read_dicom(data: bytes) -> tuple[np.ndarray, float]:
         "MONOCHROME1, MONOCHROME2, RGB or YBR",
         HTTPStatus.UNPROCESSABLE_ENTITY,
     )
+
+
+def _check_codestream_size(pixel_data: bytes, rows: int, columns: int) -> None:
+    """Refuse a JPEG or JPEG 2000 frame whose own size is not the one the DICOM header declares.
+
+    The decoder makes an image of the codestream's size, not the header's: a small file
+    declaring 64 x 64 can hold a 13000 x 13000 codestream, gigabytes once decoded. Pillow, this
+    installation's only decoder of both, reads the codestream's header alone here.
+
+    Raises:
+        ImageDecodeError: 422 if the sizes differ or the frame's header is unreadable.
+    """
+    try:
+        frame = next(generate_frames(pixel_data, number_of_frames=1))
+        with Image.open(io.BytesIO(frame)) as codestream:
+            width, height = codestream.size
+    except (StopIteration, ValueError, OSError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ImageDecodeError(
+            f"the DICOM compressed pixel data cannot be decoded ({type(error).__name__})",
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+        ) from error
+    if (width, height) != (columns, rows):
+        raise ImageDecodeError(
+            f"the DICOM compressed pixel data holds a {width} x {height} image (width x height) "
+            f"but the header declares Columns {columns} and Rows {rows}: the file is corrupt; "
+            "re-export it",
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+        )
 
 
 def _check_pixel_count(pixels: int, samples: int) -> None:
@@ -508,8 +554,8 @@ def check_contrast(model_input: np.ndarray, gain: float = 1.0, *, noun: str = "i
     The graph scales each image by its own minimum and maximum, so what matters is the span of
     the model's input (resized, in the model's channels), per channel, counted in steps of the
     file's own values (``gain``: 0-255 steps per file step, for pixels the decoder stretched to
-    0-255). The whole span counts, not a trimmed one: a vessel mask or a small lesion on a dark
-    background is a few bright pixels too.
+    0-255) or of the model's input, whichever are coarser. The whole span counts, not a trimmed
+    one: a vessel mask or a small lesion on a dark background is a few bright pixels too.
 
     Raises:
         ImageDecodeError: 422 when the widest channel spans fewer than
@@ -517,7 +563,18 @@ def check_contrast(model_input: np.ndarray, gain: float = 1.0, *, noun: str = "i
     """
     axes = tuple(range(1, model_input.ndim))
     spans = model_input.max(axis=axes).astype(np.float64) - model_input.min(axis=axes)
-    steps = float(spans.max()) / gain
+    widest = float(spans.max())
+    if gain < 1 and widest < MIN_GREY_LEVEL_SPAN:
+        # A wide file range squeezed into 0-255 by a few extreme pixels (a saturated marker in a
+        # 16-bit picture): the rest would reach the model as a handful of grey levels.
+        raise ImageDecodeError(
+            f"the {noun} is nearly blank at the model's input: scaled from its darkest to its "
+            f"brightest pixel, it spans {math.floor(widest)} of 256 grey levels (at least "
+            f"{MIN_GREY_LEVEL_SPAN} are needed); a few extreme pixels, such as a burned-in "
+            "marker, set that range: send the image windowed for display, as 8-bit",
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+        )
+    steps = widest / gain
     if steps < MIN_GREY_LEVEL_SPAN:
         raise ImageDecodeError(
             f"the {noun} is nearly blank: its values span {math.floor(steps)} steps of the "

@@ -123,8 +123,30 @@ def _load(data: bytes) -> nib.Nifti1Image | nib.Nifti2Image:
         ) from error
 
 
-def _voxels(image: nib.Nifti1Image | nib.Nifti2Image) -> tuple[np.ndarray, tuple[int, ...]]:
-    """The 3D voxel values (float32, canonical orientation) and the shape as stored."""
+def _check_voxel_data_present(image: nib.Nifti1Image | nib.Nifti2Image, size: int) -> None:
+    """Refuse a file shorter than its header says, before nibabel allocates what it declares."""
+    header = image.header
+    # The voxels' offset in the file: nibabel's proxy keeps it (a parsed header says 0).
+    needed = (
+        int(image.dataobj.offset)
+        + int(np.prod(header.get_data_shape(), dtype=np.float64))
+        * np.dtype(header.get_data_dtype()).itemsize
+    )
+    if needed > size:
+        raise ImageDecodeError(
+            f"the NIfTI voxel data is truncated: the header describes {needed} bytes of file, "
+            f"the file has {size}; send the whole file",
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+        )
+
+
+def _voxels(
+    image: nib.Nifti1Image | nib.Nifti2Image, size: int
+) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The 3D voxel values (float32, canonical orientation) and the shape as stored.
+
+    ``size`` is the (inflated) file's length in bytes.
+    """
     shape = tuple(int(size) for size in image.shape)
     if int(np.prod(shape, dtype=np.float64)) > MAX_VOLUME_VOXELS:
         raise ImageDecodeError(
@@ -156,6 +178,7 @@ def _voxels(image: nib.Nifti1Image | nib.Nifti2Image) -> tuple[np.ndarray, tuple
             f"the volume is a single slice ({'x'.join(map(str, spatial))}); send a 3D volume",
             HTTPStatus.UNPROCESSABLE_ENTITY,
         )
+    _check_voxel_data_present(image, size)
     try:
         if len(shape) > 3:
             image = image.slicer[(slice(None),) * 3 + (0,) * (len(shape) - 3)]
@@ -174,6 +197,7 @@ def intensities_to_uint8(values: np.ndarray) -> np.ndarray:
 
     Outliers (metal, hot voxels) then do not squash the tissue contrast. A volume whose window is
     empty but which is not constant (a sparse mask) is scaled over its full range instead.
+    ``values`` (float32) is overwritten: a 512^3 volume would otherwise be held twice.
 
     Raises:
         ImageDecodeError: 422 if the volume has no finite value or is constant.
@@ -197,11 +221,16 @@ def intensities_to_uint8(values: np.ndarray) -> np.ndarray:
             "not an empty one",
             HTTPStatus.UNPROCESSABLE_ENTITY,
         )
-    # NaN voxels (outside the field of view) become the window's bottom, like background.
-    scaled = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+    # NaN voxels (outside the field of view) become the window's bottom, like background. In
+    # place: ``values`` is the decoder's own copy.
+    scaled = np.nan_to_num(values, copy=False, nan=low, posinf=high, neginf=low)
     np.clip(scaled, low, high, out=scaled)
-    scaled -= low
-    scaled *= 255.0 / (high - low)
+    # From the window's middle: ``scaled - low`` overflows float32 for a window as wide as
+    # float32's range (-3e38 to 3e38), and the volume would arrive black.
+    scaled -= np.float32((low + high) / 2)
+    scaled *= np.float32(255.0 / (high - low))
+    scaled += np.float32(127.5)
+    np.clip(scaled, 0, 255, out=scaled)
     return np.rint(scaled, out=scaled).astype(np.uint8)
 
 
@@ -253,6 +282,6 @@ def decode_volume(data: bytes, *, depth: int, height: int, width: int) -> Decode
             "DICOM series (for example with dcm2niix), or the voxels as a JSON array",
             HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
         )
-    values, stored_shape = _voxels(_load(data))
+    values, stored_shape = _voxels(_load(data), len(data))
     volume = resize_volume(intensities_to_uint8(values), depth, height, width)
     return DecodedImage(pixels=volume[None], source_format="nifti", source_shape=stored_shape)

@@ -61,6 +61,8 @@ _MILLIVOLTS_PER_UNIT = {"uV": 1e-3, "mV": 1.0, "V": 1e3}
 _DERIVED = "DERIVED"
 _KEPT_DICOM_TAGS = ["SOPClassUID", "WaveformSequence", "PixelData"]
 _LEAD_SYNONYMS = {"MLII": "II", "MII": "II"}
+# Longer than any lead's name ("Lead V6R (unipolar, right)"); also bounds the name's regexes.
+MAX_LEAD_NAME_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -126,8 +128,12 @@ def _unprocessable(message: str) -> ImageDecodeError:
 def canonical_lead(name: str) -> str:
     """A lead name reduced for comparison: ``Lead II``, ``II``, ``MLII`` all give ``II``.
 
-    ``Lead I (Einthoven)`` gives ``I``, ``Lead aVR`` gives ``AVR``, ``V1`` stays ``V1``.
+    ``Lead I (Einthoven)`` gives ``I``, ``Lead aVR`` gives ``AVR``, ``V1`` stays ``V1``. A name
+    over :data:`MAX_LEAD_NAME_CHARS` characters names no lead and is returned as it is (the
+    regexes below take time quadratic in the length of a crafted name).
     """
+    if len(name) > MAX_LEAD_NAME_CHARS:
+        return name
     key = re.sub(r"\(.*?\)", "", name).upper()
     key = re.sub(r"^\s*LEAD\b", "", key)
     key = re.sub(r"[\s_\-]", "", key)
@@ -138,18 +144,30 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def check_lead_name(lead: str, field: str) -> str:
+    """Refuse a lead name no lead has (422), before any regex sees it; return it stripped."""
+    if len(lead) > MAX_LEAD_NAME_CHARS:
+        raise _unprocessable(
+            f"{field} is {len(lead)} characters long; a lead's name has at most "
+            f'{MAX_LEAD_NAME_CHARS} (for example "MLII" or "II")'
+        )
+    return lead.strip()
+
+
 def _check_duration(count: int, rate: float, field: str) -> None:
     duration = count / rate
+    # Rounded away from the limit: 9.99 s must not read as "10.0 s", nor 3600.01 s as "3600 s".
     if duration > MAX_DURATION_S:
         raise ImageDecodeError(
-            f"{field} holds {duration:.0f} s of signal; the limit is {MAX_DURATION_S:.0f} s "
-            "(1 hour): split the recording",
+            f"{field} holds {math.ceil(duration * 100) / 100:.2f} s of signal; the limit is "
+            f"{MAX_DURATION_S:.0f} s (1 hour): split the recording",
             HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
         )
     if duration < MIN_DURATION_S:
         raise _unprocessable(
-            f"{field} holds {duration:.1f} s of signal ({count} samples at {rate:g} Hz); "
-            f"at least {MIN_DURATION_S:.0f} s are needed to find the patient's typical beat"
+            f"{field} holds {math.floor(duration * 100) / 100:.2f} s of signal ({count} samples "
+            f"at {rate:g} Hz); at least {MIN_DURATION_S:.0f} s are needed to find the patient's "
+            "typical beat"
         )
 
 
@@ -207,6 +225,7 @@ def ecg_from_json(payload: dict) -> EcgSignal:
         )
     if not isinstance(lead, str) or not lead.strip():
         raise _unprocessable('field \'lead\' must name the ECG lead, for example "MLII" or "II"')
+    lead = check_lead_name(lead, "field 'lead'")
     if not isinstance(samples, list):
         raise _unprocessable("field 'samples' must be a list of numbers (millivolts)")
     # Length first: a too-long list is refused before looking at every value.
@@ -218,14 +237,17 @@ def ecg_from_json(payload: dict) -> EcgSignal:
         values = np.asarray(samples, dtype=np.float64)
     except OverflowError as error:
         raise _unprocessable("field 'samples' holds a number too large for a voltage") from error
-    return _checked_signal(values, rate, lead.strip(), "json", "field 'samples'")
+    return _checked_signal(values, rate, lead, "json", "field 'samples'")
 
 
 def _channel_label(channel: Dataset) -> str:
     sources = channel.get("ChannelSourceSequence") or []
     if sources and sources[0].get("CodeMeaning"):
-        return str(sources[0].CodeMeaning)
-    return str(channel.get("ChannelLabel", "") or "unlabelled")
+        label = str(sources[0].CodeMeaning)
+    else:
+        label = str(channel.get("ChannelLabel", "") or "unlabelled")
+    # A label no lead has is shortened, so that messages listing the leads stay short.
+    return label if len(label) <= MAX_LEAD_NAME_CHARS else label[:MAX_LEAD_NAME_CHARS] + "..."
 
 
 def _millivolts_per_unit(channel: Dataset) -> float:
@@ -280,7 +302,7 @@ def ecg_from_dicom(data: bytes, lead: str = "II") -> EcgSignal:
                 HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
             )
         raise _unprocessable("the DICOM file has no waveform (no Waveform Sequence)")
-    wanted = canonical_lead(lead)
+    wanted = canonical_lead(check_lead_name(lead, "field 'lead'"))
     found: list[str] = []
     candidates: list[tuple[bool, int, int, int]] = []
     for group_index, group in enumerate(dataset.WaveformSequence):
@@ -296,7 +318,12 @@ def ecg_from_dicom(data: bytes, lead: str = "II") -> EcgSignal:
             f"the DICOM ECG has no lead {lead!r}; it has: "
             f"{', '.join(map(repr, found)) or 'no labelled leads'}"
         )
-    _, _, group_index, channel_index = max(candidates)
+    original, _, group_index, channel_index = max(candidates)
+    if not original:
+        raise _unprocessable(
+            f"the DICOM ECG holds lead {lead!r} only in a derived waveform (such as a median "
+            "beat), not as recorded; send the recorded rhythm"
+        )
     group = dataset.WaveformSequence[group_index]
     channel = group.ChannelDefinitionSequence[channel_index]
     try:

@@ -455,6 +455,9 @@ def _checked_lead(served: Served, signal: EcgSignal) -> EcgSignal:
 
 
 _INLINE_DECODE_PIXELS = 256 * 256
+# A 512^3 NIfTI volume takes about 1.5 GB and 6 s to decode here: one at a time per worker, so
+# that a few large uploads at once cannot exhaust the memory the other requests need.
+_VOLUME_DECODES = asyncio.Semaphore(1)
 
 
 async def _decode_picture(decode: Callable[[], DecodedImage], data: bytes) -> DecodedImage:
@@ -578,9 +581,12 @@ class Screening:
                         HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                     )
                 shape = (card_input.depth, card_input.height, card_input.width)
-                decoded = await asyncio.to_thread(
-                    lambda: decode_volume(data, depth=shape[0], height=shape[1], width=shape[2]),
-                )
+                async with _VOLUME_DECODES:
+                    decoded = await asyncio.to_thread(
+                        lambda: decode_volume(
+                            data, depth=shape[0], height=shape[1], width=shape[2]
+                        ),
+                    )
             else:
                 channels = 1 if card_input.channels == "grayscale" else 3
                 decoded = await _decode_picture(

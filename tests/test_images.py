@@ -18,6 +18,7 @@ from pydicom.uid import (
     JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
     SecondaryCaptureImageStorage,
@@ -271,3 +272,77 @@ def test_a_window_that_blanks_the_picture_is_a_422(shared_datasets: Path):
     dataset.WindowCenter, dataset.WindowWidth = -1e6, 10  # every pixel above the window
     status, message = _status_of(dataset_bytes(dataset))
     assert status == HTTPStatus.UNPROCESSABLE_ENTITY and "map every pixel to one value" in message
+
+
+def _secondary_capture(rows: int, columns: int, bits: int, pixel_data: bytes, syntax: UID) -> bytes:
+    """A minimal grayscale DICOM image around ``pixel_data``."""
+    dataset = pydicom.Dataset()
+    dataset.file_meta = pydicom.dataset.FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = syntax
+    dataset.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dataset.SOPClassUID = SecondaryCaptureImageStorage
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID
+    dataset.Rows, dataset.Columns = rows, columns
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
+    dataset.BitsAllocated = dataset.BitsStored = bits
+    dataset.HighBit, dataset.PixelRepresentation = bits - 1, 0
+    dataset.PixelData = pixel_data
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_compressed_codestream_larger_than_declared_is_refused_before_decoding():
+    # A 4000 x 4000 JPEG 2000 codestream in a file declaring 64 x 64: decoded, it would take
+    # 32 MB here (gigabytes at 13000 x 13000, from a 2 MB upload), before any size check.
+    codestream = io.BytesIO()
+    Image.new("L", (4000, 4000)).save(codestream, format="JPEG2000", no_jp2=True)
+    data = _secondary_capture(64, 64, 8, encapsulate([codestream.getvalue()]), JPEG2000Lossless)
+    status, message = _status_of(data)
+    assert status == HTTPStatus.UNPROCESSABLE_ENTITY
+    assert "holds a 4000 x 4000 image" in message and "Columns 64 and Rows 64" in message
+    # The same codestream declared at its own size decodes: the check compares, nothing more.
+    codestream = io.BytesIO()
+    Image.fromarray(GRADIENT).save(codestream, format="JPEG2000", no_jp2=True)
+    data = _secondary_capture(48, 64, 8, encapsulate([codestream.getvalue()]), JPEG2000Lossless)
+    assert decode_image(data, **INPUT_28).source_shape == (48, 64)
+
+
+def test_one_bit_dicom_is_spread_over_the_grey_levels_as_png_is():
+    mask = (np.indices((64, 64)).sum(0) % 16 < 8).astype(np.uint8)
+    packed = np.packbits(mask.ravel(), bitorder="little").tobytes()
+    dicom = decode_image(
+        _secondary_capture(64, 64, 1, packed, ExplicitVRLittleEndian), refuse_blank=True, **INPUT_28
+    )
+    png = io.BytesIO()
+    Image.fromarray(mask.astype(bool)).save(png, format="PNG")
+    # Before, pydicom's 0 and 1 reached the model as they are, and the service refused the
+    # picture as nearly blank.
+    np.testing.assert_array_equal(dicom.pixels, decode_image(png.getvalue(), **INPUT_28).pixels)
+    assert dicom.pixels.max() == 255
+
+
+def test_sixteen_bit_picture_crushed_by_one_saturated_pixel_is_a_422():
+    rows, columns = np.mgrid[0:256, 0:256]
+    anatomy = ((rows + columns) * 1000 // 510).astype(np.uint16)  # 1,000 file steps
+    for saturated in (False, True):
+        picture = anatomy.copy()
+        if saturated:
+            picture[0, 0] = 65535  # the other pixels then share 4 of the 256 grey levels
+        buffer = io.BytesIO()
+        Image.fromarray(picture).save(buffer, format="PNG")
+        if not saturated:
+            decode_image(buffer.getvalue(), refuse_blank=True, **INPUT_28)
+            continue
+        with pytest.raises(ImageDecodeError, match="spans 4 of 256 grey levels") as failure:
+            decode_image(buffer.getvalue(), refuse_blank=True, **INPUT_28)
+        assert failure.value.status == HTTPStatus.UNPROCESSABLE_ENTITY
+
+
+def test_pixel_data_longer_than_one_frame_is_named(shared_datasets: Path):
+    dataset = pydicom.dcmread(shared_datasets / DICOM_DIR / "pydicom_MR_small.dcm")
+    dataset.PixelData = dataset.PixelData * 2
+    status, message = _status_of(dataset_bytes(dataset))
+    assert status == HTTPStatus.UNPROCESSABLE_ENTITY
+    assert "more than one 64 x 64 frame" in message

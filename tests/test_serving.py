@@ -387,6 +387,8 @@ def test_ecg_dicom_waveform_and_bad_ecg_input(
         ({**payload, "lead": "V1"}, 422, "trained on lead MLII"),
         ({k: v for k, v in payload.items() if k != "sampling_rate_hz"}, 422, "sampling_rate_hz"),
         ({**payload, "samples": payload["samples"][:360]}, 422, "10 s"),
+        # Refused at once: the lead's regexes once ran seconds on the event loop for this.
+        ({**payload, "lead": "(" * 30_000}, 422, "'lead' is 30000 characters long"),
     ):
         response = requests.post(url, json=bad, headers=_auth(service_keys.all_models), timeout=60)
         assert response.status_code == status, response.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import struct
 from http import HTTPStatus
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def test_constant_volume_is_a_422():
         (lambda good: b"not a volume at all" * 40, HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "NIfTI"),
         (lambda good: gzip.compress(b"a gzip file of text" * 40), 415, ".nii or .nii.gz"),
         (lambda good: good[: len(good) // 2], HTTPStatus.UNPROCESSABLE_ENTITY, "truncated"),
-        (lambda good: gzip.decompress(good)[:400], 422, "truncated or corrupt"),
+        (lambda good: gzip.decompress(good)[:400], 422, "voxel data is truncated"),
     ],
 )
 def test_bad_files_give_the_right_status(nifti_dir: Path, make, status, message: str):
@@ -137,3 +138,21 @@ def test_nifti2_decodes_like_nifti1(anatomy: nib.Nifti1Image):
         decode_volume(nifti2, **VESSEL_INPUT).pixels,
         decode_volume(nifti_bytes(data, anatomy.affine), **VESSEL_INPUT).pixels,
     )
+
+
+def test_header_declaring_more_voxels_than_the_file_holds_is_refused_before_reading():
+    # A 33 KB file whose header says 512 x 512 x 512 float64: nibabel would first allocate the
+    # gigabyte it declares.
+    data = bytearray(nib.Nifti1Image(np.zeros((16, 16, 16)), np.eye(4)).to_bytes())
+    data[40:56] = struct.pack("<8h", 3, 512, 512, 512, 1, 1, 1, 1)  # dim[0..7]
+    with pytest.raises(ImageDecodeError, match="header describes 1073742176 bytes") as failure:
+        decode_volume(bytes(data), **VESSEL_INPUT)
+    assert failure.value.status == HTTPStatus.UNPROCESSABLE_ENTITY
+
+
+def test_window_as_wide_as_float32_keeps_the_volume():
+    # Finite float32 voxels at -3e38 and 3e38: the window's width overflows float32, and the
+    # volume used to arrive all black.
+    voxels = np.where(np.indices((16, 16, 16)).sum(0) > 22, 3e38, -3e38).astype(np.float32)
+    decoded = decode_volume(nifti_bytes(voxels, np.eye(4)), **VESSEL_INPUT)
+    assert decoded.pixels.min() == 0 and decoded.pixels.max() == 255

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from http import HTTPStatus
 from pathlib import Path
 
@@ -213,7 +214,12 @@ def body(samples: object = TEN_SECONDS, rate: object = 360, lead: object = "II")
             422,
             r"\[7\] is not a fin",
         ),
-        (body(samples=TEN_SECONDS[:3240]), 422, "9.0 s .* at least 10 s"),
+        (body(samples=TEN_SECONDS[:3240]), 422, "9.00 s .* at least 10 s"),
+        # Rounded away from the limit: 3,599 samples are not "10.0 s".
+        (body(samples=TEN_SECONDS[:3599]), 422, r"9\.99 s .* at least 10 s"),
+        (body(samples=[0.0] * 1_296_001), 413, r"3600\.01 s of signal; the limit is 3600 s"),
+        # Refused before the lead's regexes see it: "(" * 30000 took 5.6 s on the event loop.
+        (body(lead="(" * 30_000), 422, "'lead' is 30000 characters long"),
         (body(samples=[0.0] * 1008, rate=100.9), 422, "at least 10 s"),
         (body(samples=[0.0] * 360_001, rate=100), 413, "limit is 3600 s"),
         (body(samples=[v * 1000 for v in TEN_SECONDS]), 422, "send millivolts"),
@@ -265,4 +271,33 @@ def test_signal_without_qrs_complexes_is_a_422():
     flat = EcgSignal(np.zeros(3600), 360.0, "II", "json")
     with pytest.raises(ImageDecodeError, match="no QRS complexes detected") as failure:
         beats_for_model(flat)
+    assert failure.value.status == HTTPStatus.UNPROCESSABLE_ENTITY
+
+
+def test_lead_names_no_lead_has_are_refused_at_once(ecg_dicom: bytes):
+    started = time.perf_counter()
+    assert canonical_lead("(" * 50_000) == "(" * 50_000  # names no lead
+    with pytest.raises(ImageDecodeError, match="'lead' is 20000 characters") as failure:
+        ecg_from_dicom(ecg_dicom, lead="(" * 20_000)
+    assert failure.value.status == HTTPStatus.UNPROCESSABLE_ENTITY
+    # Quadratic regexes took seconds here; a linear pass takes milliseconds.
+    assert time.perf_counter() - started < 1.0
+
+
+def test_long_channel_labels_are_shortened_in_messages(ecg_dicom: bytes):
+    def long_labels(dataset: pydicom.Dataset) -> None:
+        for channel in dataset.WaveformSequence[0].ChannelDefinitionSequence:
+            channel.ChannelSourceSequence[0].CodeMeaning = "(" * 100_000
+
+    with pytest.raises(ImageDecodeError, match="no lead 'V7'") as failure:
+        ecg_from_dicom(edited_dicom(ecg_dicom, long_labels), "V7")
+    assert len(str(failure.value)) < 2_000
+
+
+def test_lead_only_in_a_derived_waveform_is_named(ecg_dicom: bytes):
+    def derived_only(dataset: pydicom.Dataset) -> None:
+        dataset.WaveformSequence[0].WaveformOriginality = "DERIVED"
+
+    with pytest.raises(ImageDecodeError, match="only in a derived waveform") as failure:
+        ecg_from_dicom(edited_dicom(ecg_dicom, derived_only), "II")
     assert failure.value.status == HTTPStatus.UNPROCESSABLE_ENTITY
