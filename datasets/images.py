@@ -380,7 +380,8 @@ def _read_dicom(data: bytes) -> tuple[np.ndarray, float]:
         raise ImageDecodeError(
             f"the DICOM pixel data cannot be decoded ({error})", HTTPStatus.UNPROCESSABLE_ENTITY
         ) from error
-    if pixels.shape[:2] != (rows, columns):
+    samples = int(dataset.get("SamplesPerPixel", 1) or 1)
+    if pixels.shape != ((rows, columns) if samples == 1 else (rows, columns, samples)):
         # pydicom reads pixel data longer than one frame as several frames.
         raise ImageDecodeError(
             f"the DICOM pixel data holds {pixels.size} values, more than one {rows} x {columns} "
@@ -398,9 +399,10 @@ def _read_dicom(data: bytes) -> tuple[np.ndarray, float]:
             ) from error
         displayed = np.asarray(displayed)
         bits_stored = int(dataset.get("BitsStored", 8) or 8)
-        if displayed.dtype == np.uint8 and 1 <= bits_stored < 8:
-            # Fewer bits than a byte (a 1-bit mask), not rescaled or windowed: spread over
-            # 0-255, as Pillow does for PNG; a 1-bit picture would otherwise arrive as 0 and 1.
+        if displayed is pixels and pixels.dtype == np.uint8 and 1 <= bits_stored < 8:
+            # Fewer bits than a byte (a 1-bit mask), with no LUT or window (those give their
+            # own output range): spread over 0-255, as Pillow does for PNG; a 1-bit picture
+            # would otherwise arrive as 0 and 1.
             full_scale = (1 << bits_stored) - 1
             levels = np.minimum(displayed, full_scale).astype(np.uint16)
             scaled, gain = (levels * 255 // full_scale).astype(np.uint8), 1.0

@@ -225,11 +225,12 @@ def intensities_to_uint8(values: np.ndarray) -> np.ndarray:
     # place: ``values`` is the decoder's own copy.
     scaled = np.nan_to_num(values, copy=False, nan=low, posinf=high, neginf=low)
     np.clip(scaled, low, high, out=scaled)
-    # From the window's middle: ``scaled - low`` overflows float32 for a window as wide as
-    # float32's range (-3e38 to 3e38), and the volume would arrive black.
-    scaled -= np.float32((low + high) / 2)
-    scaled *= np.float32(255.0 / (high - low))
-    scaled += np.float32(127.5)
+    # Halved first: ``scaled - low`` overflows float32 for a window as wide as float32's range
+    # (-3e38 to 3e38), and the volume would arrive black. Halving is exact, so the window's
+    # bottom still maps to 0 however narrow the window is.
+    scaled *= np.float32(0.5)
+    scaled -= np.float32(low / 2)
+    scaled *= np.float32(510.0 / (high - low))
     np.clip(scaled, 0, 255, out=scaled)
     return np.rint(scaled, out=scaled).astype(np.uint8)
 

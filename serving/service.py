@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.message import Message
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 
 import bentoml
 import numpy as np
@@ -107,6 +107,7 @@ _configure_logging()
 # Decoding a small upload takes microseconds; a large one (a 1024 px DICOM, a volume) goes to a
 # thread so that the event loop keeps accepting requests.
 _INLINE_DECODE_BYTES = 64 * 1024
+R = TypeVar("R")
 _MULTIPART = "multipart/form-data"
 # BentoML answers a request still running after REQUEST_TIMEOUT_S with a 504 that bypasses the
 # prediction log, so the service keeps its own, earlier deadlines, each answered and logged: a
@@ -477,6 +478,29 @@ async def _decode_picture(decode: Callable[[], DecodedImage], data: bytes) -> De
     return await asyncio.to_thread(decode)
 
 
+async def one_at_a_time(permits: asyncio.Semaphore, function: Callable[[], R]) -> R:
+    """Run ``function`` in a thread while holding one of ``permits``, until the thread ends.
+
+    A request cut short by its deadline stops waiting, but its thread runs on: the permit is
+    released when the thread ends, not when the request does, so that the next decode does not
+    start beside the abandoned one.
+    """
+    await permits.acquire()
+    try:
+        running = asyncio.ensure_future(asyncio.to_thread(function))
+    except BaseException:
+        permits.release()
+        raise
+
+    def release(finished: asyncio.Future[R]) -> None:
+        permits.release()
+        if not finished.cancelled():
+            finished.exception()  # retrieved, so that an abandoned failure is not reported
+
+    running.add_done_callback(release)
+    return await asyncio.shield(running)
+
+
 async def _off_loop(size: int, function: Callable[[], Any]) -> Any:
     if size <= _INLINE_DECODE_BYTES:
         return function()
@@ -581,12 +605,10 @@ class Screening:
                         HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                     )
                 shape = (card_input.depth, card_input.height, card_input.width)
-                async with _VOLUME_DECODES:
-                    decoded = await asyncio.to_thread(
-                        lambda: decode_volume(
-                            data, depth=shape[0], height=shape[1], width=shape[2]
-                        ),
-                    )
+                decoded = await one_at_a_time(
+                    _VOLUME_DECODES,
+                    lambda: decode_volume(data, depth=shape[0], height=shape[1], width=shape[2]),
+                )
             else:
                 channels = 1 if card_input.channels == "grayscale" else 3
                 decoded = await _decode_picture(

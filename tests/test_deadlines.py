@@ -95,3 +95,37 @@ def test_a_record_being_written_at_the_deadline_is_not_cut_short(screening):
     assert response.status_code == 200
     record = _records(screening)[-1]
     assert record["outcome"] == "prediction" and record["decision"] == "positive"
+
+
+def test_decodes_stay_one_at_a_time_when_their_requests_give_up():
+    # A request cut short by the deadline stops waiting, but its decode thread runs on: the
+    # next decode must not start beside it (each NIfTI decode can take 1.4 GB).
+    decode_s, deadline_s, arrival_gap_s = 0.3, 0.4, 0.1
+    running, peak = 0, 0
+    lock = threading.Lock()
+
+    def decode() -> str:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(decode_s)
+        with lock:
+            running -= 1
+        return "decoded"
+
+    async def request(permits: asyncio.Semaphore, arrival_s: float) -> str:
+        await asyncio.sleep(arrival_s)
+        try:
+            async with asyncio.timeout(deadline_s):
+                return await service.one_at_a_time(permits, decode)
+        except TimeoutError:
+            return "gave up"
+
+    async def requests() -> list[str]:
+        permits = asyncio.Semaphore(1)
+        return await asyncio.gather(*(request(permits, i * arrival_gap_s) for i in range(8)))
+
+    answers = asyncio.run(requests())  # returns once every decode thread has ended
+    assert peak == 1
+    assert answers[0] == "decoded" and "gave up" in answers

@@ -346,3 +346,27 @@ def test_pixel_data_longer_than_one_frame_is_named(shared_datasets: Path):
     status, message = _status_of(dataset_bytes(dataset))
     assert status == HTTPStatus.UNPROCESSABLE_ENTITY
     assert "more than one 64 x 64 frame" in message
+
+
+def test_a_lut_on_few_stored_bits_keeps_its_own_output_range():
+    # 7 stored bits through a VOI LUT whose output is 8-bit: the LUT's values are the picture,
+    # not stored values to spread (spreading them saturated half the picture white).
+    ramp = np.tile(np.arange(128, dtype=np.uint8), (100, 1))
+    data = bytearray(_secondary_capture(100, 128, 8, ramp.tobytes(), ExplicitVRLittleEndian))
+    dataset = pydicom.dcmread(io.BytesIO(bytes(data)))
+    dataset.BitsStored, dataset.HighBit = 7, 6
+    lut = pydicom.Dataset()
+    lut.LUTDescriptor = [128, 0, 8]
+    lut.LUTData = (np.arange(128, dtype=np.uint16) * 2).tobytes()
+    lut["LUTData"].VR = "OW"
+    dataset.VOILUTSequence = [lut]
+    decoded = decode_image(dataset_bytes(dataset), channels=1, height=100, width=128)
+    assert decoded.pixels[0, 50, [0, 32, 64, 127]].tolist() == [0, 64, 128, 254]
+
+
+def test_pixel_data_of_as_many_frames_as_rows_is_not_read_as_colour():
+    # 3 x 3 x 3 bytes in a 3 x 3 grayscale file: pydicom reads 3 frames, which look like one
+    # 3 x 3 colour picture.
+    data = _secondary_capture(3, 3, 8, bytes(range(27)), ExplicitVRLittleEndian)
+    status, message = _status_of(data)
+    assert status == HTTPStatus.UNPROCESSABLE_ENTITY and "more than one 3 x 3 frame" in message

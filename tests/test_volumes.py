@@ -105,7 +105,7 @@ def test_constant_volume_is_a_422():
         (lambda good: b"not a volume at all" * 40, HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "NIfTI"),
         (lambda good: gzip.compress(b"a gzip file of text" * 40), 415, ".nii or .nii.gz"),
         (lambda good: good[: len(good) // 2], HTTPStatus.UNPROCESSABLE_ENTITY, "truncated"),
-        (lambda good: gzip.decompress(good)[:400], 422, "voxel data is truncated"),
+        (lambda good: gzip.decompress(good)[:400], 422, "the header describes"),
     ],
 )
 def test_bad_files_give_the_right_status(nifti_dir: Path, make, status, message: str):
@@ -154,5 +154,12 @@ def test_window_as_wide_as_float32_keeps_the_volume():
     # Finite float32 voxels at -3e38 and 3e38: the window's width overflows float32, and the
     # volume used to arrive all black.
     voxels = np.where(np.indices((16, 16, 16)).sum(0) > 22, 3e38, -3e38).astype(np.float32)
+    decoded = decode_volume(nifti_bytes(voxels, np.eye(4)), **VESSEL_INPUT)
+    assert decoded.pixels.min() == 0 and decoded.pixels.max() == 255
+
+
+def test_window_a_few_float32_steps_wide_keeps_its_bottom_black():
+    # Two values one float32 step apart near 1e6: the background must stay at 0, not mid-grey.
+    voxels = np.where(np.indices((16, 16, 16)).sum(0) > 22, 1e6 + 0.0625, 1e6).astype(np.float32)
     decoded = decode_volume(nifti_bytes(voxels, np.eye(4)), **VESSEL_INPUT)
     assert decoded.pixels.min() == 0 and decoded.pixels.max() == 255
