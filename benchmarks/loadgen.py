@@ -66,6 +66,8 @@ class LevelResult:
     socket_errors: int
     client_cpu_cores: float
     server_cpu_cores: float | None = None
+    # Cores that processes other than the server and the client kept busy meanwhile.
+    other_cpu_cores: float | None = None
 
     @property
     def errors(self) -> int:

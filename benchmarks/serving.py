@@ -81,6 +81,8 @@ RECOVERY_WITHIN_S = 5.0
 BURST_CONCURRENCY = 64
 # Above this share of CPU busy before the start, the run shares its cores with other work.
 BUSY_WARNING_PERCENT = 25.0
+# Above this many cores used by other processes during a measurement, likewise.
+OTHER_WORK_WARNING_CORES = 0.25
 
 
 def say(text: str) -> None:
@@ -415,14 +417,19 @@ def measure_levels(
         if warmup_s > 0:
             load.run(port, concurrency, warmup_s, target)
         cpu_before, started = tree_cpu_seconds(server.pid), time.perf_counter()
+        busy_before = system_busy_seconds()
         result = load.run(port, concurrency, duration_s, target)
         wall = time.perf_counter() - started
         result.server_cpu_cores = (tree_cpu_seconds(server.pid) - cpu_before) / wall
+        result.other_cpu_cores = other_work_cores(
+            busy_before, wall, result.server_cpu_cores + result.client_cpu_cores
+        )
         results.append(result)
         say(
             f"  {target} c={concurrency}: {result.requests_per_s:.0f} req/s, "
             f"p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, errors {result.errors}, "
-            f"CPU client {result.client_cpu_cores:.2f} / server {result.server_cpu_cores:.2f}"
+            f"CPU client {result.client_cpu_cores:.2f} / server {result.server_cpu_cores:.2f} "
+            f"/ other {result.other_cpu_cores:.2f}"
         )
     return results
 
@@ -521,21 +528,29 @@ def report(summary: dict[str, Any], service: list[LevelResult], eager: list[Leve
     say("")
     say("## Serving benchmark (127.0.0.1, closed loop)")
     say("")
-    say("| target | concurrency | req/s | p50 ms | p99 ms | errors | client CPU | server CPU |")
-    say("|---|---:|---:|---:|---:|---:|---:|---:|")
+    say(
+        "| target | concurrency | req/s | p50 ms | p99 ms | errors | client CPU | server CPU "
+        "| other CPU |"
+    )
+    say("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     if limit:
+        other = summary["other_work_cpu_cores"]["the in-process limit"]
         say(
             f"| onnxruntime in-process, batch {limit['batch']} (limit) | - | "
-            f"{limit['images_per_s_decode_excluded']:.0f} images/s | - | - | - | - | - |"
+            f"{limit['images_per_s_decode_excluded']:.0f} images/s | - | - | - | - | - | "
+            f"{other:.2f} |"
         )
     for row in [*service, *eager]:
         say(
             f"| {row.target} | {row.concurrency} | {row.requests_per_s:.0f} | {row.p50_ms:.1f} | "
             f"{row.p99_ms:.1f} | {row.errors} | {row.client_cpu_cores:.2f} | "
-            f"{row.server_cpu_cores or 0:.2f} |"
+            f"{row.server_cpu_cores or 0:.2f} | {row.other_cpu_cores or 0:.2f} |"
         )
     say("")
-    say("CPU columns: cores busy on average (user + system) during the measurement.")
+    say(
+        "CPU columns: cores busy on average (user + system) during the measurement; other: by "
+        "processes other than the client and the server (the limit: other than this script)."
+    )
     if summary["in_process"]:
         say("")
         say("In-process onnxruntime (default threads), images/s:")
@@ -588,12 +603,36 @@ def report(summary: dict[str, Any], service: list[LevelResult], eager: list[Leve
     say(f"model: {summary['model']}; {summary['note']}")
     if busy := busy_warning(machine["cpu_busy_percent_at_start"], machine["cpus_usable"]):
         say(busy)
+    if busy := other_work_warning(summary["other_work_cpu_cores"]):
+        say(busy)
 
 
 def cpu_busy_percent(seconds: float = 3.0) -> float:
     """Share of all usable cores busy over the next few seconds, whatever is running them."""
     # A sample, not the load average: that trails by minutes and warns after any recent work.
     return psutil.cpu_percent(interval=seconds)
+
+
+def system_busy_seconds() -> float:
+    """CPU seconds all processes have used so far, summed over cores (not idle, not stolen)."""
+    times = psutil.cpu_times()
+    return sum(getattr(times, field, 0.0) for field in ("user", "nice", "system", "irq", "softirq"))
+
+
+def other_work_cores(busy_before: float, wall_s: float, own_cores: float) -> float:
+    """Cores used since ``busy_before`` by processes other than the measured ones."""
+    return max(0.0, (system_busy_seconds() - busy_before) / wall_s - own_cores)
+
+
+def other_work_warning(other_cores: dict[str, float]) -> str | None:
+    # A sample before the run misses work that starts during it; this is measured throughout.
+    busiest = max(other_cores, key=other_cores.__getitem__, default=None)
+    if busiest is None or other_cores[busiest] <= OTHER_WORK_WARNING_CORES:
+        return None
+    return (
+        f"WARNING: other processes kept {other_cores[busiest]:.2f} cores busy during {busiest}: "
+        "these numbers are not comparable with a quiet machine's"
+    )
 
 
 def busy_warning(busy_percent: float, cpus: int) -> str | None:
@@ -844,7 +883,15 @@ def _run(
     }
 
     say(f"== (a) in-process limit: onnxruntime {version_of('onnxruntime')}, {limit_seconds} s each")
+    busy_before, own_before = system_busy_seconds(), time.process_time()
+    started = time.perf_counter()
     in_process = in_process_limit(onnx_path, card, pngs, limit_seconds)
+    wall = time.perf_counter() - started
+    other_cores = {
+        "the in-process limit": other_work_cores(
+            busy_before, wall, (time.process_time() - own_before) / wall
+        )
+    }
     limit = max(in_process, key=lambda row: row["images_per_s_decode_excluded"])
     summary["in_process"] = in_process
     summary["limit"] = limit
@@ -909,6 +956,9 @@ def _run(
     summary["service"] = [row.as_dict() for row in service_results]
     summary["eager"] = [row.as_dict() for row in eager_results]
     summary["goals"] = goals(limit, service_results, eager_results, burst_result)
+    for row in [*eager_results, *service_results]:
+        other_cores[f"{row.target} c={row.concurrency}"] = row.other_cpu_cores or 0.0
+    summary["other_work_cpu_cores"] = other_cores
     summary["load_average_at_end"] = os.getloadavg()
     report(summary, service_results, eager_results)
     output.parent.mkdir(parents=True, exist_ok=True)
