@@ -26,6 +26,7 @@ from pydicom.uid import (
 )
 
 from datasets.images import ImageDecodeError, decode_image
+from tests.conftest import grayscale_dicom
 
 GRADIENT = (np.arange(64 * 48).reshape(48, 64) % 256).astype(np.uint8)
 INPUT_28 = {"channels": 1, "height": 28, "width": 28}
@@ -274,38 +275,19 @@ def test_a_window_that_blanks_the_picture_is_a_422(shared_datasets: Path):
     assert status == HTTPStatus.UNPROCESSABLE_ENTITY and "map every pixel to one value" in message
 
 
-def _secondary_capture(rows: int, columns: int, bits: int, pixel_data: bytes, syntax: UID) -> bytes:
-    """A minimal grayscale DICOM image around ``pixel_data``."""
-    dataset = pydicom.Dataset()
-    dataset.file_meta = pydicom.dataset.FileMetaDataset()
-    dataset.file_meta.TransferSyntaxUID = syntax
-    dataset.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    dataset.SOPClassUID = SecondaryCaptureImageStorage
-    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID
-    dataset.Rows, dataset.Columns = rows, columns
-    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
-    dataset.BitsAllocated = dataset.BitsStored = bits
-    dataset.HighBit, dataset.PixelRepresentation = bits - 1, 0
-    dataset.PixelData = pixel_data
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 def test_compressed_codestream_larger_than_declared_is_refused_before_decoding():
     # A 4000 x 4000 JPEG 2000 codestream in a file declaring 64 x 64: decoded, it would take
     # 32 MB here (gigabytes at 13000 x 13000, from a 2 MB upload), before any size check.
     codestream = io.BytesIO()
     Image.new("L", (4000, 4000)).save(codestream, format="JPEG2000", no_jp2=True)
-    data = _secondary_capture(64, 64, 8, encapsulate([codestream.getvalue()]), JPEG2000Lossless)
+    data = grayscale_dicom(64, 64, 8, encapsulate([codestream.getvalue()]), JPEG2000Lossless)
     status, message = _status_of(data)
     assert status == HTTPStatus.UNPROCESSABLE_ENTITY
     assert "holds a 4000 x 4000 image" in message and "Columns 64 and Rows 64" in message
     # The same codestream declared at its own size decodes: the check compares, nothing more.
     codestream = io.BytesIO()
     Image.fromarray(GRADIENT).save(codestream, format="JPEG2000", no_jp2=True)
-    data = _secondary_capture(48, 64, 8, encapsulate([codestream.getvalue()]), JPEG2000Lossless)
+    data = grayscale_dicom(48, 64, 8, encapsulate([codestream.getvalue()]), JPEG2000Lossless)
     assert decode_image(data, **INPUT_28).source_shape == (48, 64)
 
 
@@ -313,7 +295,7 @@ def test_one_bit_dicom_is_spread_over_the_grey_levels_as_png_is():
     mask = (np.indices((64, 64)).sum(0) % 16 < 8).astype(np.uint8)
     packed = np.packbits(mask.ravel(), bitorder="little").tobytes()
     dicom = decode_image(
-        _secondary_capture(64, 64, 1, packed, ExplicitVRLittleEndian), refuse_blank=True, **INPUT_28
+        grayscale_dicom(64, 64, 1, packed, ExplicitVRLittleEndian), refuse_blank=True, **INPUT_28
     )
     png = io.BytesIO()
     Image.fromarray(mask.astype(bool)).save(png, format="PNG")
@@ -352,7 +334,7 @@ def test_a_lut_on_few_stored_bits_keeps_its_own_output_range():
     # 7 stored bits through a VOI LUT whose output is 8-bit: the LUT's values are the picture,
     # not stored values to spread (spreading them saturated half the picture white).
     ramp = np.tile(np.arange(128, dtype=np.uint8), (100, 1))
-    data = bytearray(_secondary_capture(100, 128, 8, ramp.tobytes(), ExplicitVRLittleEndian))
+    data = bytearray(grayscale_dicom(100, 128, 8, ramp.tobytes(), ExplicitVRLittleEndian))
     dataset = pydicom.dcmread(io.BytesIO(bytes(data)))
     dataset.BitsStored, dataset.HighBit = 7, 6
     lut = pydicom.Dataset()
@@ -367,6 +349,6 @@ def test_a_lut_on_few_stored_bits_keeps_its_own_output_range():
 def test_pixel_data_of_as_many_frames_as_rows_is_not_read_as_colour():
     # 3 x 3 x 3 bytes in a 3 x 3 grayscale file: pydicom reads 3 frames, which look like one
     # 3 x 3 colour picture.
-    data = _secondary_capture(3, 3, 8, bytes(range(27)), ExplicitVRLittleEndian)
+    data = grayscale_dicom(3, 3, 8, bytes(range(27)), ExplicitVRLittleEndian)
     status, message = _status_of(data)
     assert status == HTTPStatus.UNPROCESSABLE_ENTITY and "more than one 3 x 3 frame" in message

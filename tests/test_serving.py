@@ -20,11 +20,11 @@ import pydicom
 import pytest
 import requests
 from PIL import Image
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 
 from datasets import get_dataset_spec, load_split
 from serving.schemas import ErrorAnswer, ModelList, MonitoringAnswer, ScreeningAnswer
-from tests.conftest import free_port, medscreen_command, medscreen_error_line
+from tests.conftest import free_port, grayscale_dicom, medscreen_command, medscreen_error_line
 
 pytestmark = pytest.mark.slow
 
@@ -162,24 +162,6 @@ def test_numpy_array_in_json_gives_the_same_answer_as_the_png(
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]
 
 
-def _sixteen_bit_dicom(pixels: np.ndarray) -> bytes:
-    dataset = pydicom.Dataset()
-    dataset.file_meta = pydicom.dataset.FileMetaDataset()
-    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    dataset.SOPClassUID = SecondaryCaptureImageStorage
-    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID
-    dataset.Rows, dataset.Columns = pixels.shape
-    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
-    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 16, 16, 15
-    dataset.PixelRepresentation = 0
-    dataset.PixelData = pixels.astype("<u2").tobytes()
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 def test_the_same_picture_scores_the_same_at_any_bit_depth(
     served_model, service_keys, registered_model, pneumonia_case: np.ndarray
 ):
@@ -191,7 +173,12 @@ def test_the_same_picture_scores_the_same_at_any_bit_depth(
     uploads = {
         "8-bit PNG": (_png(picture), "case.png"),
         "16-bit PNG": (_png(sixteen_bit), "case16.png"),
-        "16-bit DICOM": (_sixteen_bit_dicom(sixteen_bit), "case16.dcm"),
+        "16-bit DICOM": (
+            grayscale_dicom(
+                *sixteen_bit.shape, 16, sixteen_bit.astype("<u2").tobytes(), ExplicitVRLittleEndian
+            ),
+            "case16.dcm",
+        ),
     }
     scores = {}
     for kind, (content, filename) in uploads.items():
