@@ -107,7 +107,6 @@ _configure_logging()
 # Decoding a small upload takes microseconds; a large one (a 1024 px DICOM, a volume) goes to a
 # thread so that the event loop keeps accepting requests.
 _INLINE_DECODE_BYTES = 64 * 1024
-R = TypeVar("R")
 _MULTIPART = "multipart/form-data"
 # BentoML answers a request still running after REQUEST_TIMEOUT_S with a 504 that bypasses the
 # prediction log, so the service keeps its own, earlier deadlines, each answered and logged: a
@@ -456,7 +455,7 @@ def _checked_lead(served: Served, signal: EcgSignal) -> EcgSignal:
 
 
 _INLINE_DECODE_PIXELS = 256 * 256
-# A 512^3 NIfTI volume takes about 1.5 GB and 6 s to decode here: one at a time per worker, so
+# A 512^3 NIfTI volume takes 1.4-1.5 GB and 6-7 s to decode here: one at a time per worker, so
 # that a few large uploads at once cannot exhaust the memory the other requests need.
 _VOLUME_DECODES = asyncio.Semaphore(1)
 
@@ -476,6 +475,9 @@ async def _decode_picture(decode: Callable[[], DecodedImage], data: bytes) -> De
         if inline:
             return decode()
     return await asyncio.to_thread(decode)
+
+
+R = TypeVar("R")
 
 
 async def one_at_a_time(permits: asyncio.Semaphore, function: Callable[[], R]) -> R:
