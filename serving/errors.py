@@ -8,6 +8,18 @@ from datasets.images import ImageDecodeError
 InputError = ImageDecodeError
 
 
+# Longer than any model or field name; a client's value is cut to it in messages.
+MAX_SHOWN_CHARS = 64
+
+
+def shown(value: str) -> str:
+    """A client's value for a message: quoted, so that the prediction log masks it, and cut.
+
+    Echoed whole, a 20 MB model name made a 20 MB answer.
+    """
+    return repr(value if len(value) <= MAX_SHOWN_CHARS else value[:MAX_SHOWN_CHARS] + "...")
+
+
 class ModelLoadError(RuntimeError):
     """A registered model could not be found, downloaded or verified. The message says why.
 

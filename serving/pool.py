@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from serving.batching import MicroBatcher
-from serving.errors import ModelLoadError, RequestError
+from serving.errors import ModelLoadError, RequestError, shown
 from serving.model import ModelReference, ServedModel, load_served_model, resolve_version
 
 logger = logging.getLogger("medscreen.serving")
@@ -125,13 +125,13 @@ class ModelPool:
             served = self._current.get(name)
             if served is None:
                 raise RequestError(
-                    f"model {name!r} is not served here; GET /v1/models lists those that are",
+                    f"model {shown(name)} is not served here; GET /v1/models lists those that are",
                     HTTPStatus.NOT_FOUND,
                 )
             if served.model.card.is_monitoring != monitoring:
                 right = "/v1/monitor" if served.model.card.is_monitoring else "/v1/screen"
                 raise RequestError(
-                    f"model {name!r} is not an {route_kind} model; send its input to {right}",
+                    f"model {shown(name)} is not an {route_kind} model; send its input to {right}",
                     HTTPStatus.UNPROCESSABLE_ENTITY,
                 )
             return served

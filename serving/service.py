@@ -51,7 +51,7 @@ from starlette.routing import Route
 
 from serving.api_keys import ApiKey, AuthError, KeyStore, KeyStoreError
 from serving.batching import FairLock, MicroBatcher
-from serving.errors import InputError, RequestError
+from serving.errors import InputError, RequestError, shown
 from serving.inputs import (
     MAX_UPLOAD_BYTES,
     DecodedImage,
@@ -144,7 +144,12 @@ async def _route_error(request: Request, error: StarletteHTTPException) -> JSONR
 
 
 class JsonNotFound:
-    """BentoML answers paths outside its routes with a plain-text 404; answer in our JSON form."""
+    """BentoML answers paths outside its routes with a plain-text 404; answer in our JSON form.
+
+    A path with a trailing slash gets the same 404, not Starlette's redirect to the path
+    without it: that redirect tells the client to send the upload and its key again, to a URL
+    built from the request's Host header.
+    """
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -159,16 +164,21 @@ class JsonNotFound:
 
         async def send_json_404(message: dict) -> None:
             nonlocal replaced
-            if message["type"] == "http.response.start" and message["status"] == 404:
+            if message["type"] == "http.response.start" and message["status"] in (404, 307):
                 headers = dict(message.get("headers", []))
-                if headers.get(b"content-type", b"").startswith(b"text/plain"):
+                plain_404 = message["status"] == 404 and headers.get(
+                    b"content-type", b""
+                ).startswith(b"text/plain")
+                slash_redirect = message["status"] == 307 and scope["path"].endswith("/")
+                if plain_404 or slash_redirect:
                     replaced = True
                     request_id = str(uuid.uuid4())
+                    hint = "; routes take no trailing slash" if slash_redirect else ""
                     body = json.dumps(
                         error_body(
                             request_id,
                             HTTPStatus.NOT_FOUND,
-                            f"no route {scope['path']}; the routes are listed at /v1/docs",
+                            f"no route {scope['path']}{hint}; the routes are listed at /v1/docs",
                         )
                     ).encode()
                     await send(
@@ -314,7 +324,11 @@ async def _read_body(request: Request, timeout_s: float = UPLOAD_TIMEOUT_S) -> b
 async def _multipart(request: Request, route: str) -> tuple[bytes, dict[str, str]]:
     """The ``file`` part and the text fields of a multipart upload."""
     content_type = request.headers.get("content-type", "")
-    if not content_type.lower().startswith(_MULTIPART) or "boundary=" not in content_type:
+    header = Message()
+    header["content-type"] = content_type
+    # Parameter names are case-insensitive: "Boundary=" is a boundary too.
+    boundary = header.get_param("boundary")
+    if not content_type.lower().startswith(_MULTIPART) or not isinstance(boundary, str):
         raise RequestError(
             f"{route} takes {_MULTIPART} with the upload in a field named 'file' "
             f"(got Content-Type {content_type or 'none'!r})",
@@ -375,7 +389,7 @@ def _check_closed(body: bytes, content_type: str) -> None:
 
 def _given_twice(name: str) -> RequestError:
     return RequestError(
-        f"field {name!r} is given twice; send each field once",
+        f"field {shown(name)} is given twice; send each field once",
         HTTPStatus.UNPROCESSABLE_ENTITY,
     )
 
@@ -432,7 +446,9 @@ def _model_field(fields: dict[str, Any]) -> str | None:
 
 # Quoted values in error messages come from the client or the file; the log keeps neither.
 # A repr() escapes its own quote inside the value, so escapes are skipped over.
-_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+# A quote opens after a non-word character or a bytes prefix (b'...'), as repr writes values
+# into messages; the apostrophe of "model's" opens nothing.
+_QUOTED = re.compile(r"(?:(?<!\w)|(?<=\bb))(?:'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")")
 
 
 def _finite(score: float) -> float:

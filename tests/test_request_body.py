@@ -146,6 +146,34 @@ def test_a_complete_multipart_body_gives_its_file_and_fields():
     assert data == b"content" and fields == {"model": "a"}
 
 
+def test_the_boundary_parameter_is_named_in_any_case():
+    body = _closed(_part("model", b"a"), _part("file", b"content", "x.png"))
+    for spelling in ("Boundary", "BOUNDARY"):  # parameter names are case-insensitive
+        content_type = f"multipart/form-data; {spelling}={BOUNDARY}"
+        data, fields = asyncio.run(_multipart(_posted(body, content_type), "/v1/screen"))
+        assert data == b"content" and fields == {"model": "a"}
+
+
+def test_a_client_value_is_echoed_cut_short():
+    # A 1 MB JSON key given twice: the answer names it, but not whole.
+    key = "k" * 1_000_000
+    body = f'{{"{key}": 1, "{key}": 2}}'.encode()
+    error = _refusal(_json_object(_posted(body, "application/json"), "/v1/screen/array"))
+    assert str(error).startswith("field 'kkkk") and len(str(error)) < 200
+
+
+def test_the_log_masks_quoted_values_not_apostrophes():
+    from serving.service import _QUOTED  # what the prediction log masks
+
+    message = (
+        "the image is 10000 x 10 pixels; cropped to the model's 28 x 28 input it would keep "
+        "0.1% of itself; model 'MRN4711' and bytes b'DOE' are the client's"
+    )
+    masked = _QUOTED.sub("'…'", message)
+    assert "MRN4711" not in masked and "DOE" not in masked
+    assert "the model's 28 x 28 input it would keep 0.1% of itself" in masked
+
+
 @pytest.mark.slow
 def test_a_path_that_is_no_route_never_becomes_a_metrics_label(served_model):
     url = served_model.url
@@ -161,3 +189,27 @@ def test_a_path_that_is_no_route_never_becomes_a_metrics_label(served_model):
     assert any('endpoint="/v1/screen"' in line and 'code="401"' in line for line in totals)
     assert all(line.startswith("bentoml_service_request_total{") for line in totals), totals
     assert requests.post(f"{url}/metrics", timeout=30).status_code == 405
+
+
+@pytest.mark.slow
+def test_a_trailing_slash_is_no_route_and_no_redirect(served_model, service_keys):
+    headers = {"Authorization": f"Bearer {service_keys.all_models}", "Host": "elsewhere.example"}
+    for path in ("/v1/screen/", "/v1/models/"):
+        # A redirect would send the upload and its key to a URL built from the Host header.
+        response = requests.post(
+            f"{served_model.url}{path}", headers=headers, timeout=30, allow_redirects=False
+        )
+        assert response.status_code in (404, 405), (path, response.status_code)
+        assert "location" not in response.headers and "error" in response.json()
+
+
+@pytest.mark.slow
+def test_an_unknown_model_name_is_not_echoed_whole(served_model, service_keys):
+    response = requests.post(
+        f"{served_model.url}/v1/screen/array",
+        json={"model": "m" * 1_000_000, "array": [[0, 255], [255, 0]]},
+        headers={"Authorization": f"Bearer {service_keys.all_models}"},
+        timeout=60,
+    )
+    assert response.status_code == 404 and "is not served here" in response.json()["error"]
+    assert len(response.content) < 1_000  # the 1 MB name came back whole before
