@@ -335,7 +335,7 @@ async def _multipart(request: Request, route: str) -> tuple[bytes, dict[str, str
             HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
         )
     request._body = await _read_body(request)  # starlette's form parser reads the cached body
-    _check_closed(request._body, content_type)
+    _check_closed(request._body, boundary)
     try:
         # Two files are parsed so that a repeated 'file' is named below, not a parser error.
         form = await request.form(max_files=2, max_fields=8)
@@ -369,17 +369,14 @@ async def _multipart(request: Request, route: str) -> tuple[bytes, dict[str, str
     return data, fields
 
 
-def _check_closed(body: bytes, content_type: str) -> None:
+def _check_closed(body: bytes, boundary: str) -> None:
     """Refuse a multipart body without its closing boundary (``--BOUNDARY--``).
 
     The parser drops a part that is never closed without complaint, so a cut upload would
     otherwise be reported as a request without a ``file`` field.
     """
-    header = Message()
-    header["content-type"] = content_type
-    boundary = header.get_param("boundary")
     # The header is read as latin-1 (as starlette reads it), so the boundary is encoded so too.
-    if isinstance(boundary, str) and f"--{boundary}--".encode("latin-1", "replace") not in body:
+    if f"--{boundary}--".encode("latin-1", "replace") not in body:
         raise RequestError(
             # repr quotes it whatever it holds, so the prediction log masks it (it is the client's).
             f"the multipart body is incomplete: it has no closing boundary ({f'--{boundary}--'!r}) "
