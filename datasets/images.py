@@ -365,7 +365,8 @@ def _read_dicom(data: bytes) -> tuple[np.ndarray, float]:
     syntax = dataset.file_meta.get("TransferSyntaxUID")
     _check_decodable(syntax)
     rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
-    _check_pixel_count(rows * columns, int(dataset.get("SamplesPerPixel", 1) or 1))
+    samples = int(dataset.get("SamplesPerPixel", 1) or 1)
+    _check_pixel_count(rows * columns, samples)
     if syntax is not None and UID(syntax).is_compressed and syntax != RLELossless:
         _check_codestream_size(dataset.PixelData, rows, columns)
     try:
@@ -380,7 +381,6 @@ def _read_dicom(data: bytes) -> tuple[np.ndarray, float]:
         raise ImageDecodeError(
             f"the DICOM pixel data cannot be decoded ({error})", HTTPStatus.UNPROCESSABLE_ENTITY
         ) from error
-    samples = int(dataset.get("SamplesPerPixel", 1) or 1)
     if pixels.shape != ((rows, columns) if samples == 1 else (rows, columns, samples)):
         # pydicom reads pixel data longer than one frame as several frames.
         raise ImageDecodeError(

@@ -14,9 +14,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 import pytest
 import requests
 from mlflow.tracking import MlflowClient
+from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = Path(
@@ -284,9 +286,6 @@ def running_server(
 
 def grayscale_dicom(rows: int, columns: int, bits: int, pixel_data: bytes, syntax: str) -> bytes:
     """A minimal grayscale DICOM image (secondary capture) around ``pixel_data``."""
-    import pydicom
-    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
-
     dataset = pydicom.Dataset()
     dataset.file_meta = pydicom.dataset.FileMetaDataset()
     dataset.file_meta.TransferSyntaxUID = syntax
