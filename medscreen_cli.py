@@ -12,6 +12,7 @@ from serving.cli import predict_command, serve_command
 from training.cli import evaluate_command, export_command, train_command
 from training.models_cli import app as models_app
 from training.runs_cli import app as runs_app
+from training.tracking import TrackingServerError
 
 # The embedded store announces its schema migrations on first use; an error must stay one line.
 for noisy in ("mlflow.store.db.utils", "alembic.runtime.migration"):
@@ -43,6 +44,9 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):  # Ctrl-C: one line, as click's own handling gave
         typer.echo("aborted", err=True)
         sys.exit(130)
+    except TrackingServerError as error:  # any command that reads or writes the tracking store
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(2)
     except typer.exceptions.TyperException as error:  # click's usage errors, as typer bundles it
         if type(error).__name__ == "NoArgsIsHelpError":
             sys.exit(2)  # the help has been shown

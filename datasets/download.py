@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
+from http import HTTPStatus
 from pathlib import Path
 
 import requests
@@ -19,6 +21,8 @@ _CHUNK_BYTES = 1 << 20
 # A live download writes at least once a minute (its read timeout); a partial file left alone
 # this long was left by a process that was killed, and is removed.
 _STALE_PARTIAL_S = 3600
+_GATEWAY_FAILURES = frozenset({502, 503, 504})
+_SOCKET_ERROR = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
 
 
 def default_cache_dir() -> Path:
@@ -115,6 +119,36 @@ def download_file(
     finally:
         partial.unlink(missing_ok=True)
     return destination
+
+
+def unreachable_reason(url: str, *, timeout_s: float = 10.0) -> str | None:
+    """Say why nothing answers HTTP at ``url``, or return None when a server answers.
+
+    One attempt, no retries: for a check at start-up, where a wrong address should be one line
+    at once, not minutes of a client's retries. An HTTP answer counts, an error status too
+    (the question is whether a server is there), except a gateway's 502, 503 or 504.
+
+    Args:
+        url: An http or https URL.
+        timeout_s: How long to wait to connect, and then for the answer's first byte.
+
+    Returns:
+        For example ``"Connection refused"``, ``"no answer within 10 s"`` or ``"HTTP 502 Bad
+        Gateway"``; None if a server answered.
+    """
+    try:
+        with requests.get(url, timeout=timeout_s, stream=True, allow_redirects=False) as answer:
+            status = answer.status_code
+    except requests.Timeout:
+        return f"no answer within {timeout_s:g} s"
+    except requests.RequestException as error:
+        # urllib3 nests the socket error in a long message; its errno text is what tells.
+        reason = _SOCKET_ERROR.search(str(error))
+        return reason.group(1) if reason else type(error).__name__
+    if status in _GATEWAY_FAILURES:
+        # What a proxy or load balancer answers when the server behind it does not.
+        return f"HTTP {status} {HTTPStatus(status).phrase}"
+    return None
 
 
 def _remove_stale_partials(destination: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from datasets.download import unreachable_reason
 from serving.settings import MODELS_ENV, state_dir, tracking_uri
 from serving.supervision import SUPERVISOR_PID_ENV
 
@@ -62,6 +63,15 @@ def serve_command(
         typer.echo(f"error: {_listen_problem(host, port, error)}", err=True)
         raise typer.Exit(2) from None
     uri = tracking_uri()
+    # Checked once here: MLflow's retries would keep the start silent for minutes.
+    if uri.startswith(("http://", "https://")) and (problem := unreachable_reason(uri)):
+        typer.echo(
+            f"error: MLFLOW_TRACKING_URI={uri}: the tracking server does not answer ({problem}); "
+            "start it, correct the address, or unset the variable to use the embedded store "
+            f"in {state_dir()}",
+            err=True,
+        )
+        raise typer.Exit(2)
     try:
         references = model or default_references(uri)
         if not references:

@@ -12,6 +12,8 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from datasets.download import unreachable_reason
+
 STATE_DIR_ENV = "MEDSCREEN_STATE_DIR"
 TRACKED_PACKAGES = (
     "medscreen",
@@ -44,15 +46,33 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_dir() / 'mlflow.db'}"
 
 
-# Stores this process has opened: their tables exist, and commands configure tracking often.
+# Stores this process has opened (their tables exist) or found answering: commands configure
+# tracking often.
 _OPENED_STORES: set[str] = set()
 
 
+class TrackingServerError(RuntimeError):
+    """The configured tracking server does not answer."""
+
+
 def configure_tracking() -> str:
-    """Point MLflow at the configured store and return its URI."""
+    """Point MLflow at the configured store and return its URI.
+
+    Raises:
+        TrackingServerError: if the store is a tracking server that does not answer.
+    """
     uri = tracking_uri()
     if uri.startswith("sqlite:///") and uri not in _OPENED_STORES:
         _open_embedded_store(uri, Path(uri.removeprefix("sqlite:///")))
+        _OPENED_STORES.add(uri)
+    elif uri.startswith(("http://", "https://")) and uri not in _OPENED_STORES:
+        # Checked once: MLflow's retries keep a command silent for minutes on a wrong address.
+        if problem := unreachable_reason(uri):
+            raise TrackingServerError(
+                f"MLFLOW_TRACKING_URI={uri}: the tracking server does not answer ({problem}); "
+                "start it, correct the address, or unset the variable to use the embedded "
+                f"store in {state_dir()}"
+            )
         _OPENED_STORES.add(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

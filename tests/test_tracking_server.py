@@ -1,0 +1,193 @@
+"""A shared tracking server is a setting: the pipeline against a real `mlflow server`."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.server
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from datasets.download import unreachable_reason
+from tests.conftest import (
+    QUICK_RECIPE,
+    TINY_TRAINING,
+    free_port,
+    medscreen_command,
+    medscreen_error_line,
+    running_server,
+)
+
+
+@dataclass
+class TrackingServer:
+    url: str
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
+    """`mlflow server` on a free port: runs in sqlite, artifacts proxied into its own folder."""
+    root = tmp_path_factory.mktemp("tracking-server")
+    port = free_port()
+    log_path = root / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("mlflow")),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{root / 'server.db'}",
+                "--artifacts-destination",
+                str(root / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while unreachable_reason(f"{url}/health", timeout_s=2) is not None:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start:\n{log_path.read_text()}")
+            time.sleep(0.5)
+        yield TrackingServer(url=url, root=root)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def _medscreen(*args: str) -> str:
+    completed = subprocess.run(
+        [*medscreen_command(), *args], capture_output=True, text=True, timeout=600
+    )
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout
+
+
+@pytest.mark.slow
+def test_the_pipeline_runs_against_a_tracking_server_set_by_one_variable(
+    tracking_server: TrackingServer,
+    medmnist_dir: Path,
+    shared_datasets: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from serving.api_keys import KeyStore
+    from serving.settings import key_store_path
+
+    state = tmp_path / "state"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.url)
+    monkeypatch.setenv("MEDSCREEN_STATE_DIR", str(state))
+    monkeypatch.setenv("COLUMNS", "300")  # rich tables on one line each
+    overrides = [f"data.data_dir={medmnist_dir}", *TINY_TRAINING]
+    run_id = _medscreen(
+        "train", str(QUICK_RECIPE), *(f"--set={item}" for item in overrides)
+    ).split()[-1]
+    name, version = _medscreen("export", "--run-id", run_id).splitlines()[-1].split()
+    _medscreen(
+        "models", "promote", name, version, "--to", "champion",
+        "--approver", "ci-tracking-server", "--reason", "release through the shared server",
+    )  # fmt: skip
+    _, key = KeyStore(key_store_path()).create("Shared Server Hospital", "east", ["*"])
+
+    (tmp_path / "service").mkdir()
+    with running_server([f"{name}@champion"], tmp_path / "service") as server:
+        dicom = (shared_datasets / "dicom" / "nih_chestxray14_dx_1024.dcm").read_bytes()
+        answer = requests.post(
+            f"{server.url}/v1/screen",
+            files={"file": ("chest.dcm", dicom)},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
+        )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model"] == {"name": name, "version": version, "alias": "champion"}
+
+    # Runs, models and their files are the server's; only the service's own state is local.
+    assert not (state / "mlflow.db").exists()
+    assert not (state / "artifacts").exists()
+    served_graphs = {
+        hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in (tracking_server.root / "artifacts").rglob("model.onnx")
+    }
+    shown = " ".join(_medscreen("runs", "show", run_id).split())
+    registered = re.search(rf"{name}/{version} │ release gate passed, .*?SHA-256 (\w{{64}})", shown)
+    assert registered is not None, shown
+    assert registered.group(1) in served_graphs
+    verified = _medscreen("audit", "verify")
+    assert "1 records, hash chain intact" in verified
+
+
+def test_a_tracking_server_that_does_not_answer_is_one_line_at_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, medmnist_dir: Path
+) -> None:
+    nothing_listens = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", nothing_listens)
+    monkeypatch.setenv("MEDSCREEN_STATE_DIR", str(tmp_path / "state"))
+    for command in (
+        ["models", "show", "pneumonia-screening"],
+        ["export", "--run-id", "0" * 32],
+        ["train", str(QUICK_RECIPE), f"--set=data.data_dir={medmnist_dir}"],
+        ["serve", "--port", str(free_port())],
+    ):
+        started = time.monotonic()
+        line = medscreen_error_line(*command)
+        # MLflow's own retries take minutes before any output.
+        assert time.monotonic() - started < 60, command
+        assert line.startswith(f"error: MLFLOW_TRACKING_URI={nothing_listens}: "), line
+        assert "the tracking server does not answer (Connection refused)" in line, line
+        assert str(tmp_path / "state") in line, line  # where the embedded store would be
+    assert not (tmp_path / "state").exists()  # nothing was written anywhere else instead
+
+
+@contextlib.contextmanager
+def _answering(status: int) -> Iterator[str]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}/health"
+        finally:
+            server.shutdown()
+
+
+def test_any_answer_but_a_gateways_failure_counts_as_a_server() -> None:
+    for status, expected in (
+        (200, None),
+        (404, None),  # a server without /health is still there
+        (401, None),
+        (500, None),
+        (502, "HTTP 502 Bad Gateway"),
+        (503, "HTTP 503 Service Unavailable"),
+        (504, "HTTP 504 Gateway Timeout"),
+    ):
+        with _answering(status) as url:
+            assert unreachable_reason(url) == expected, status
+    assert unreachable_reason(f"http://127.0.0.1:{free_port()}/") == "Connection refused"
