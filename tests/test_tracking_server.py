@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,7 @@ def _answering(status: int) -> Iterator[str]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             self.send_response(status)
+            self.send_header("Content-Length", "0")
             self.end_headers()
 
         def log_message(self, *_: object) -> None:
@@ -176,6 +178,21 @@ def _answering(status: int) -> Iterator[str]:
             yield f"http://127.0.0.1:{server.server_address[1]}/health"
         finally:
             server.shutdown()
+
+
+def test_a_run_the_server_refuses_to_show_is_not_called_missing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("MEDSCREEN_STATE_DIR", str(tmp_path / "state"))
+    run_id = "0" * 32
+    with _answering(HTTPStatus.FORBIDDEN) as url:  # for example, a server behind a login
+        server = url.removesuffix("/health")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+        for command in (["runs", "show", run_id], ["export", "--run-id", run_id]):
+            line = medscreen_error_line(*command)
+            assert f"run '{run_id}': cannot read it from {server}: " in line, line
+            assert "403" in line, line
+            assert "not found" not in line, line
 
 
 def test_any_answer_but_a_gateways_failure_counts_as_a_server() -> None:

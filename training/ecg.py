@@ -44,7 +44,7 @@ from datasets.ecg import (
 from training.evaluate import OVERLAP_CHECK_TAG
 from training.plots import confusion_figure, log_figures
 from training.recipe import EcgModelSection, EcgRecipe
-from training.runs import RunError, read_run_recipe
+from training.runs import RunError, get_run, read_run_recipe
 from training.tracking import configure_tracking, ensure_experiment, provenance
 from training.train import (
     LINEAGE_ARTIFACT,
@@ -451,11 +451,7 @@ def load_ecg_run(run_id: str) -> tuple[mlflow.entities.Run, EcgRecipe, EcgBeatNe
         RunError: if the run does not exist or is not an ECG run.
     """
     configure_tracking()
-    client = mlflow.tracking.MlflowClient()
-    try:
-        run = client.get_run(run_id)
-    except mlflow.exceptions.MlflowException as error:
-        raise RunError(f"run {run_id!r} not found in {mlflow.get_tracking_uri()}") from error
+    run = get_run(run_id)
     tree = read_run_recipe(run_id)
     if tree.get("kind") != "ecg-monitoring":
         raise RunError(f"run {run_id} is not an ECG monitoring run")

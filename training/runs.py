@@ -127,11 +127,20 @@ class RunContext:
         return splits
 
 
-def _get_run(run_id: str) -> mlflow.entities.Run:
+def get_run(run_id: str) -> mlflow.entities.Run:
+    """A run of the configured store.
+
+    Raises:
+        RunError: if the store has no such run, or could not be read (the two are told apart).
+    """
     try:
         return MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException as error:
-        raise RunError(f"run {run_id!r} not found in {mlflow.get_tracking_uri()}") from error
+        store = mlflow.get_tracking_uri()
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise RunError(f"run {run_id!r} not found in {store}") from error
+        reason = str(error).splitlines()[0] if str(error) else error.error_code
+        raise RunError(f"run {run_id!r}: cannot read it from {store}: {reason}") from error
 
 
 def read_run_recipe(run_id: str) -> dict:
@@ -141,7 +150,7 @@ def read_run_recipe(run_id: str) -> dict:
         RunError: if the run does not exist, did not finish, or has no recipe (it is not a
             training run).
     """
-    status = _get_run(run_id).info.status
+    status = get_run(run_id).info.status
     if status != "FINISHED":
         # The recipe is logged first: a killed or failed run has it, but no model.
         raise RunError(
@@ -178,7 +187,7 @@ def load_run_context(run_id: str, data_dir: Path | None = None) -> RunContext:
         RunError: if the tracking store has no such run.
     """
     configure_tracking()
-    run = _get_run(run_id)
+    run = get_run(run_id)
     tree = read_run_recipe(run_id)
     if tree.get("kind", "image-screening") != "image-screening":
         raise RunError(

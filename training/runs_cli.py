@@ -52,19 +52,19 @@ def show_command(
     ],
 ) -> None:
     """Show a run: who and what produced it, its data, metrics, evaluations and model versions."""
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from training.runs import RunError, get_run
     from training.tracking import configure_tracking
 
     if not _RUN_ID.match(run_id):
         _fail("RUN_ID: not an MLflow run id (32 hexadecimal digits)")
-    uri = configure_tracking()
+    configure_tracking()
     client = MlflowClient()
     try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        _fail(f"RUN_ID: no run {run_id} in {uri}")
+        run = get_run(run_id)
+    except RunError as error:
+        _fail(f"RUN_ID: {error}")
     tags, info = run.data.tags, run.info
     console.print(
         f"run {run_id} ({tags.get('mlflow.runName', '-')}), experiment {info.experiment_id}: "
