@@ -138,6 +138,37 @@ def test_the_pipeline_runs_against_a_tracking_server_set_by_one_variable(
     assert "1 records, hash chain intact" in verified
 
 
+@pytest.mark.slow
+def test_trainings_started_together_share_the_new_experiment(
+    tracking_server: TrackingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    from training.tracking import configure_tracking, ensure_experiment
+
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.url)
+    configure_tracking()
+    outcomes: list[str] = []
+
+    def first_run_of_a_recipe() -> None:
+        try:
+            outcomes.append(ensure_experiment("started-together"))
+        except Exception as error:  # what the race raised: RESOURCE_ALREADY_EXISTS
+            outcomes.append(repr(error))
+
+    try:
+        trainings = [threading.Thread(target=first_run_of_a_recipe) for _ in range(6)]
+        for training in trainings:
+            training.start()
+        for training in trainings:
+            training.join()
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+    assert len(set(outcomes)) == 1 and outcomes[0].isdigit(), outcomes
+
+
 def test_a_tracking_server_that_does_not_answer_is_one_line_at_once(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, medmnist_dir: Path
 ) -> None:

@@ -10,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from datasets.download import unreachable_reason
@@ -105,7 +106,16 @@ def ensure_experiment(name: str) -> str:
     artifact_location = None
     if tracking_uri().startswith("sqlite:"):
         artifact_location = (state_dir() / "artifacts").as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifact_location)
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException as error:
+        # Another process created it since the lookup (trainings started together).
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:  # created, then deleted at once: nothing to train into
+        raise MlflowException(f"experiment {name!r} was deleted while being created")
+    return experiment.experiment_id
 
 
 def _git(*args: str) -> str | None:
