@@ -126,7 +126,8 @@ def unreachable_reason(url: str, *, timeout_s: float = 10.0) -> str | None:
 
     One attempt, no retries: for a check at start-up, where a wrong address should be one line
     at once, not minutes of a client's retries. An HTTP answer counts, an error status too
-    (the question is whether a server is there), except a gateway's 502, 503 or 504.
+    (the question is whether a server is there), except a gateway's 502, 503 or 504; so does a
+    failed TLS handshake.
 
     Args:
         url: An http or https URL.
@@ -139,6 +140,10 @@ def unreachable_reason(url: str, *, timeout_s: float = 10.0) -> str | None:
     try:
         with requests.get(url, timeout=timeout_s, stream=True, allow_redirects=False) as answer:
             status = answer.status_code
+    except requests.exceptions.SSLError:
+        # Something speaks on that port; whether its certificate is trusted is for the client's
+        # own TLS settings (a hospital's private CA, client certificates), not for this check.
+        return None
     except requests.Timeout:
         return f"no answer within {timeout_s:g} s"
     except requests.RequestException as error:

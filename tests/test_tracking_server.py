@@ -238,4 +238,7 @@ def test_any_answer_but_a_gateways_failure_counts_as_a_server() -> None:
     ):
         with _answering(status) as url:
             assert unreachable_reason(url) == expected, status
+    with _answering(HTTPStatus.OK) as url:
+        # A failed handshake: a server is there, and the client's TLS settings are MLflow's.
+        assert unreachable_reason(url.replace("http://", "https://")) is None
     assert unreachable_reason(f"http://127.0.0.1:{free_port()}/") == "Connection refused"
