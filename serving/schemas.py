@@ -181,6 +181,7 @@ def _upload(file: str, **fields: str) -> dict[str, Any]:
     return {
         "type": "object",
         "required": ["file"],
+        "additionalProperties": False,  # refused with 422, as in the JSON bodies
         "properties": {
             "file": {"type": "string", "format": "binary", "description": file},
             **{name: {"type": "string", "description": about} for name, about in texts.items()},

@@ -32,7 +32,7 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from email.message import Message
 from http import HTTPStatus
@@ -108,6 +108,11 @@ _configure_logging()
 # thread so that the event loop keeps accepting requests.
 _INLINE_DECODE_BYTES = 64 * 1024
 _MULTIPART = "multipart/form-data"
+# Each route's fields, as its published request body names them.
+_SCREEN_FIELDS = tuple(SCREEN_UPLOAD["properties"])
+_MONITOR_DICOM_FIELDS = tuple(MONITOR_DICOM_UPLOAD["properties"])
+_ARRAY_FIELDS = tuple(ArrayRequest.model_fields)
+_MONITOR_FIELDS = tuple(MonitorRequest.model_fields)
 # BentoML answers a request still running after REQUEST_TIMEOUT_S with a 504 that bypasses the
 # prediction log, so the service keeps its own, earlier deadlines, each answered and logged: a
 # slow upload is a 408, and a request not answered within ANSWER_DEADLINE_S a 503. Once its
@@ -321,8 +326,10 @@ async def _read_body(request: Request, timeout_s: float = UPLOAD_TIMEOUT_S) -> b
     return b"".join(chunks)
 
 
-async def _multipart(request: Request, route: str) -> tuple[bytes, dict[str, str]]:
-    """The ``file`` part and the text fields of a multipart upload."""
+async def _multipart(
+    request: Request, route: str, accepted: tuple[str, ...]
+) -> tuple[bytes, dict[str, str]]:
+    """The ``file`` part and the text fields of a multipart upload whose fields are ``accepted``."""
     content_type = request.headers.get("content-type", "")
     header = Message()
     header["content-type"] = content_type
@@ -363,10 +370,25 @@ async def _multipart(request: Request, route: str) -> tuple[bytes, dict[str, str
             f"(got fields {sorted(form.keys())})",
             HTTPStatus.UNPROCESSABLE_ENTITY,
         )
-    data = await upload.read()
+    try:
+        _check_known_fields(route, form.keys(), accepted)
+        data = await upload.read()
+    finally:
+        await form.close()
     fields = {name: value for name, value in form.items() if isinstance(value, str)}
-    await form.close()
     return data, fields
+
+
+def _check_known_fields(route: str, given: Iterable[str], accepted: tuple[str, ...]) -> None:
+    """Refuse fields the route does not take: a misspelt ``lead`` would fall back to the default."""
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise RequestError(
+            f"{route} takes no field {shown(unknown[0])}{more}; its fields are "
+            f"{', '.join(accepted)}",
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+        )
 
 
 def _check_closed(body: bytes, boundary: str) -> None:
@@ -408,8 +430,10 @@ def _json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return marked
 
 
-async def _json_object(request: Request, route: str) -> tuple[bytes, dict[str, Any]]:
-    """The raw bytes and the parsed object of a JSON body."""
+async def _json_object(
+    request: Request, route: str, accepted: tuple[str, ...]
+) -> tuple[bytes, dict[str, Any]]:
+    """The raw bytes and the parsed object of a JSON body whose fields are ``accepted``."""
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("application/json"):
         raise RequestError(
@@ -431,6 +455,7 @@ async def _json_object(request: Request, route: str) -> tuple[bytes, dict[str, A
         )
     if isinstance(payload, _RepeatedKeys):  # only the top level names fields
         raise _given_twice(payload.repeated)
+    _check_known_fields(route, payload, accepted)
     return body, payload
 
 
@@ -607,7 +632,7 @@ class Screening:
         """Answer ``POST /v1/screen``."""
 
         async def decode(exchange: _Exchange) -> tuple[Served, DecodedImage]:
-            data, fields = await _multipart(request, exchange.route)
+            data, fields = await _multipart(request, exchange.route, _SCREEN_FIELDS)
             served = self._select(exchange, _model_field(fields), monitoring=False)
             exchange.input_sha256 = hashlib.sha256(data).hexdigest()
             card_input = served.model.card.input
@@ -644,7 +669,7 @@ class Screening:
         """Answer ``POST /v1/screen/array``."""
 
         async def decode(exchange: _Exchange) -> tuple[Served, DecodedImage]:
-            body, payload = await _json_object(request, exchange.route)
+            body, payload = await _json_object(request, exchange.route, _ARRAY_FIELDS)
             served = self._select(exchange, _model_field(payload), monitoring=False)
             exchange.input_sha256 = hashlib.sha256(body).hexdigest()
             if "array" not in payload:
@@ -663,7 +688,7 @@ class Screening:
         """Answer ``POST /v1/monitor``."""
 
         async def decode(exchange: _Exchange) -> tuple[Served, Any]:
-            body, payload = await _json_object(request, exchange.route)
+            body, payload = await _json_object(request, exchange.route, _MONITOR_FIELDS)
             served = self._select(exchange, _model_field(payload), monitoring=True)
             exchange.input_sha256 = hashlib.sha256(body).hexdigest()
             signal = _checked_lead(served, await asyncio.to_thread(lambda: ecg_from_json(payload)))
@@ -676,7 +701,7 @@ class Screening:
         """Answer ``POST /v1/monitor/dicom``."""
 
         async def decode(exchange: _Exchange) -> tuple[Served, Any]:
-            data, fields = await _multipart(request, exchange.route)
+            data, fields = await _multipart(request, exchange.route, _MONITOR_DICOM_FIELDS)
             served = self._select(exchange, _model_field(fields), monitoring=True)
             exchange.input_sha256 = hashlib.sha256(data).hexdigest()
             card_signal = served.model.card.signal

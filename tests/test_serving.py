@@ -387,6 +387,52 @@ def test_ecg_dicom_waveform_and_bad_ecg_input(
     assert response.status_code == 422 and "/v1/monitor" in response.json()["error"]
 
 
+def test_a_field_the_route_does_not_take_is_refused_not_ignored(
+    served_model, service_keys, registered_model, shared_datasets: Path
+):
+    # Ignored, a misspelt 'lead' would have classified the model's default lead instead.
+    waveform = (shared_datasets / "dicom" / "pydicom_waveform_ecg.dcm").read_bytes()
+    payload, _ = _ecg_payload(shared_datasets, 20, 360)
+    picture = _png((np.arange(28 * 28).reshape(28, 28) % 251).astype(np.uint8))
+    name = registered_model.model_name
+    cases = [
+        (
+            "/v1/screen",
+            {"files": {"file": ("x.png", picture)}, "data": {"model": name, "Jane Doe": "1"}},
+            "'Jane Doe'",
+            "file, model",
+        ),
+        (
+            "/v1/screen/array",
+            {"json": {"array": [[7] * 28] * 28, "model": name, "arrray": [], "shape": [28, 28]}},
+            "'arrray' (and 1 more)",
+            "array, model",
+        ),
+        (
+            "/v1/monitor",
+            {"json": {**payload, "leed": "V1"}},
+            "'leed'",
+            "samples, sampling_rate_hz, lead, model",
+        ),
+        (
+            "/v1/monitor/dicom",
+            {"files": {"file": ("ecg.dcm", waveform)}, "data": {"leed": "V1"}},
+            "'leed'",
+            "file, model, lead",
+        ),
+    ]
+    for route, body, named, accepted in cases:
+        response = requests.post(
+            f"{served_model.url}{route}", headers=_auth(service_keys.all_models), timeout=60, **body
+        )
+        assert response.status_code == 422, (route, response.text)
+        error = ErrorAnswer.model_validate(response.json()).error
+        assert f"{route} takes no field {named}; its fields are {accepted}" == error, error
+        (record,) = [r for r in _log_records() if r["request_id"] == response.json()["request_id"]]
+        assert record["outcome"] == "failed" and record["status"] == 422
+        assert "Jane" not in record["error"] and "leed" not in record["error"]  # masked
+
+
 def _jpeg_ls_dicom(shared_datasets: Path) -> bytes:
     """A CT slice re-labelled JPEG-LS: a transfer syntax this service has no decoder for."""
     from pydicom.encaps import encapsulate
