@@ -11,7 +11,14 @@ import requests
 from starlette.requests import Request
 
 from serving.errors import RequestError
-from serving.service import _json_object, _multipart, _read_body
+from serving.service import (
+    _ARRAY_FIELDS,
+    _MONITOR_FIELDS,
+    _SCREEN_FIELDS,
+    _json_object,
+    _multipart,
+    _read_body,
+)
 
 
 def _request(messages: list[dict]) -> Request:
@@ -93,28 +100,51 @@ def _refusal(coroutine: object) -> RequestError:
     ],
 )
 def test_a_json_field_given_twice_is_a_422(body: bytes):
-    error = _refusal(_json_object(_posted(body, "application/json"), "/v1/screen/array"))
+    error = _refusal(
+        _json_object(_posted(body, "application/json"), "/v1/screen/array", _ARRAY_FIELDS)
+    )
     assert error.status == HTTPStatus.UNPROCESSABLE_ENTITY
     assert str(error) == "field 'model' is given twice; send each field once"
 
 
 def test_only_top_level_json_keys_must_be_unique():
-    body = b'{"array": [[1, 1], [1, 1]], "lead": "II", "meta": {"x": 1, "x": 2}}'
-    _, payload = asyncio.run(_json_object(_posted(body, "application/json"), "/v1/monitor"))
-    assert payload == {"array": [[1, 1], [1, 1]], "lead": "II", "meta": {"x": 2}}
+    body = b'{"array": [[1, 1], {"x": 1, "x": 2}], "model": "m"}'
+    _, payload = asyncio.run(
+        _json_object(_posted(body, "application/json"), "/v1/screen/array", _ARRAY_FIELDS)
+    )
+    assert payload == {"array": [[1, 1], {"x": 2}], "model": "m"}
     assert json.dumps(payload)  # a plain object, as json.loads gives
+
+
+def test_a_field_the_route_does_not_take_is_a_422_naming_the_route_s_fields():
+    body = b'{"samples": [0.1], "sampling_rate_hz": 360, "lead": "II", "leed": "V1", "x": 1}'
+    error = _refusal(
+        _json_object(_posted(body, "application/json"), "/v1/monitor", _MONITOR_FIELDS)
+    )
+    assert error.status == HTTPStatus.UNPROCESSABLE_ENTITY
+    assert str(error) == (
+        "/v1/monitor takes no field 'leed' (and 1 more); "
+        "its fields are samples, sampling_rate_hz, lead, model"
+    )
+    body = _closed(_part("file", b"x", "x.png"), _part("patient", b"DOE^JOHN"))
+    error = _refusal(_multipart(_posted(body, MULTIPART), "/v1/screen", _SCREEN_FIELDS))
+    assert str(error) == "/v1/screen takes no field 'patient'; its fields are file, model"
+    # Without a 'file', that is what the client hears about first.
+    body = _closed(_part("image", b"x", "x.png"))
+    error = _refusal(_multipart(_posted(body, MULTIPART), "/v1/screen", _SCREEN_FIELDS))
+    assert "needs the upload in a multipart field named 'file'" in str(error)
 
 
 def test_a_multipart_field_given_twice_is_a_422():
     body = _closed(_part("model", b"a"), _part("model", b"b"), _part("file", b"x", "x.png"))
-    error = _refusal(_multipart(_posted(body, MULTIPART), "/v1/screen"))
+    error = _refusal(_multipart(_posted(body, MULTIPART), "/v1/screen", _SCREEN_FIELDS))
     assert error.status == HTTPStatus.UNPROCESSABLE_ENTITY
     assert str(error) == "field 'model' is given twice; send each field once"
 
 
 def test_a_file_part_given_twice_is_named_like_any_field():
     body = _closed(_part("file", b"x", "a.png"), _part("file", b"y", "b.png"))
-    error = _refusal(_multipart(_posted(body, MULTIPART), "/v1/screen"))
+    error = _refusal(_multipart(_posted(body, MULTIPART), "/v1/screen", _SCREEN_FIELDS))
     assert error.status == HTTPStatus.UNPROCESSABLE_ENTITY
     assert str(error) == "field 'file' is given twice; send each field once"
 
@@ -125,7 +155,9 @@ def test_a_boundary_is_masked_in_the_log_whatever_quotes_it_holds():
     boundary = "x' MRN4711 DOE JOHN '--"
     body = f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\na\r\n'
     error = _refusal(
-        _multipart(_posted(body.encode(), f"multipart/form-data; boundary={boundary}"), "/x")
+        _multipart(
+            _posted(body.encode(), f"multipart/form-data; boundary={boundary}"), "/x", ("model",)
+        )
     )
     assert "no closing boundary" in str(error) and "MRN4711" in str(error)
     assert "MRN4711" not in _QUOTED.sub("'…'", str(error))
@@ -133,7 +165,7 @@ def test_a_boundary_is_masked_in_the_log_whatever_quotes_it_holds():
 
 def test_a_multipart_body_without_its_closing_boundary_is_a_400_saying_so():
     body = _part("model", b"a") + _part("file", b"\x89PNG not all of it", "x.png")
-    error = _refusal(_multipart(_posted(body, MULTIPART), "/v1/screen"))
+    error = _refusal(_multipart(_posted(body, MULTIPART), "/v1/screen", _SCREEN_FIELDS))
     assert error.status == HTTPStatus.BAD_REQUEST
     assert "the multipart body is incomplete: it has no closing boundary" in str(error)
     assert "named 'file'" not in str(error)
@@ -142,7 +174,7 @@ def test_a_multipart_body_without_its_closing_boundary_is_a_400_saying_so():
 def test_a_complete_multipart_body_gives_its_file_and_fields():
     body = _closed(_part("model", b"a"), _part("file", b"content", "x.png"))
     quoted = f'multipart/form-data; boundary="{BOUNDARY}"'  # a quoted boundary is the same
-    data, fields = asyncio.run(_multipart(_posted(body, quoted), "/v1/screen"))
+    data, fields = asyncio.run(_multipart(_posted(body, quoted), "/v1/screen", _SCREEN_FIELDS))
     assert data == b"content" and fields == {"model": "a"}
 
 
@@ -150,7 +182,9 @@ def test_the_boundary_parameter_is_named_in_any_case():
     body = _closed(_part("model", b"a"), _part("file", b"content", "x.png"))
     for spelling in ("Boundary", "BOUNDARY"):  # parameter names are case-insensitive
         content_type = f"multipart/form-data; {spelling}={BOUNDARY}"
-        data, fields = asyncio.run(_multipart(_posted(body, content_type), "/v1/screen"))
+        data, fields = asyncio.run(
+            _multipart(_posted(body, content_type), "/v1/screen", _SCREEN_FIELDS)
+        )
         assert data == b"content" and fields == {"model": "a"}
 
 
@@ -158,7 +192,9 @@ def test_a_client_value_is_echoed_cut_short():
     # A 1 MB JSON key given twice: the answer names it, but not whole.
     key = "k" * 1_000_000
     body = f'{{"{key}": 1, "{key}": 2}}'.encode()
-    error = _refusal(_json_object(_posted(body, "application/json"), "/v1/screen/array"))
+    error = _refusal(
+        _json_object(_posted(body, "application/json"), "/v1/screen/array", _ARRAY_FIELDS)
+    )
     assert str(error).startswith("field 'kkkk") and len(str(error)) < 200
 
 
