@@ -23,6 +23,18 @@ _CHUNK_BYTES = 1 << 20
 _STALE_PARTIAL_S = 3600
 _GATEWAY_FAILURES = frozenset({502, 503, 504})
 _SOCKET_ERROR = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
+# What OpenSSL says when the other end answers a TLS handshake in plain text (3.0; 3.2 and later).
+_PLAIN_TEXT_ANSWER = ("WRONG_VERSION_NUMBER", "record layer failure")
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:'\"]*):[^/?#@\s'\"]*@")
+
+
+def hide_passwords(text: str) -> str:
+    """Return ``text`` with the password of every URL in it replaced by ``***``.
+
+    For messages that name a configured URL (``http://user:password@host``): an error line or
+    a log must not carry the secret. The user name stays, to say which account was used.
+    """
+    return _URL_PASSWORD.sub(r"\1:***@", text)
 
 
 def default_cache_dir() -> Path:
@@ -127,7 +139,8 @@ def unreachable_reason(url: str, *, timeout_s: float = 10.0) -> str | None:
     One attempt, no retries: for a check at start-up, where a wrong address should be one line
     at once, not minutes of a client's retries. An HTTP answer counts, an error status too
     (the question is whether a server is there), except a gateway's 502, 503 or 504; so does a
-    failed TLS handshake.
+    failed TLS handshake, unless the port answered in plain text (an ``https`` address for a
+    plain-HTTP server, which clients would otherwise retry for minutes).
 
     Args:
         url: An http or https URL.
@@ -135,14 +148,16 @@ def unreachable_reason(url: str, *, timeout_s: float = 10.0) -> str | None:
 
     Returns:
         For example ``"Connection refused"``, ``"no answer within 10 s"`` or ``"HTTP 502 Bad
-        Gateway"``; None if a server answered.
+        Gateway"``; None if a server answered. URL passwords never appear in it.
     """
     try:
         with requests.get(url, timeout=timeout_s, stream=True, allow_redirects=False) as answer:
             status = answer.status_code
-    except requests.exceptions.SSLError:
-        # Something speaks on that port; whether its certificate is trusted is for the client's
-        # own TLS settings (a hospital's private CA, client certificates), not for this check.
+    except requests.exceptions.SSLError as error:
+        if any(sign in str(error) for sign in _PLAIN_TEXT_ANSWER):
+            return "the port speaks plain HTTP, not HTTPS: use an http:// address"
+        # Something speaks TLS on that port; whether its certificate is trusted is for the
+        # client's own TLS settings (a hospital's private CA, client certificates).
         return None
     except requests.Timeout:
         return f"no answer within {timeout_s:g} s"

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from datasets.download import hide_passwords
 from serving.api_keys import KeyStore, KeyStoreError, UnknownKeyError
 from serving.prediction_log import head_path_for, parse_head, verify_log
 from serving.settings import (
@@ -89,7 +90,9 @@ def _unregistered(names: list[str]) -> list[str]:
                 missing.append(name)
     except Exception as error:  # an unreadable registry must not hide the key just issued
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        typer.echo(f"warning: cannot read the model registry {uri}: {reason}", err=True)
+        typer.echo(
+            hide_passwords(f"warning: cannot read the model registry {uri}: {reason}"), err=True
+        )
         return []
     return missing
 
@@ -140,7 +143,8 @@ def create_command(
     for name in _unregistered(list(key.models)):
         # Keys may be issued before their model is registered, so only a warning.
         typer.echo(
-            f"warning: --model {name!r} is not a registered model in {tracking_uri()} (yet); "
+            f"warning: --model {name!r} is not a registered model in "
+            f"{hide_passwords(tracking_uri())} (yet); "
             "this key gets 403 for it until a model of that name is registered",
             err=True,
         )

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from datasets.download import unreachable_reason
+from datasets.download import hide_passwords, unreachable_reason
 from serving.settings import MODELS_ENV, state_dir, tracking_uri
 from serving.supervision import SUPERVISOR_PID_ENV
 
@@ -66,9 +66,9 @@ def serve_command(
     # Checked once here: MLflow's retries would keep the start silent for minutes.
     if uri.startswith(("http://", "https://")) and (problem := unreachable_reason(uri)):
         typer.echo(
-            f"error: MLFLOW_TRACKING_URI={uri}: the tracking server does not answer ({problem}); "
-            "start it, correct the address, or unset the variable to use the embedded store "
-            f"in {state_dir()}",
+            f"error: MLFLOW_TRACKING_URI={hide_passwords(uri)}: the tracking server does not "
+            f"answer ({problem}); start it, correct the address, or unset the variable to use "
+            f"the embedded store in {state_dir()}",
             err=True,
         )
         raise typer.Exit(2)

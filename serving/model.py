@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import ValidationError
 
-from datasets.download import file_sha256
+from datasets.download import file_sha256, hide_passwords
 from datasets.ecg import ECG_INPUTS
 from serving.card import CARD_FILENAME, ServedCard
 from serving.errors import ModelLoadError
@@ -243,7 +243,7 @@ def resolve_version(
             version = client.get_model_version_by_alias(parsed.name, parsed.selector)
     except MlflowException as error:
         raise ModelLoadError(
-            f"no registered model version {reference!r} in {uri}: {error.message}",
+            hide_passwords(f"no registered model version {reference!r} in {uri}: {error.message}"),
             transient=True,  # also when the registry is unreachable
         ) from error
     _check_governance(reference, parsed, version)

@@ -17,6 +17,7 @@ from http import HTTPStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from datasets.download import hide_passwords
 from serving.batching import MicroBatcher
 from serving.errors import ModelLoadError, RequestError, shown
 from serving.model import ModelReference, ServedModel, load_served_model, resolve_version
@@ -39,7 +40,9 @@ def default_references(tracking: str, alias: str = DEFAULT_ALIAS) -> list[str]:
     try:
         registered = client.search_registered_models()
     except MlflowException as error:
-        raise ModelLoadError(f"cannot list registered models in {tracking}: {error}") from error
+        raise ModelLoadError(
+            hide_passwords(f"cannot list registered models in {tracking}: {error}")
+        ) from error
     return sorted(f"{model.name}@{alias}" for model in registered if alias in model.aliases)
 
 
@@ -187,9 +190,11 @@ class ModelPool:
                         f"version {target[1]} cannot be loaded ({type(error).__name__}: {error})"
                     ) from error
             except (ModelLoadError, MlflowException, OSError) as error:
-                if self._kept_because.get(name) != str(error):
-                    self._kept_because[name] = str(error)
-                    logger.warning("keeping %s version %s: %s", name, current.model.version, error)
+                # MLflow's connection errors name the registry's address, password included.
+                reason = hide_passwords(str(error))
+                if self._kept_because.get(name) != reason:
+                    self._kept_because[name] = reason
+                    logger.warning("keeping %s version %s: %s", name, current.model.version, reason)
                 continue
             with self._swap_lock:
                 if self._stop.is_set():  # shutting down: its batchers are being closed

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import http.server
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from datasets.download import unreachable_reason
+from datasets.download import hide_passwords, unreachable_reason
 from tests.conftest import (
     QUICK_RECIPE,
     TINY_TRAINING,
@@ -191,8 +193,42 @@ def test_a_tracking_server_that_does_not_answer_is_one_line_at_once(
     assert not (tmp_path / "state").exists()  # nothing was written anywhere else instead
 
 
+def _self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that no client trusts, and its key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .sign(key, hashes.SHA256())
+    )
+    certificate_path, key_path = directory / "server.pem", directory / "server.key"
+    certificate_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return certificate_path, key_path
+
+
 @contextlib.contextmanager
-def _answering(status: int) -> Iterator[str]:
+def _answering(status: int, tls_directory: Path | None = None) -> Iterator[str]:
+    """A server that answers every GET with ``status``; over TLS (untrusted) given a folder."""
+
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             self.send_response(status)
@@ -203,10 +239,16 @@ def _answering(status: int) -> Iterator[str]:
             pass
 
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler) as server:
+        scheme = "http"
+        if tls_directory is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*_self_signed_certificate(tls_directory))
+            server.socket = context.wrap_socket(server.socket, server_side=True)
+            scheme = "https"
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         try:
-            yield f"http://127.0.0.1:{server.server_address[1]}/health"
+            yield f"{scheme}://127.0.0.1:{server.server_address[1]}/health"
         finally:
             server.shutdown()
 
@@ -218,15 +260,19 @@ def test_a_run_the_server_refuses_to_show_is_not_called_missing(
     run_id = "0" * 32
     with _answering(HTTPStatus.FORBIDDEN) as url:  # for example, a server behind a login
         server = url.removesuffix("/health")
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+        # A password in the address is MLflow's basic authentication; it is never shown.
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.replace("//", "//alice:s3cret@"))
         for command in (["runs", "show", run_id], ["export", "--run-id", run_id]):
             line = medscreen_error_line(*command)
-            assert f"run '{run_id}': cannot read it from {server}: " in line, line
+            shown_server = server.replace("//", "//alice:***@")
+            assert f"run '{run_id}': cannot read it from {shown_server}: " in line, line
             assert "403" in line, line
             assert "not found" not in line, line
+            assert "s3cret" not in line, line
 
 
-def test_any_answer_but_a_gateways_failure_counts_as_a_server() -> None:
+def test_any_answer_but_a_gateways_failure_counts_as_a_server(tmp_path: Path) -> None:
+    tls_directory = tmp_path
     for status, expected in (
         (200, None),
         (404, None),  # a server without /health is still there
@@ -238,7 +284,37 @@ def test_any_answer_but_a_gateways_failure_counts_as_a_server() -> None:
     ):
         with _answering(status) as url:
             assert unreachable_reason(url) == expected, status
+    with _answering(HTTPStatus.OK, tls_directory=tls_directory) as url:
+        # A certificate the check does not trust: a server is there, and the client's TLS
+        # settings (a hospital's private CA) are MLflow's.
+        assert url.startswith("https://")
+        assert unreachable_reason(url) is None
     with _answering(HTTPStatus.OK) as url:
-        # A failed handshake: a server is there, and the client's TLS settings are MLflow's.
-        assert unreachable_reason(url.replace("http://", "https://")) is None
+        # An https address for a plain-HTTP server: MLflow would retry the handshake for minutes.
+        assert unreachable_reason(url.replace("http://", "https://")) == (
+            "the port speaks plain HTTP, not HTTPS: use an http:// address"
+        )
     assert unreachable_reason(f"http://127.0.0.1:{free_port()}/") == "Connection refused"
+
+
+def test_passwords_in_addresses_are_hidden() -> None:
+    assert hide_passwords("MLFLOW_TRACKING_URI=https://alice:s3%40cret@host:5000/x: no") == (
+        "MLFLOW_TRACKING_URI=https://alice:***@host:5000/x: no"
+    )
+    assert hide_passwords("in 'postgresql://u:p@db/mlflow'") == "in 'postgresql://u:***@db/mlflow'"
+    for unchanged in ("http://host:5000/a@b", "http://alice@host/", "sqlite:///tmp/mlflow.db"):
+        assert hide_passwords(unchanged) == unchanged
+
+
+def test_a_password_in_the_tracking_address_is_never_printed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    port = free_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:s3cret@127.0.0.1:{port}")
+    monkeypatch.setenv("MEDSCREEN_STATE_DIR", str(tmp_path / "state"))
+    for command in (["models", "show", "x"], ["serve", "--port", str(free_port())]):
+        line = medscreen_error_line(*command)
+        assert line.startswith(f"error: MLFLOW_TRACKING_URI=http://alice:***@127.0.0.1:{port}: "), (
+            line
+        )
+        assert "s3cret" not in line, line

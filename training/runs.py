@@ -12,7 +12,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from datasets import ImageSplit, get_dataset_spec, load_split
-from datasets.download import file_sha256
+from datasets.download import file_sha256, hide_passwords
 from datasets.manifest import ManifestSpec, TaskSpec
 from training.data import ManifestSplits, load_manifest_splits, manifest_spec
 from training.models import ScreeningNetwork, build_network
@@ -136,10 +136,10 @@ def get_run(run_id: str) -> mlflow.entities.Run:
     try:
         return MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException as error:
-        store = mlflow.get_tracking_uri()
+        store = hide_passwords(mlflow.get_tracking_uri())
         if error.error_code == "RESOURCE_DOES_NOT_EXIST":
             raise RunError(f"run {run_id!r} not found in {store}") from error
-        reason = str(error).splitlines()[0] if str(error) else error.error_code
+        reason = hide_passwords(str(error).splitlines()[0]) if str(error) else error.error_code
         raise RunError(f"run {run_id!r}: cannot read it from {store}: {reason}") from error
 
 

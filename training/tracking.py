@@ -13,7 +13,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from datasets.download import unreachable_reason
+from datasets.download import hide_passwords, unreachable_reason
 
 STATE_DIR_ENV = "MEDSCREEN_STATE_DIR"
 TRACKED_PACKAGES = (
@@ -70,9 +70,9 @@ def configure_tracking() -> str:
         # Checked once: MLflow's retries keep a command silent for minutes on a wrong address.
         if problem := unreachable_reason(uri):
             raise TrackingServerError(
-                f"MLFLOW_TRACKING_URI={uri}: the tracking server does not answer ({problem}); "
-                "start it, correct the address, or unset the variable to use the embedded "
-                f"store in {state_dir()}"
+                f"MLFLOW_TRACKING_URI={hide_passwords(uri)}: the tracking server does not "
+                f"answer ({problem}); start it, correct the address, or unset the variable to "
+                f"use the embedded store in {state_dir()}"
             )
         _OPENED_STORES.add(uri)
     mlflow.set_tracking_uri(uri)
