@@ -141,6 +141,25 @@ def _lineage(datamodule: ScreeningDataModule) -> dict:
     return lineage
 
 
+def seeded_classifier(recipe: Recipe) -> tuple[ScreeningDataModule, ScreeningClassifier]:
+    """Seed every generator, load the splits and build the untrained classifier of a recipe.
+
+    Raises:
+        DatasetError: naming the file (and manifest line) that is wrong.
+    """
+    set_determinism(seed=recipe.seed)
+    pl.seed_everything(recipe.seed, workers=True, verbose=False)
+    datamodule = ScreeningDataModule(recipe)
+    datamodule.setup()
+    spec = datamodule.spec
+    network = build_network(recipe.model, spec.image_shape, len(spec.classes))
+    class_weights = (
+        datamodule.class_weights() if recipe.optimisation.class_weighting == "balanced" else None
+    )
+    module = ScreeningClassifier(network, spec.positive_classes, recipe.optimisation, class_weights)
+    return datamodule, module
+
+
 def train_recipe(recipe: Recipe, *, show_progress: bool = True) -> TrainingResult:
     """Train the recipe's network and record everything about the run in MLflow.
 
@@ -161,16 +180,8 @@ def train_recipe(recipe: Recipe, *, show_progress: bool = True) -> TrainingResul
         DatasetError: naming the file (and manifest line) that is wrong, before any run exists.
     """
     configure_tracking()
-    set_determinism(seed=recipe.seed)
-    pl.seed_everything(recipe.seed, workers=True, verbose=False)
-    datamodule = ScreeningDataModule(recipe)
-    datamodule.setup()
-    spec = datamodule.spec
-    network = build_network(recipe.model, spec.image_shape, len(spec.classes))
-    class_weights = (
-        datamodule.class_weights() if recipe.optimisation.class_weighting == "balanced" else None
-    )
-    module = ScreeningClassifier(network, spec.positive_classes, recipe.optimisation, class_weights)
+    datamodule, module = seeded_classifier(recipe)
+    spec, network = datamodule.spec, module.network
 
     experiment_id = ensure_experiment(recipe.experiment)
     with mlflow.start_run(experiment_id=experiment_id, run_name=recipe.name) as run:
