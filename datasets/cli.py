@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from datasets.catalogue import get_dataset_spec, list_datasets
-from datasets.download import fetch_dataset
+from datasets.download import fetch_dataset, hide_passwords
 from datasets.errors import DatasetError
 from datasets.records import fetch_records, get_record_database, list_record_databases, record_list
 
@@ -85,6 +85,7 @@ def fetch_command(
             spec, data_dir=data_dir, cache_dir=cache_dir, url=url, show_progress=True
         )
     except DatasetError as error:
-        typer.echo(f"error: {error}", err=True)
+        # --url may name a mirror behind a login.
+        typer.echo(f"error: {hide_passwords(str(error))}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"{spec.name}: {path} (SHA-256 verified)")

@@ -162,7 +162,8 @@ def predict_command(
         parsed = None
     if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
         typer.echo(
-            f"error: --url: {url!r} is not an http(s) URL (for example http://127.0.0.1:3000)",
+            f"error: --url: {hide_passwords(repr(url))} is not an http(s) URL "
+            "(for example http://127.0.0.1:3000)",
             err=True,
         )
         raise typer.Exit(2)
@@ -179,12 +180,14 @@ def predict_command(
                 timeout=60,
             )
         except requests.RequestException as error:
-            typer.echo(f"error: {url}: {error}", err=True)
+            typer.echo(hide_passwords(f"error: {url}: {error}"), err=True)
             raise typer.Exit(1) from None
     try:
         typer.echo(json.dumps(response.json(), indent=2))
     except ValueError:
-        typer.echo(f"error: {url} answered {response.status_code} without JSON", err=True)
+        typer.echo(
+            f"error: {hide_passwords(url)} answered {response.status_code} without JSON", err=True
+        )
         raise typer.Exit(1) from None
     if not response.ok:
         raise typer.Exit(1)

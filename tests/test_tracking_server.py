@@ -318,3 +318,27 @@ def test_a_password_in_the_tracking_address_is_never_printed(
             line
         )
         assert "s3cret" not in line, line
+
+
+def test_a_password_in_a_download_or_service_address_is_never_printed(tmp_path: Path) -> None:
+    nothing_listens = f"http://alice:s3cret@127.0.0.1:{free_port()}"
+    upload = tmp_path / "image.png"
+    upload.write_bytes(b"not sent: the connection fails first")
+    fetch = ["datasets", "fetch", "--cache-dir", str(tmp_path)]
+    for command in (
+        [*fetch, "mitdb", "--records", "100", "--url", f"{nothing_listens}/mitdb"],
+        [*fetch, "pneumoniamnist", "--url", f"{nothing_listens}/pneumonia.npz"],
+        ["predict", str(upload), "--url", nothing_listens],
+        ["predict", str(upload), "--url", "http://alice:s3cret@[::1"],  # not a URL
+    ):
+        completed = subprocess.run(
+            [*medscreen_command(), *command],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert completed.returncode in (1, 2), completed.stderr
+        assert completed.stderr.startswith("error: ") and "alice:***@" in completed.stderr, (
+            completed.stderr
+        )
+        assert "s3cret" not in completed.stdout + completed.stderr, completed.stderr
