@@ -1,9 +1,11 @@
-"""Experiment: does an exponential moving average (EMA) of the weights help an image recipe?
+"""Experiment: do weight averaging or flip averaging help an image recipe, on validation?
 
 One training run per seed yields every variant: the recipe's own weights (checkpoint chosen by
-validation AUC, exactly as ``medscreen train`` chooses it) and, beside them, EMAs of the weights
-over a horizon of 1 and 3 epochs, each with its own checkpoint chosen by the same rule. An EMA
-only reads the weights, so the recipe's own trajectory is the plain recipe's, to the last digit.
+validation AUC, exactly as ``medscreen train`` chooses it) and, beside them, exponential moving
+averages (EMA) of the weights over a horizon of 1 and 3 epochs, each with its own checkpoint
+chosen by the same rule. An EMA only reads the weights, so the recipe's own trajectory is the
+plain recipe's, to the last digit. For a recipe that trains with horizontal flips, the recipe's
+weights are also scored on each image and its mirror image, logits averaged ("flip-averaged").
 
 Only validation data is used. The rule, fixed before the runs: a variant replaces the recipe's
 weights if its validation log loss after temperature scaling (what the service returns) is lower
@@ -11,7 +13,7 @@ for every seed, and its validation AUC is no lower on average. The test split is
 by ``benchmarks/image_tasks.py``, for the recipe that this chooses.
 
 Usage:
-    python benchmarks/weight_averaging.py --recipe training/recipes/pneumonia-full.yaml \
+    python benchmarks/recipe_variants.py --recipe training/recipes/pneumonia-full.yaml \
         --seeds 0,1 --data-dir ../shared/datasets/medmnist
 """
 
@@ -86,10 +88,14 @@ class Variants(pl.Callback):
             self._keep(name, auc, epoch, average.module)
 
 
-def _validation_figures(network: ScreeningNetwork, datamodule: ScreeningDataModule) -> dict:
+def _validation_figures(
+    network: ScreeningNetwork, datamodule: ScreeningDataModule, *, flip_average: bool = False
+) -> dict:
     val = datamodule.splits["val"]
     positive = datamodule.spec.positive_classes
     logits = predict_logits(network, val.images)
+    if flip_average:  # the last axis is the width, as the recipe's RandFlip flips it
+        logits = (logits + predict_logits(network, np.flip(val.images, axis=-1).copy())) / 2
     temperature = fit_temperature(logits, val.labels)
     rows = np.arange(len(val.labels))
 
@@ -123,11 +129,12 @@ def run_seed(recipe_path: Path, seed: int, overrides: list[str]) -> dict[str, di
     results = {}
     for name, (auc, epoch, state) in variants.best.items():
         network.load_state_dict(state)
-        results[name] = _validation_figures(network, datamodule) | {
-            "best_epoch": epoch,
-            "best_val_auc_during_training": auc,
-            "minutes": minutes,
-        }
+        about = {"best_epoch": epoch, "best_val_auc_during_training": auc, "minutes": minutes}
+        results[name] = _validation_figures(network, datamodule) | about
+        if name == "recipe" and recipe.augmentation.horizontal_flip_probability:
+            results["recipe, flip-averaged"] = (
+                _validation_figures(network, datamodule, flip_average=True) | about
+            )
     return results
 
 
