@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -222,8 +223,10 @@ class ModelPool:
         while not self._stop.wait(self._reload_seconds):
             try:
                 self.refresh()
-            except Exception:  # the watcher must outlive a registry hiccup
-                logger.exception("registry watch failed; retrying")
+            except Exception as error:  # the watcher must outlive a registry hiccup
+                # The traceback as text: MLflow's messages can carry the registry's password.
+                trace = hide_passwords("".join(traceback.format_exception(error)))
+                logger.error("registry watch failed; retrying\n%s", trace.rstrip())
 
     def stop(self) -> None:
         """Stop following alias moves; after this, :meth:`all` no longer changes."""

@@ -419,6 +419,33 @@ def test_the_watcher_warns_once_while_an_alias_points_at_a_version_it_may_not_se
     pool.stop()
 
 
+def test_the_watchers_unforeseen_failure_is_logged_without_the_registrys_password(
+    registered_model, caplog, monkeypatch: pytest.MonkeyPatch
+):
+    from training.registry import promote
+
+    name, version = registered_model.model_name, registered_model.version
+    promote(name, version, alias="failing", approver="ci", reason="watcher test")
+    pool = _watched_pool(f"{name}@failing")
+
+    def failing_refresh() -> list[str]:
+        # What MLflow's client raises when the registry's address holds a password.
+        raise RuntimeError("API request to http://alice:s3cret@127.0.0.1:1/api failed")
+
+    monkeypatch.setattr(pool, "refresh", failing_refresh)
+    monkeypatch.setattr(pool, "_reload_seconds", 0.01)
+    with caplog.at_level(logging.ERROR, logger="medscreen.serving"):
+        pool.start_watching()
+        deadline = time.monotonic() + 10
+        while "registry watch failed" not in caplog.text:
+            assert time.monotonic() < deadline, "the watcher logged nothing"
+            time.sleep(0.02)
+        pool.stop()
+    assert "Traceback" in caplog.text and "in failing_refresh" in caplog.text  # still useful
+    assert "http://alice:***@127.0.0.1:1/api" in caplog.text
+    assert "s3cret" not in caplog.text
+
+
 def test_a_stopped_pool_swaps_in_nothing_and_leaves_no_runner(
     registered_model, second_float_version
 ):
