@@ -47,7 +47,9 @@ from training.train import build_trainer, seeded_classifier
 HORIZONS_EPOCHS = (1, 3)
 
 
-def _auc(network: ScreeningNetwork, images: np.ndarray, truth: np.ndarray, positive) -> float:
+def _auc(
+    network: ScreeningNetwork, images: np.ndarray, truth: np.ndarray, positive: tuple[int, ...]
+) -> float:
     probabilities = torch.softmax(torch.as_tensor(predict_logits(network, images)), 1).numpy()
     return float(roc_auc_score(truth, positive_scores(probabilities, positive)))
 
@@ -71,7 +73,9 @@ class Variants(pl.Callback):
                 pl_module.network, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True
             )
 
-    def on_train_batch_end(self, trainer, pl_module: ScreeningClassifier, *_) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: ScreeningClassifier, *_: object
+    ) -> None:
         for average in self.averages.values():
             average.update_parameters(pl_module.network)
 
