@@ -39,7 +39,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from training import load_recipe
 from training.data import ScreeningDataModule
-from training.evaluation import fit_temperature, is_positive, positive_scores
+from training.evaluation import (
+    calibrated_probabilities,
+    fit_temperature,
+    is_positive,
+    positive_scores,
+)
 from training.lit_models import ScreeningClassifier
 from training.models import ScreeningNetwork, predict_logits
 from training.train import build_trainer, seeded_classifier
@@ -47,11 +52,10 @@ from training.train import build_trainer, seeded_classifier
 HORIZONS_EPOCHS = (1, 3)
 
 
-def _auc(
-    network: ScreeningNetwork, images: np.ndarray, truth: np.ndarray, positive: tuple[int, ...]
-) -> float:
-    probabilities = torch.softmax(torch.as_tensor(predict_logits(network, images)), 1).numpy()
-    return float(roc_auc_score(truth, positive_scores(probabilities, positive)))
+def _auc(logits: np.ndarray, truth: np.ndarray, positive: tuple[int, ...]) -> float:
+    """AUC of the positive finding's probability, as ``medscreen train`` scores validation."""
+    scores = positive_scores(calibrated_probabilities(logits, 1.0), positive)
+    return float(roc_auc_score(truth, scores))
 
 
 class Variants(pl.Callback):
@@ -88,7 +92,8 @@ class Variants(pl.Callback):
         epoch = trainer.current_epoch
         self._keep("recipe", float(trainer.callback_metrics["val_auc"]), epoch, pl_module.network)
         for name, average in self.averages.items():
-            auc = _auc(average.module, self.val.images, self.truth, self.positive)
+            logits = predict_logits(average.module, self.val.images)
+            auc = _auc(logits, self.truth, self.positive)
             self._keep(name, auc, epoch, average.module)
 
 
@@ -106,10 +111,8 @@ def _validation_figures(
     def log_loss(scale: float) -> float:
         return float(-np.mean(log_softmax(logits / scale, axis=1)[rows, val.labels]))
 
-    probabilities = torch.softmax(torch.as_tensor(logits), 1).numpy()
-    truth = is_positive(val.labels, positive)
     return {
-        "val_auc": float(roc_auc_score(truth, positive_scores(probabilities, positive))),
+        "val_auc": _auc(logits, is_positive(val.labels, positive), positive),
         "val_accuracy": float(np.mean(logits.argmax(axis=1) == val.labels)),
         "val_log_loss": log_loss(1.0),
         "val_log_loss_calibrated": log_loss(temperature),
