@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from datasets.download import hide_passwords, unreachable_reason
-from serving.settings import MODELS_ENV, state_dir, tracking_uri
+from serving.settings import MODELS_ENV, decode_memory_bytes, state_dir, tracking_uri
 from serving.supervision import SUPERVISOR_PID_ENV
 
 
@@ -61,6 +61,11 @@ def serve_command(
             pass
     except OSError as error:
         typer.echo(f"error: {_listen_problem(host, port, error)}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        decode_memory_bytes()
+    except ValueError as error:
+        typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     uri = tracking_uri()
     # Checked once here: MLflow's retries would keep the start silent for minutes.

@@ -11,6 +11,7 @@ from datasets.images import (
     ImageDecodeError,
     InputDecodeError,
     decode_image,
+    decode_memory_estimate,
     is_dicom,
 )
 from datasets.volumes import decode_volume, is_nifti
@@ -35,6 +36,7 @@ __all__ = [
     "canonical_lead",
     "decode_array",
     "decode_image",
+    "decode_memory_estimate",
     "decode_volume",
     "ecg_from_dicom",
     "ecg_from_json",

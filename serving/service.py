@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from email.message import Message
 from http import HTTPStatus
-from typing import Any, TypeVar
+from typing import Any
 
 import bentoml
 import numpy as np
@@ -51,6 +51,7 @@ from starlette.routing import Route
 
 from serving.api_keys import ApiKey, AuthError, KeyStore, KeyStoreError
 from serving.batching import FairLock, MicroBatcher
+from serving.decode_memory import DecodeMemory
 from serving.errors import InputError, RequestError, shown
 from serving.inputs import (
     MAX_UPLOAD_BYTES,
@@ -60,6 +61,7 @@ from serving.inputs import (
     canonical_lead,
     decode_array,
     decode_image,
+    decode_memory_estimate,
     decode_volume,
     ecg_from_dicom,
     ecg_from_json,
@@ -81,6 +83,7 @@ from serving.schemas import (
 )
 from serving.settings import (
     MODELS_ENV,
+    decode_memory_bytes,
     key_store_path,
     prediction_log_path,
     tracking_uri,
@@ -493,16 +496,19 @@ def _checked_lead(served: Served, signal: EcgSignal) -> EcgSignal:
 
 
 _INLINE_DECODE_PIXELS = 256 * 256
-# A 512^3 NIfTI volume takes 1.4-1.5 GB and 6-7 s to decode here: one at a time per worker, so
-# that a few large uploads at once cannot exhaust the memory the other requests need.
-_VOLUME_DECODES = asyncio.Semaphore(1)
+# Decodes estimated under this run at once in the default thread pool (at most its six threads,
+# so 384 MiB); larger ones wait for their share of the worker's DecodeMemory budget.
+_UNBUDGETED_DECODE_BYTES = 64 * 2**20
 
 
-async def _decode_picture(decode: Callable[[], DecodedImage], data: bytes) -> DecodedImage:
+async def _decode_picture(
+    memory: DecodeMemory, decode: Callable[[], DecodedImage], data: bytes
+) -> DecodedImage:
     """Decode small PNG/JPEG pictures on the loop (a thread hop costs more), others in a thread.
 
     The size is taken from the picture's header, not the file's length: a small file can hold a
-    very large picture.
+    very large picture. A decode estimated over :data:`_UNBUDGETED_DECODE_BYTES` waits for its
+    share of ``memory`` first.
     """
     if len(data) <= _INLINE_DECODE_BYTES and not is_dicom(data):
         try:
@@ -512,33 +518,16 @@ async def _decode_picture(decode: Callable[[], DecodedImage], data: bytes) -> De
             inline = True
         if inline:
             return decode()
-    return await asyncio.to_thread(decode)
 
+    def decode_unless_large() -> DecodedImage | int:
+        # The estimate reads the header (0.5 ms for a DICOM), so it runs here, off the loop.
+        cost = decode_memory_estimate(data)
+        return cost if cost > _UNBUDGETED_DECODE_BYTES else decode()
 
-R = TypeVar("R")
-
-
-async def one_at_a_time(permits: asyncio.Semaphore, function: Callable[[], R]) -> R:
-    """Run ``function`` in a thread while holding one of ``permits``, until the thread ends.
-
-    A request cut short by its deadline stops waiting, but its thread runs on: the permit is
-    released when the thread ends, not when the request does, so that the next decode does not
-    start beside the abandoned one.
-    """
-    await permits.acquire()
-    try:
-        running = asyncio.ensure_future(asyncio.to_thread(function))
-    except BaseException:
-        permits.release()
-        raise
-
-    def release(finished: asyncio.Future[R]) -> None:
-        permits.release()
-        if not finished.cancelled():
-            finished.exception()  # retrieved, so that an abandoned failure is not reported
-
-    running.add_done_callback(release)
-    return await asyncio.shield(running)
+    decoded = await asyncio.to_thread(decode_unless_large)
+    if isinstance(decoded, int):
+        decoded = await memory.run(decoded, decode)
+    return decoded
 
 
 async def _off_loop(size: int, function: Callable[[], Any]) -> Any:
@@ -588,6 +577,7 @@ class Screening:
         self.pool.start_watching()
         self.keys = KeyStore(key_store_path())
         self.log = PredictionLog(prediction_log_path(), head_interval_seconds=0.5)
+        self.decode_memory = DecodeMemory(decode_memory_bytes())
         api.state.screening = self
         # Everything loaded so far (MLflow, onnx, the models) lives as long as the process: moved
         # out of the collector's reach, full collections stop pausing every request for tens
@@ -645,13 +635,15 @@ class Screening:
                         HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                     )
                 shape = (card_input.depth, card_input.height, card_input.width)
-                decoded = await one_at_a_time(
-                    _VOLUME_DECODES,
+                # A 512^3 volume takes 1.4-1.5 GB and 6-7 s to decode here: alone.
+                decoded = await self.decode_memory.run(
+                    self.decode_memory.capacity,
                     lambda: decode_volume(data, depth=shape[0], height=shape[1], width=shape[2]),
                 )
             else:
                 channels = 1 if card_input.channels == "grayscale" else 3
                 decoded = await _decode_picture(
+                    self.decode_memory,
                     lambda: decode_image(
                         data,
                         channels=channels,

@@ -43,3 +43,26 @@ def prediction_log_path() -> Path:
 
 
 MODELS_ENV = "MEDSCREEN_MODELS"
+DECODE_MEMORY_ENV = "MEDSCREEN_DECODE_MEMORY_MB"
+DEFAULT_DECODE_MEMORY_MB = 1024
+
+
+def decode_memory_bytes() -> int:
+    """Return the memory budget of one worker's large decodes: ``$MEDSCREEN_DECODE_MEMORY_MB``.
+
+    Raises:
+        ValueError: naming the variable, if it is not a whole number of MiB of at least 1.
+    """
+    configured = os.environ.get(DECODE_MEMORY_ENV, "").strip()
+    if not configured:
+        return DEFAULT_DECODE_MEMORY_MB * 2**20
+    try:
+        mib = int(configured)
+    except ValueError:
+        mib = 0
+    if mib < 1:
+        raise ValueError(
+            f"{DECODE_MEMORY_ENV}={configured!r}: give a whole number of MiB, at least 1 "
+            f"(default {DEFAULT_DECODE_MEMORY_MB})"
+        )
+    return mib * 2**20

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 from serving import service
+from serving.decode_memory import DecodeMemory
 from serving.prediction_log import PredictionLog
 
 DEADLINE_S = 0.3
@@ -114,17 +115,17 @@ def test_decodes_stay_one_at_a_time_when_their_requests_give_up():
             running -= 1
         return "decoded"
 
-    async def request(permits: asyncio.Semaphore, arrival_s: float) -> str:
+    async def request(memory: DecodeMemory, arrival_s: float) -> str:
         await asyncio.sleep(arrival_s)
         try:
             async with asyncio.timeout(deadline_s):
-                return await service.one_at_a_time(permits, decode)
+                return await memory.run(memory.capacity, decode)  # as a volume's decode
         except TimeoutError:
             return "gave up"
 
     async def requests() -> list[str]:
-        permits = asyncio.Semaphore(1)
-        return await asyncio.gather(*(request(permits, i * arrival_gap_s) for i in range(8)))
+        memory = DecodeMemory(2**30)
+        return await asyncio.gather(*(request(memory, i * arrival_gap_s) for i in range(8)))
 
     answers = asyncio.run(requests())  # returns once every decode thread has ended
     assert peak == 1

@@ -1,0 +1,95 @@
+"""A memory budget for the large decodes of one worker.
+
+A small file can declare a large picture: a 100 kB PNG or a 2 MB RLE DICOM of 6000 x 6000
+pixels takes 0.4-0.9 GB while it is decoded, and the default thread pool would run six such
+decodes at once. Large decodes therefore wait for a share of the budget, in arrival order, and
+hold it until their thread ends, even when their request gives up on its deadline first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+from typing import TypeVar
+
+R = TypeVar("R")
+
+
+class DecodeMemory:
+    """Bytes that the large decodes of one worker may hold at once.
+
+    A decode costing more than the whole budget runs alone. Waiters are served first come,
+    first served, so a large decode is not starved by a stream of smaller ones.
+
+    Args:
+        capacity: The budget in bytes.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"the decode memory budget must be positive (got {capacity})")
+        self.capacity = capacity
+        self.in_use = 0
+        # Each waiter's future belongs to the loop it waits in: no loop is bound at creation.
+        self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    async def run(self, cost: int, function: Callable[[], R]) -> R:
+        """Run ``function`` in a thread once ``cost`` bytes of the budget are free.
+
+        Args:
+            cost: The decode's estimated peak memory in bytes (capped at the whole budget).
+            function: The decode.
+
+        Returns:
+            What ``function`` returns.
+        """
+        share = min(max(cost, 0), self.capacity)
+        await self._acquire(share)
+        try:
+            running = asyncio.ensure_future(asyncio.to_thread(function))
+        except BaseException:
+            self._release(share)
+            raise
+
+        def release(finished: asyncio.Future[R]) -> None:
+            self._release(share)
+            if not finished.cancelled():
+                finished.exception()  # retrieved, so that an abandoned failure is not reported
+
+        running.add_done_callback(release)
+        return await asyncio.shield(running)
+
+    async def _acquire(self, share: int) -> None:
+        if not self._waiting and self.in_use + share <= self.capacity:
+            self.in_use += share
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (share, waiter)
+        self._waiting.append(entry)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._release(share)  # granted just as the request gave up
+            else:
+                if entry in self._waiting:
+                    self._waiting.remove(entry)
+                self._grant()  # the head may have left: those behind it may fit now
+            raise
+
+    def _release(self, share: int) -> None:
+        self.in_use -= share
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiting:
+            share, waiter = self._waiting[0]
+            if waiter.done():  # cancelled: its request gave up and has not run yet
+                self._waiting.popleft()
+                continue
+            if self.in_use + share > self.capacity:
+                return
+            self._waiting.popleft()
+            self.in_use += share
+            waiter.set_result(None)
