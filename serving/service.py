@@ -344,8 +344,10 @@ async def _multipart(
             f"(got Content-Type {content_type or 'none'!r})",
             HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
         )
-    request._body = await _read_body(request)  # starlette's form parser reads the cached body
-    _check_closed(request._body, boundary)
+    body = await _read_body(request)
+    _check_closed(body, boundary)
+    # starlette's form parser reads the cached body
+    request._body = _without_preamble(body, boundary)
     try:
         # Two files are parsed so that a repeated 'file' is named below, not a parser error.
         form = await request.form(max_files=2, max_fields=8)
@@ -407,6 +409,20 @@ def _check_closed(body: bytes, boundary: str) -> None:
             f"the multipart body is incomplete: it has no closing boundary ({f'--{boundary}--'!r}) "
             f"after {len(body)} bytes; the upload was cut short or the client did not finish it"
         )
+
+
+def _without_preamble(body: bytes, boundary: str) -> bytes:
+    """Drop any preamble before the first boundary, which MIME allows and the parser refuses.
+
+    MIME libraries (JavaMail's, for one) write a line such as "This is a multi-part message in
+    MIME format." there. The first part starts at the first line that is ``--BOUNDARY``; a body
+    without one is left to the parser to refuse.
+    """
+    delimiter = f"--{boundary}".encode("latin-1", "replace")
+    if body.startswith(delimiter):
+        return body
+    start = body.find(b"\r\n" + delimiter + b"\r\n")
+    return body if start < 0 else body[start + 2 :]
 
 
 def _given_twice(name: str) -> RequestError:

@@ -178,6 +178,27 @@ def test_a_complete_multipart_body_gives_its_file_and_fields():
     assert data == b"content" and fields == {"model": "a"}
 
 
+@pytest.mark.parametrize(
+    "preamble",
+    [
+        b"This is a multi-part message in MIME format.\r\n",  # as JavaMail writes one
+        b"two lines\r\nof preamble\r\n",
+        b"\r\n",
+    ],
+)
+def test_a_multipart_preamble_is_skipped_as_mime_allows(preamble: bytes):
+    body = preamble + _closed(_part("model", b"a"), _part("file", b"content", "x.png"))
+    data, fields = asyncio.run(_multipart(_posted(body, MULTIPART), "/v1/screen", _SCREEN_FIELDS))
+    assert data == b"content" and fields == {"model": "a"}
+
+
+def test_a_multipart_body_whose_delimiter_never_starts_a_line_is_a_400():
+    body = b"text" + _closed(_part("file", b"content", "x.png"))  # "text--BOUNDARY": no line
+    error = _refusal(_multipart(_posted(body, MULTIPART), "/v1/screen", _SCREEN_FIELDS))
+    assert error.status == HTTPStatus.BAD_REQUEST
+    assert "the multipart body cannot be parsed" in str(error)
+
+
 def test_the_boundary_parameter_is_named_in_any_case():
     body = _closed(_part("model", b"a"), _part("file", b"content", "x.png"))
     for spelling in ("Boundary", "BOUNDARY"):  # parameter names are case-insensitive
