@@ -512,8 +512,8 @@ def _checked_lead(served: Served, signal: EcgSignal) -> EcgSignal:
 
 
 _INLINE_DECODE_PIXELS = 256 * 256
-# Decodes estimated under this run at once in the default thread pool (at most its six threads,
-# so 384 MiB); larger ones wait for their share of the worker's DecodeMemory budget.
+# Decodes estimated under this run at once in the default thread pool (one per thread: six on
+# 2 cores, so at most 384 MiB); larger ones wait for their share of the DecodeMemory budget.
 _UNBUDGETED_DECODE_BYTES = 64 * 2**20
 
 
