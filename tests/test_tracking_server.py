@@ -8,10 +8,12 @@ import hashlib
 import http.server
 import os
 import re
+import shutil
 import signal
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -37,21 +39,44 @@ from tests.conftest import (
 class TrackingServer:
     url: str
     root: Path
+    backend: str
 
 
-@pytest.fixture(scope="module")
-def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
-    """`mlflow server` on a free port: runs in sqlite, artifacts proxied into its own folder."""
-    root = tmp_path_factory.mktemp("tracking-server")
+@contextlib.contextmanager
+def _backend_store(backend: str, root: Path) -> Iterator[str]:
+    """The server's backend store: a sqlite file, or a real PostgreSQL 16 server (pgserver)."""
+    if backend == "sqlite":
+        yield f"sqlite:///{root / 'server.db'}"
+        return
+    import pgserver
+
+    # Run as root, pgserver runs PostgreSQL as a `pgserver` user (which it adds) and opens every
+    # folder above the data to others: a folder of its own in /tmp, which is open already, keeps
+    # it from opening pytest's private one.
+    folder = Path(tempfile.mkdtemp(prefix="medscreen-postgresql-"))
+    database = pgserver.get_server(folder / "pgdata", cleanup_mode="stop")
+    try:
+        yield database.get_uri()  # postgresql://postgres:@/postgres?host=<its socket folder>
+    finally:
+        database.cleanup()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def tracking_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TrackingServer]:
+    """`mlflow server` on a free port, on each backend store; artifacts proxied into a folder."""
+    root = tmp_path_factory.mktemp(f"tracking-server-{request.param}")
     port = free_port()
     log_path = root / "server.log"
-    with log_path.open("wb") as log:
+    with _backend_store(request.param, root) as backend_store, log_path.open("wb") as log:
         process = subprocess.Popen(
             [
                 str(Path(sys.executable).with_name("mlflow")),
                 "server",
                 "--backend-store-uri",
-                f"sqlite:///{root / 'server.db'}",
+                backend_store,
                 "--artifacts-destination",
                 str(root / "artifacts"),
                 "--host",
@@ -65,18 +90,18 @@ def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracki
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while unreachable_reason(f"{url}/health", timeout_s=2) is not None:
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start:\n{log_path.read_text()}")
-            time.sleep(0.5)
-        yield TrackingServer(url=url, root=root)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 90
+            while unreachable_reason(f"{url}/health", timeout_s=2) is not None:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start:\n{log_path.read_text()}")
+                time.sleep(0.5)
+            yield TrackingServer(url=url, root=root, backend=request.param)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
 
 
 def _medscreen(*args: str) -> str:
