@@ -16,8 +16,53 @@ from typing import Annotated
 import typer
 
 from datasets.download import hide_passwords, unreachable_reason
-from serving.settings import MODELS_ENV, decode_memory_bytes, state_dir, tracking_uri
+from serving.settings import (
+    MODELS_ENV,
+    PREDICTION_LOG_ENV,
+    STATE_DIR_ENV,
+    check_service_settings,
+    key_store_path,
+    prediction_log_path,
+    state_dir,
+    tracking_uri,
+)
 from serving.supervision import SUPERVISOR_PID_ENV
+
+
+def _check_local_state() -> bool:
+    """Refuse to start a service whose every answer would fail on the state dir's files.
+
+    The prediction log is opened only by the first request, and the key store read by each:
+    a log that cannot be written would withhold every answer (503), a key store that cannot be
+    read would refuse every key. Both are checked here, so that a misplaced path is one line.
+
+    Returns:
+        Whether the key store holds a key that is not revoked.
+    """
+    from serving.api_keys import KeyStore, KeyStoreError
+    from serving.prediction_log import PredictionLog
+
+    log_path = prediction_log_path()
+    try:
+        PredictionLog(log_path).check_writable()
+    except OSError as error:
+        source = (
+            f"${PREDICTION_LOG_ENV}"
+            if os.environ.get(PREDICTION_LOG_ENV)
+            else f"the state dir's default; set ${STATE_DIR_ENV} or ${PREDICTION_LOG_ENV}"
+        )
+        typer.echo(
+            f"error: prediction log {log_path}: cannot be written "
+            f"({error.strerror or error}); the path is from {source}",
+            err=True,
+        )
+        raise typer.Exit(2) from None
+    try:
+        keys = KeyStore(key_store_path()).list()
+    except KeyStoreError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    return any(not key.revoked for key in keys)
 
 
 def serve_command(
@@ -63,10 +108,11 @@ def serve_command(
         typer.echo(f"error: {_listen_problem(host, port, error)}", err=True)
         raise typer.Exit(2) from None
     try:
-        decode_memory_bytes()
+        check_service_settings()
     except ValueError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
+    usable_keys = _check_local_state()
     uri = tracking_uri()
     # Checked once here: MLflow's retries would keep the start silent for minutes.
     if uri.startswith(("http://", "https://")) and (problem := unreachable_reason(uri)):
@@ -112,6 +158,12 @@ def serve_command(
         "--port",
         str(port),
     ]
+    if not usable_keys:
+        typer.echo(
+            f"warning: {key_store_path()} holds no usable API key, so every request will get "
+            "a 401; create one with `medscreen keys create`",
+            err=True,
+        )
     os.execvpe(command[0], command, environment)
 
 

@@ -23,7 +23,7 @@ from datasets.download import file_sha256, hide_passwords
 from datasets.ecg import ECG_INPUTS
 from serving.card import CARD_FILENAME, ServedCard
 from serving.errors import ModelLoadError
-from serving.settings import tracking_uri
+from serving.settings import configured_onnxruntime_threads, tracking_uri
 
 logger = logging.getLogger("medscreen.serving")
 
@@ -75,9 +75,9 @@ def onnxruntime_threads() -> int:
     at every operator, so a pool that shares a core with the loop runs at the speed of its
     slowest thread: on 2 cores, one worker with 2 threads served 0.6x the requests of one with 1.
     """
-    configured = os.environ.get("MEDSCREEN_ORT_THREADS")
+    configured = configured_onnxruntime_threads()
     if configured:
-        return int(configured)
+        return configured
     workers = max(1, int(os.environ.get("MEDSCREEN_WORKERS", "1")))
     return max(1, (os.cpu_count() or 1) // workers - 1)
 

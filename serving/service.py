@@ -83,8 +83,10 @@ from serving.schemas import (
 )
 from serving.settings import (
     MODELS_ENV,
+    access_log_enabled,
     decode_memory_bytes,
     key_store_path,
+    max_batch_size,
     prediction_log_path,
     tracking_uri,
 )
@@ -558,9 +560,7 @@ async def _off_loop(size: int, function: Callable[[], Any]) -> Any:
     traffic={"timeout": REQUEST_TIMEOUT_S},
     # The prediction log records every request; BentoML's access log would repeat it per
     # request at a cost the batcher notices (MEDSCREEN_ACCESS_LOG=true turns it back on).
-    logging={
-        "access": {"enabled": os.environ.get("MEDSCREEN_ACCESS_LOG", "false").lower() == "true"}
-    },
+    logging={"access": {"enabled": access_log_enabled()}},
     # No trace exporter is configured, yet a span per request costs about a tenth of the event
     # loop's time; the prediction log's request id is the trace an auditor follows.
     tracing={"excluded_urls": ["/v1/"]},
@@ -578,13 +578,13 @@ class Screening:
         # One batch at a time per process, whatever its model, in turn: the sessions' threads
         # are sized to the cores the event loop leaves free.
         run_lock = FairLock()
-        max_batch_size = int(os.environ.get("MEDSCREEN_MAX_BATCH", "64"))
+        batch_limit = max_batch_size()
         self.pool = ModelPool(
             configured or default_references(tracking),
             tracking=tracking,
             make_batcher=lambda model: MicroBatcher(
                 model.run,
-                max_batch_size,
+                batch_limit,
                 run_lock=run_lock,
                 name=f"onnxruntime-{model.name}-{model.version}",
             ),

@@ -43,26 +43,72 @@ def prediction_log_path() -> Path:
 
 
 MODELS_ENV = "MEDSCREEN_MODELS"
+MAX_BATCH_ENV = "MEDSCREEN_MAX_BATCH"
+ORT_THREADS_ENV = "MEDSCREEN_ORT_THREADS"
 DECODE_MEMORY_ENV = "MEDSCREEN_DECODE_MEMORY_MB"
+ACCESS_LOG_ENV = "MEDSCREEN_ACCESS_LOG"
+DEFAULT_MAX_BATCH = 64
 DEFAULT_DECODE_MEMORY_MB = 1024
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _whole_number(variable: str, unit: str, default: str) -> int | None:
+    """Read a setting that is a whole number of at least 1; None when it is unset.
+
+    Raises:
+        ValueError: one line naming the variable and what to give.
+    """
+    configured = os.environ.get(variable, "").strip()
+    if not configured:
+        return None
+    try:
+        value = int(configured)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(
+            f"{variable}={configured!r}: give a whole number of {unit}, at least 1 "
+            f"(default: {default})"
+        )
+    return value
+
+
+def max_batch_size() -> int:
+    """Return the largest batch the service's batcher forms: ``$MEDSCREEN_MAX_BATCH`` or 64."""
+    configured = _whole_number(MAX_BATCH_ENV, "requests", str(DEFAULT_MAX_BATCH))
+    return configured or DEFAULT_MAX_BATCH
+
+
+def configured_onnxruntime_threads() -> int | None:
+    """Return ``$MEDSCREEN_ORT_THREADS``, or None for the service's default."""
+    return _whole_number(ORT_THREADS_ENV, "threads", "the cores per worker less one")
 
 
 def decode_memory_bytes() -> int:
-    """Return the memory budget of one worker's large decodes: ``$MEDSCREEN_DECODE_MEMORY_MB``.
+    """Return the memory budget of one worker's large decodes: ``$MEDSCREEN_DECODE_MEMORY_MB``."""
+    configured = _whole_number(DECODE_MEMORY_ENV, "MiB", str(DEFAULT_DECODE_MEMORY_MB))
+    return (configured or DEFAULT_DECODE_MEMORY_MB) * 2**20
+
+
+def access_log_enabled() -> bool:
+    """Return whether BentoML's access log is on: ``$MEDSCREEN_ACCESS_LOG`` (off by default).
 
     Raises:
-        ValueError: naming the variable, if it is not a whole number of MiB of at least 1.
+        ValueError: naming the variable, for a value that is neither true nor false.
     """
-    configured = os.environ.get(DECODE_MEMORY_ENV, "").strip()
-    if not configured:
-        return DEFAULT_DECODE_MEMORY_MB * 2**20
-    try:
-        mib = int(configured)
-    except ValueError:
-        mib = 0
-    if mib < 1:
-        raise ValueError(
-            f"{DECODE_MEMORY_ENV}={configured!r}: give a whole number of MiB, at least 1 "
-            f"(default {DEFAULT_DECODE_MEMORY_MB})"
-        )
-    return mib * 2**20
+    configured = os.environ.get(ACCESS_LOG_ENV, "").strip()
+    if configured.lower() in (*_TRUE, *_FALSE, ""):
+        return configured.lower() in _TRUE
+    raise ValueError(f"{ACCESS_LOG_ENV}={configured!r}: give true or false (default: false)")
+
+
+def check_service_settings() -> None:
+    """Read every setting of the service once, so that a bad one is refused before it starts.
+
+    Raises:
+        ValueError: naming the first variable whose value is not valid.
+    """
+    max_batch_size()
+    configured_onnxruntime_threads()
+    decode_memory_bytes()
+    access_log_enabled()

@@ -168,10 +168,17 @@ def medscreen_command() -> list[str]:
     return [str(Path(sys.executable).with_name("medscreen"))]
 
 
-def medscreen_error_line(*args: str) -> str:
-    """Run a `medscreen` command that must fail on bad input; return its one error line."""
+def medscreen_error_line(*args: str, env: dict[str, str] | None = None) -> str:
+    """Run a `medscreen` command that must fail on bad input; return its one error line.
+
+    ``env`` holds variables added to the environment.
+    """
     completed = subprocess.run(
-        [*medscreen_command(), *args], capture_output=True, text=True, timeout=120
+        [*medscreen_command(), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
     )
     assert completed.returncode == 2, completed.stderr
     lines = completed.stderr.strip().splitlines()

@@ -787,6 +787,67 @@ def test_serve_cli_names_an_unknown_model_or_a_bad_reference():
         assert line.endswith("(give an address of this machine)")
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "wanted"),
+    [
+        ("MEDSCREEN_MAX_BATCH", "abc", "a whole number of requests, at least 1 (default: 64)"),
+        ("MEDSCREEN_MAX_BATCH", "0", "a whole number of requests, at least 1 (default: 64)"),
+        ("MEDSCREEN_ORT_THREADS", "-1", "a whole number of threads, at least 1 (default: the "),
+        ("MEDSCREEN_DECODE_MEMORY_MB", "1.5", "a whole number of MiB, at least 1 (default: 1024)"),
+        ("MEDSCREEN_ACCESS_LOG", "ture", "true or false (default: false)"),
+    ],
+)
+def test_serve_cli_names_a_bad_setting_before_anything_starts(variable, value, wanted):
+    # These are read by the service's worker, which BentoML restarted again and again.
+    line = medscreen_error_line("serve", "--port", str(free_port()), env={variable: value})
+    assert line.startswith(f"error: {variable}={value!r}: give {wanted}"), line
+
+
+def test_serve_cli_refuses_a_prediction_log_or_key_store_it_cannot_use(tmp_path: Path):
+    """Found only by the first request, they would fail every answer (503, 401)."""
+    port = str(free_port())
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    line = medscreen_error_line(
+        "serve", "--port", port, env={"MEDSCREEN_PREDICTION_LOG": str(folder)}
+    )
+    assert line == (
+        f"error: prediction log {folder}: cannot be written (Is a directory); the path is "
+        "from $MEDSCREEN_PREDICTION_LOG"
+    )
+    under_a_file = tmp_path / "a-file"
+    under_a_file.write_text("")
+    line = medscreen_error_line(
+        "serve", "--port", port, env={"MEDSCREEN_STATE_DIR": str(under_a_file / "state")}
+    )
+    assert line.startswith(f"error: prediction log {under_a_file}/state/serving/predictions.jsonl")
+    assert line.endswith("set $MEDSCREEN_STATE_DIR or $MEDSCREEN_PREDICTION_LOG")
+    not_a_store = tmp_path / "keys.json"
+    not_a_store.write_text('{"keys": "none"}')
+    line = medscreen_error_line(
+        "serve", "--port", port, env={"MEDSCREEN_KEY_STORE": str(not_a_store)}
+    )
+    assert line.startswith(f"error: {not_a_store}: not a valid key store: ")
+
+
+def test_serve_cli_warns_of_a_key_store_without_a_usable_key(tmp_path: Path, monkeypatch):
+    from serving.api_keys import KeyStore
+    from serving.cli import _check_local_state
+
+    store_path = tmp_path / "keys.json"
+    monkeypatch.setenv("MEDSCREEN_KEY_STORE", str(store_path))
+    monkeypatch.setenv("MEDSCREEN_PREDICTION_LOG", str(tmp_path / "log" / "predictions.jsonl"))
+    assert _check_local_state() is False  # no store yet: no key
+    store = KeyStore(store_path)
+    revoked, _ = store.create("Closed Clinic", "south", ["*"])
+    store.revoke(revoked.key_id)
+    assert _check_local_state() is False
+    store.create("St Elsewhere", "north", ["*"])
+    assert _check_local_state() is True
+    # The check opens what the first record needs, and writes no log.
+    assert (tmp_path / "log").is_dir() and not (tmp_path / "log" / "predictions.jsonl").exists()
+
+
 def test_serve_cli_refuses_a_model_named_twice():
     """Requests name a model, not a version: one of two versions could never answer."""
     port = str(free_port())
