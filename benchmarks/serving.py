@@ -734,6 +734,15 @@ def state_directory(given: Path | None, keep: bool) -> Iterator[Path]:
             shutil.rmtree(created, ignore_errors=True)
 
 
+def use_only(state: Path) -> None:
+    """Point this process, and every subprocess, at ``state`` and nothing else."""
+    for name in FOREIGN_SETTINGS:
+        os.environ.pop(name, None)
+    os.environ["MEDSCREEN_STATE_DIR"] = str(state)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{state / 'mlflow.db'}"
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")  # so that every finally block runs
 
@@ -838,12 +847,7 @@ def _run(
     burst: tuple[float, float, float],
     output: Path,
 ) -> None:
-    # Everything below, and every subprocess, uses this state dir and nothing else.
-    for name in FOREIGN_SETTINGS:
-        os.environ.pop(name, None)
-    os.environ["MEDSCREEN_STATE_DIR"] = str(state)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{state / 'mlflow.db'}"
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    use_only(state)
     for name, value in knob_values.items():
         if value is not None:
             os.environ[name] = str(value)
