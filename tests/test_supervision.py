@@ -106,6 +106,7 @@ def test_requests_in_flight_are_answered_and_logged_when_the_service_is_stopped(
         for sender in senders:
             sender.join()
         assert server.process.wait(timeout=60) == 0, server.log()
+    assert len(answers) == 4, answers
     assert all(isinstance(answer, requests.Response) for answer in answers.values()), answers
     request_ids = {answer.json()["request_id"] for answer in answers.values()}
     assert {answer.status_code for answer in answers.values()} == {200}

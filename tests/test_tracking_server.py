@@ -39,7 +39,6 @@ from tests.conftest import (
 class TrackingServer:
     url: str
     root: Path
-    backend: str
 
 
 @contextlib.contextmanager
@@ -97,7 +96,7 @@ def tracking_server(
                 if process.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"mlflow server did not start:\n{log_path.read_text()}")
                 time.sleep(0.5)
-            yield TrackingServer(url=url, root=root, backend=request.param)
+            yield TrackingServer(url=url, root=root)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
