@@ -112,7 +112,6 @@ def serve_command(
     except ValueError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
-    usable_keys = _check_local_state()
     uri = tracking_uri()
     # Checked once here: MLflow's retries would keep the start silent for minutes.
     if uri.startswith(("http://", "https://")) and (problem := unreachable_reason(uri)):
@@ -137,6 +136,8 @@ def serve_command(
     except ModelLoadError as error:
         typer.echo(f"error: --model: {error}", err=True)
         raise typer.Exit(2) from None
+    # Last: a start refused for another reason must write nothing into the state dir.
+    usable_keys = _check_local_state()
     environment = os.environ | {
         MODELS_ENV: ",".join(references),
         "MEDSCREEN_RELOAD_SECONDS": str(reload_seconds),

@@ -803,14 +803,19 @@ def test_serve_cli_names_a_bad_setting_before_anything_starts(variable, value, w
     assert line.startswith(f"error: {variable}={value!r}: give {wanted}"), line
 
 
-def test_serve_cli_refuses_a_prediction_log_or_key_store_it_cannot_use(tmp_path: Path):
+def test_serve_cli_refuses_a_prediction_log_or_key_store_it_cannot_use(
+    registered_model, tmp_path: Path
+):
     """Found only by the first request, they would fail every answer (503, 401)."""
-    port = str(free_port())
+    from serving.settings import tracking_uri
+    from training.registry import promote
+
+    name = registered_model.model_name
+    promote(name, registered_model.version, alias="candidate", approver="ci", reason="serve")
+    serve = ("serve", "--model", f"{name}@candidate", "--port", str(free_port()))
     folder = tmp_path / "a-folder"
     folder.mkdir()
-    line = medscreen_error_line(
-        "serve", "--port", port, env={"MEDSCREEN_PREDICTION_LOG": str(folder)}
-    )
+    line = medscreen_error_line(*serve, env={"MEDSCREEN_PREDICTION_LOG": str(folder)})
     assert line == (
         f"error: prediction log {folder}: cannot be written (Is a directory); the path is "
         "from $MEDSCREEN_PREDICTION_LOG"
@@ -818,15 +823,17 @@ def test_serve_cli_refuses_a_prediction_log_or_key_store_it_cannot_use(tmp_path:
     under_a_file = tmp_path / "a-file"
     under_a_file.write_text("")
     line = medscreen_error_line(
-        "serve", "--port", port, env={"MEDSCREEN_STATE_DIR": str(under_a_file / "state")}
+        *serve,
+        env={
+            "MEDSCREEN_STATE_DIR": str(under_a_file / "state"),
+            "MLFLOW_TRACKING_URI": tracking_uri(),
+        },
     )
     assert line.startswith(f"error: prediction log {under_a_file}/state/serving/predictions.jsonl")
     assert line.endswith("set $MEDSCREEN_STATE_DIR or $MEDSCREEN_PREDICTION_LOG")
     not_a_store = tmp_path / "keys.json"
     not_a_store.write_text('{"keys": "none"}')
-    line = medscreen_error_line(
-        "serve", "--port", port, env={"MEDSCREEN_KEY_STORE": str(not_a_store)}
-    )
+    line = medscreen_error_line(*serve, env={"MEDSCREEN_KEY_STORE": str(not_a_store)})
     assert line.startswith(f"error: {not_a_store}: not a valid key store: ")
 
 
