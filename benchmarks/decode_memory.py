@@ -1,18 +1,24 @@
 """Benchmark: the service's memory under large uploads at once, with and without the budget.
 
-Sends ``--uploads`` copies of one large DICOM (16-bit, RLE, with a rescale and a window: about
-1.7 MB declaring 6000 x 6000 pixels) to ``POST /v1/screen`` at the same moment, and reports the
-worker's peak resident memory (``VmHWM``) above its level before, the answers and the wall
-time. It runs once with the default budget (``MEDSCREEN_DECODE_MEMORY_MB`` 1024) and once with
-a budget so large that every decode starts at once (the service before the budget). The model
-is the state dir's ``pneumonia-screening@champion``, trained for one epoch if there is none.
+Sends ``--uploads`` copies of one large upload to the service at the same moment, and reports
+the worker's peak resident memory (``VmHWM``) above its level before, the answers and the wall
+time. The upload is either (``--upload dicom``) a large DICOM to ``POST /v1/screen`` (16-bit,
+RLE, with a rescale and a window: about 1.7 MB declaring 6000 x 6000 pixels), or (``--upload
+json``) a JSON body of ``--json-mb`` MB to ``POST /v1/screen/array`` whose array is nested
+single-element lists, the costliest JSON to parse per byte (answered 422: its shape fits no
+model). It runs once with the default budget (``MEDSCREEN_DECODE_MEMORY_MB`` 1024) and once
+with a budget so large that every decode starts at once (the service before the budget). The
+model is the state dir's ``pneumonia-screening@champion``, trained for one epoch if there is
+none.
 
 Usage:
-    python benchmarks/decode_memory.py [--state-dir DIR] [--uploads 6] [--side 6000]
+    python benchmarks/decode_memory.py [--state-dir DIR] [--uploads 6] [--upload dicom|json]
+        [--side 6000] [--json-mb 10]
 """
 
 from __future__ import annotations
 
+import enum
 import io
 import json
 import os
@@ -38,7 +44,14 @@ import serving as serving_benchmark
 
 MODEL_NAME = "pneumonia-screening"
 UNBOUNDED_MB = 1_000_000
-OUTPUT = serving_benchmark.REPO / "benchmarks" / "results" / "decode_memory.json"
+RESULTS = serving_benchmark.REPO / "benchmarks" / "results"
+
+
+class Upload(enum.StrEnum):
+    """What is sent at once."""
+
+    dicom = "dicom"
+    json = "json"
 
 
 def large_dicom(side: int) -> bytes:
@@ -66,6 +79,13 @@ def large_dicom(side: int) -> bytes:
     return buffer.getvalue()
 
 
+def nested_json_array(megabytes: float) -> bytes:
+    """A JSON body of about ``megabytes`` MB whose array is (N, 1, 1, 1, 1, 1) nested lists."""
+    unit = "[[[[[0]]]]]"
+    count = int(megabytes * 1e6) // (len(unit) + 1)
+    return ('{"array": [' + ",".join([unit] * count) + "]}").encode()
+
+
 def peak_resident_mib(process: psutil.Process) -> float:
     """The process's peak resident memory so far (``VmHWM``), in MiB."""
     for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
@@ -75,7 +95,12 @@ def peak_resident_mib(process: psutil.Process) -> float:
 
 
 def measure(
-    servers: serving_benchmark.Servers, workdir: Path, upload: bytes, uploads: int, budget_mb: int
+    servers: serving_benchmark.Servers,
+    workdir: Path,
+    upload: bytes,
+    kind: str,
+    uploads: int,
+    budget_mb: int,
 ) -> dict[str, Any]:
     """Start the service with ``budget_mb``, send ``uploads`` copies at once, stop it."""
     os.environ["MEDSCREEN_DECODE_MEMORY_MB"] = str(budget_mb)
@@ -90,6 +115,13 @@ def measure(
         headers = {"Authorization": f"Bearer {os.environ['BENCH_API_KEY']}"}
 
         def send(_: int) -> int:
+            if kind == "json":
+                return requests.post(
+                    f"http://{serving_benchmark.HOST}:{port}/v1/screen/array",
+                    data=upload,
+                    headers={**headers, "Content-Type": "application/json"},
+                    timeout=300,
+                ).status_code
             return requests.post(
                 f"http://{serving_benchmark.HOST}:{port}/v1/screen",
                 files={"file": ("large.dcm", upload)},
@@ -117,12 +149,21 @@ def main(
         Path | None, typer.Option(help="State dir (a champion there is reused). Default: temp.")
     ] = None,
     uploads: Annotated[int, typer.Option(min=1, help="Uploads sent at once.")] = 6,
-    side: Annotated[int, typer.Option(min=64, max=6000, help="Pixels per side.")] = 6000,
+    upload: Annotated[
+        Upload, typer.Option(help="A large DICOM picture, or a JSON body of nested lists.")
+    ] = Upload.dicom,
+    side: Annotated[
+        int, typer.Option(min=64, max=6000, help="Pixels per side of the DICOM.")
+    ] = 6000,
+    json_mb: Annotated[
+        float, typer.Option(min=0.1, max=32, help="Size of the JSON body in MB.")
+    ] = 10.0,
     data_dir: Annotated[
         Path, typer.Option(help="Local MedMNIST directory (to train a model if needed).")
     ] = serving_benchmark.DEFAULT_DATA_DIR,
 ) -> None:
     """Measure the worker's peak memory under large uploads at once."""
+    upload_kind = upload.value
     signal.signal(signal.SIGTERM, serving_benchmark._terminate)
     servers = serving_benchmark.Servers()
     workdir = Path(tempfile.mkdtemp(prefix="medscreen-decode-memory-"))
@@ -131,20 +172,26 @@ def main(
             serving_benchmark.use_only(state)
             serving_benchmark.set_up_model(MODEL_NAME, data_dir, None)
             os.environ["BENCH_API_KEY"] = serving_benchmark.create_api_key(MODEL_NAME)
-            upload = large_dicom(side)
+            body = large_dicom(side) if upload_kind == "dicom" else nested_json_array(json_mb)
             results = [
-                measure(servers, workdir, upload, uploads, budget)
+                measure(servers, workdir, body, upload_kind, uploads, budget)
                 for budget in (1024, UNBOUNDED_MB)
             ]
     finally:
         servers.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
-    summary = {"uploads": uploads, "side": side, "upload_bytes": len(upload), "runs": results}
-    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-    OUTPUT.write_text(json.dumps(summary, indent=2) + "\n")
-    table = Table(
-        title=f"{uploads} uploads at once of a {len(upload) / 1e6:.1f} MB DICOM, {side} x {side}"
-    )
+    summary = {
+        "uploads": uploads,
+        "upload": upload_kind,
+        "upload_bytes": len(body),
+        **({"side": side} if upload_kind == "dicom" else {}),
+        "runs": results,
+    }
+    output = RESULTS / f"decode_memory_{upload_kind}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(summary, indent=2) + "\n")
+    what = f"DICOM, {side} x {side}" if upload_kind == "dicom" else "JSON body of nested lists"
+    table = Table(title=f"{uploads} uploads at once of a {len(body) / 1e6:.1f} MB {what}")
     for column in ("decode budget", "answers", "wall time", "worker peak memory growth"):
         table.add_column(column)
     for result in results:

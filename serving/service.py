@@ -51,18 +51,21 @@ from starlette.routing import Route
 
 from serving.api_keys import ApiKey, AuthError, KeyStore, KeyStoreError
 from serving.batching import FairLock, MicroBatcher
-from serving.decode_memory import DecodeMemory
+from serving.decode_memory import DecodeMemory, Reservation
 from serving.errors import InputError, RequestError, shown
 from serving.inputs import (
     MAX_UPLOAD_BYTES,
     DecodedImage,
+    EcgBeats,
     EcgSignal,
     beats_for_model,
+    beats_memory_estimate,
     canonical_lead,
     decode_array,
     decode_image,
     decode_memory_estimate,
     decode_volume,
+    dicom_ecg_memory_estimate,
     ecg_from_dicom,
     ecg_from_json,
     is_dicom,
@@ -451,21 +454,35 @@ def _json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return marked
 
 
-async def _json_object(
-    request: Request, route: str, accepted: tuple[str, ...]
-) -> tuple[bytes, dict[str, Any]]:
-    """The raw bytes and the parsed object of a JSON body whose fields are ``accepted``."""
+async def _read_json_body(request: Request, route: str) -> bytes:
+    """The raw bytes of a JSON body (refused with 415 under another content type)."""
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("application/json"):
         raise RequestError(
             f"{route} takes application/json (got Content-Type {content_type or 'none'!r})",
             HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
         )
-    body = await _read_body(request)
+    return await _read_body(request)
+
+
+def _json_memory_estimate(body: bytes) -> int:
+    """About how many bytes parsing ``body`` and decoding its values will hold at their peak."""
+    return _JSON_BYTES_PER_BODY_BYTE * len(body)
+
+
+async def _json_object(
+    reservation: Reservation, body: bytes, route: str, accepted: tuple[str, ...]
+) -> dict[str, Any]:
+    """The parsed object of a JSON body whose fields are ``accepted``.
+
+    Parsed on the loop when small (a thread hop costs more), else in a thread under
+    ``reservation``.
+    """
     try:
-        payload = await _off_loop(
-            len(body), lambda: json.loads(body, object_pairs_hook=_json_pairs)
-        )
+        if len(body) <= _INLINE_DECODE_BYTES:
+            payload = json.loads(body, object_pairs_hook=_json_pairs)
+        else:
+            payload = await reservation.run(lambda: json.loads(body, object_pairs_hook=_json_pairs))
     except (ValueError, UnicodeDecodeError, RecursionError) as error:
         reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)
         raise RequestError(f"the body is not valid JSON: {reason}") from error
@@ -477,7 +494,7 @@ async def _json_object(
     if isinstance(payload, _RepeatedKeys):  # only the top level names fields
         raise _given_twice(payload.repeated)
     _check_known_fields(route, payload, accepted)
-    return body, payload
+    return payload
 
 
 def _model_field(fields: dict[str, Any]) -> str | None:
@@ -517,6 +534,16 @@ _INLINE_DECODE_PIXELS = 256 * 256
 # Decodes estimated under this run at once in the default thread pool (one per thread: six on
 # 2 cores, so at most 384 MiB); larger ones wait for their share of the DecodeMemory budget.
 _UNBUDGETED_DECODE_BYTES = 64 * 2**20
+# Peak memory per body byte while a JSON body is parsed and decoded, measured on 2026-12-01: 9
+# for floats, 13 for small whole numbers, 27 for an hour of ECG, up to 63 for single-element
+# lists nested 20-64 deep (Python holds each list, float and dict as an object). The worst
+# case with a margin, so that a hostile body cannot take more than its share.
+_JSON_BYTES_PER_BODY_BYTE = 80
+
+
+def _budgeted(cost: int) -> int:
+    """The share of the decode budget a step estimated at ``cost`` bytes holds."""
+    return cost if cost > _UNBUDGETED_DECODE_BYTES else 0
 
 
 async def _decode_picture(
@@ -546,12 +573,6 @@ async def _decode_picture(
     if isinstance(decoded, int):
         decoded = await memory.run(decoded, decode)
     return decoded
-
-
-async def _off_loop(size: int, function: Callable[[], Any]) -> Any:
-    if size <= _INLINE_DECODE_BYTES:
-        return function()
-    return await asyncio.to_thread(function)
 
 
 @bentoml.service(
@@ -677,17 +698,20 @@ class Screening:
         """Answer ``POST /v1/screen/array``."""
 
         async def decode(exchange: _Exchange) -> tuple[Served, DecodedImage]:
-            body, payload = await _json_object(request, exchange.route, _ARRAY_FIELDS)
-            served = self._select(exchange, _model_field(payload), monitoring=False)
-            exchange.input_sha256 = hashlib.sha256(body).hexdigest()
-            if "array" not in payload:
-                raise RequestError(
-                    "the JSON body needs a field 'array' with the pixel values "
-                    f"(got fields {sorted(payload)})",
-                    HTTPStatus.UNPROCESSABLE_ENTITY,
-                )
-            shape = served.model.input_shape
-            decoded = await asyncio.to_thread(lambda: decode_array(payload["array"], shape=shape))
+            body = await _read_json_body(request, exchange.route)
+            cost = _budgeted(_json_memory_estimate(body))
+            async with self.decode_memory.hold(cost) as reservation:
+                payload = await _json_object(reservation, body, exchange.route, _ARRAY_FIELDS)
+                served = self._select(exchange, _model_field(payload), monitoring=False)
+                exchange.input_sha256 = hashlib.sha256(body).hexdigest()
+                if "array" not in payload:
+                    raise RequestError(
+                        "the JSON body needs a field 'array' with the pixel values "
+                        f"(got fields {sorted(payload)})",
+                        HTTPStatus.UNPROCESSABLE_ENTITY,
+                    )
+                shape = served.model.input_shape
+                decoded = await reservation.run(lambda: decode_array(payload["array"], shape=shape))
             return served, decoded
 
         return await self._screen(request, "/v1/screen/array", decode)
@@ -695,13 +719,21 @@ class Screening:
     async def monitor(self, request: Request) -> JSONResponse:
         """Answer ``POST /v1/monitor``."""
 
+        async def read(exchange: _Exchange) -> tuple[Served, EcgSignal]:
+            # The parsed lists, many times the samples' size, are gone when this returns.
+            body = await _read_json_body(request, exchange.route)
+            cost = _budgeted(_json_memory_estimate(body))
+            async with self.decode_memory.hold(cost) as reservation:
+                payload = await _json_object(reservation, body, exchange.route, _MONITOR_FIELDS)
+                served = self._select(exchange, _model_field(payload), monitoring=True)
+                exchange.input_sha256 = hashlib.sha256(body).hexdigest()
+                return served, await reservation.run(lambda: ecg_from_json(payload))
+
         async def decode(exchange: _Exchange) -> tuple[Served, Any]:
-            body, payload = await _json_object(request, exchange.route, _MONITOR_FIELDS)
-            served = self._select(exchange, _model_field(payload), monitoring=True)
-            exchange.input_sha256 = hashlib.sha256(body).hexdigest()
-            signal = _checked_lead(served, await asyncio.to_thread(lambda: ecg_from_json(payload)))
+            served, signal = await read(exchange)
+            signal = _checked_lead(served, signal)
             exchange.input_format = signal.source_format
-            return served, await asyncio.to_thread(lambda: beats_for_model(signal))
+            return served, await self._beats(signal)
 
         return await self._monitor(request, "/v1/monitor", decode)
 
@@ -715,14 +747,22 @@ class Screening:
             card_signal = served.model.card.signal
             assert card_signal is not None
             lead = fields.get("lead") or card_signal.lead
-            signal = await asyncio.to_thread(lambda: ecg_from_dicom(data, lead=lead))
+            cost = _budgeted(dicom_ecg_memory_estimate(data))
+            async with self.decode_memory.hold(cost) as reservation:
+                signal = await reservation.run(lambda: ecg_from_dicom(data, lead=lead))
             signal = _checked_lead(served, signal)
             exchange.input_format = signal.source_format
-            return served, await asyncio.to_thread(lambda: beats_for_model(signal))
+            return served, await self._beats(signal)
 
         return await self._monitor(request, "/v1/monitor/dicom", decode)
 
     # -- the shared request path --------------------------------------------------------------
+
+    async def _beats(self, signal: EcgSignal) -> EcgBeats:
+        """Cut ``signal`` into the model's beats, under its share of the decode budget."""
+        cost = _budgeted(beats_memory_estimate(signal))
+        async with self.decode_memory.hold(cost) as reservation:
+            return await reservation.run(lambda: beats_for_model(signal))
 
     async def _screen(
         self,

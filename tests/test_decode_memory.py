@@ -5,22 +5,28 @@ take the worker's memory (at 6000 x 6000 pixels a 100 kB PNG took 137-412 MiB to
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
+import json
 import subprocess
 import sys
 import threading
 import time
+import weakref
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import requests
+import wfdb
 from conftest import grayscale_dicom
 from PIL import Image
 from pydicom.uid import ExplicitVRLittleEndian
+from scipy.signal import resample_poly
 
 from datasets.images import ImageDecodeError, decode_image, decode_memory_estimate
 from serving import service
@@ -120,6 +126,178 @@ def test_a_share_granted_as_its_request_gives_up_is_given_back():
     assert asyncio.run(scenario()).in_use == 0
 
 
+def test_a_held_share_lasts_across_steps_and_until_its_threads_end():
+    """A JSON body's share covers its parse and decode, and outlives a request that gives up."""
+
+    async def scenario() -> tuple[list[int], _Decodes, DecodeMemory]:
+        memory = DecodeMemory(100)
+        decodes = _Decodes(memory)
+        held: list[int] = []
+
+        async def request() -> None:
+            async with memory.hold(70) as reservation:
+                await reservation.run(decodes.decode("parse", 0))
+                await asyncio.sleep(0.05)  # checks on the loop, between the threads
+                held.append(memory.in_use)
+                await reservation.run(decodes.decode("decode", 0.4))
+
+        giving_up = asyncio.ensure_future(request())
+        await asyncio.sleep(0.02)
+        other = asyncio.ensure_future(memory.run(70, decodes.decode("other", 0)))
+        while "decode" not in decodes.started:
+            await asyncio.sleep(0.01)
+        giving_up.cancel()  # the request's deadline passes while its decode still runs
+        with pytest.raises(asyncio.CancelledError):
+            await giving_up
+        await other
+        return held, decodes, memory
+
+    held, decodes, memory = asyncio.run(scenario())
+    assert held == [70]  # between the parse and the decode
+    assert decodes.started == ["parse", "decode", "other"]
+    assert decodes.alone["other"]  # it waited for the abandoned decode's thread to end
+    assert decodes.peak_in_use == 70 and memory.in_use == 0
+
+
+class _Parsed(list):
+    """Stands for a parsed body: a list that a weak reference can follow."""
+
+
+def test_a_failed_step_frees_its_values_without_the_cycle_collector():
+    """A refused body's parsed values go with the refusal, before the next body is parsed.
+
+    The failure's traceback holds the frames that ran the step; a reference from one of them
+    back to the failure would keep every parsed value alive until a full collection.
+    """
+
+    async def scenario() -> tuple[bool, bool]:
+        memory = DecodeMemory(100)
+        parsed: list[weakref.ref] = []
+
+        def decode(values: _Parsed) -> None:
+            raise ValueError(f"{len(values)} values do not fit the model")
+
+        async def request() -> None:
+            values = _Parsed([[0]] * 1000)
+            parsed.append(weakref.ref(values))
+            async with memory.hold(60) as reservation:
+                await reservation.run(lambda: decode(values))
+
+        with pytest.raises(ValueError):
+            await request()
+        await asyncio.sleep(0)  # the thread's completion callbacks run
+        await asyncio.sleep(0)
+        return parsed[0]() is None, memory.in_use == 0
+
+    gc.disable()
+    try:
+        freed, given_back = asyncio.run(scenario())
+    finally:
+        gc.enable()
+    assert given_back
+    assert freed
+
+
+def test_a_share_of_nothing_does_not_queue_behind_large_decodes():
+    async def scenario() -> list[str]:
+        memory = DecodeMemory(100)
+        order: list[str] = []
+        holder = asyncio.ensure_future(memory.run(100, lambda: time.sleep(0.3)))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(memory.run(100, lambda: order.append("large")))
+        await asyncio.sleep(0.05)
+        async with memory.hold(0) as reservation:  # a small body: estimated under the bar
+            await reservation.run(lambda: order.append("small"))
+        await asyncio.gather(holder, waiting)
+        return order
+
+    assert asyncio.run(scenario()) == ["small", "large"]
+
+
+# Runs in a fresh process, so that the peak (ru_maxrss) is this step's alone.
+_PEAK_SCRIPT = """
+import json, resource, sys
+from pathlib import Path
+import numpy as np
+from datasets.arrays import decode_array
+from datasets.images import ImageDecodeError
+from datasets.waveforms import (
+    EcgSignal, beats_for_model, beats_memory_estimate, dicom_ecg_memory_estimate, ecg_from_dicom,
+)
+from serving.service import _json_memory_estimate, _json_pairs
+
+kind, path = sys.argv[1], Path(sys.argv[2])
+data = path.read_bytes()
+samples = np.load(path) if kind == "beats" else None
+
+
+def resident() -> int:
+    line = next(line for line in open("/proc/self/status") if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
+before = resident()
+if kind == "json":
+    estimate = _json_memory_estimate(data)
+    try:
+        decode_array(json.loads(data, object_pairs_hook=_json_pairs)["array"], shape=(1, 28, 28))
+    except ImageDecodeError:
+        pass
+elif kind == "dicom":
+    estimate = dicom_ecg_memory_estimate(data)
+    ecg_from_dicom(data, lead="II")
+else:
+    signal = EcgSignal(samples, 2000.0, "MLII", "json")
+    estimate = beats_memory_estimate(signal)
+    beats_for_model(signal)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before, estimate)
+"""
+
+
+def _one_lead_dicom_ecg(shared_datasets: Path, rate: float, seconds: float) -> bytes:
+    """The sample 12-lead DICOM ECG cut to lead II, repeated to ``seconds`` at ``rate`` Hz."""
+    dataset = pydicom.dcmread(shared_datasets / "dicom" / "pydicom_waveform_ecg.dcm")
+    group = dataset.WaveformSequence[0]
+    channels = int(group.NumberOfWaveformChannels)
+    definitions = group.ChannelDefinitionSequence
+    lead = [str(ch.ChannelSourceSequence[0].CodeMeaning) for ch in definitions].index("Lead II")
+    values = np.frombuffer(group.WaveformData, dtype="<i2").reshape(-1, channels)[:, lead]
+    count = int(rate * seconds)
+    group.ChannelDefinitionSequence = [group.ChannelDefinitionSequence[lead]]
+    group.NumberOfWaveformChannels, group.SamplingFrequency = 1, rate
+    group.NumberOfWaveformSamples = count
+    group.WaveformData = np.resize(values, count).astype("<i2").tobytes()
+    buffer = io.BytesIO()
+    dataset.save_as(buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["json", "dicom", "beats"])
+def test_the_estimates_cover_the_measured_peaks(kind: str, shared_datasets: Path, tmp_path: Path):
+    """Each estimate is at least the peak it stands for, on the costliest input of its kind."""
+    path = tmp_path / kind
+    if kind == "json":  # single-element lists nested 63 deep: the most objects per byte
+        unit = "[" * 63 + "0" + "]" * 63
+        path.write_text('{"array": [' + ",".join([unit] * 15_000) + "]}")
+    elif kind == "dicom":  # one lead at the highest rate: the most samples per file byte
+        path.write_bytes(_one_lead_dicom_ecg(shared_datasets, 2000.0, 600.0))
+    else:  # ten minutes of a real ECG at the highest rate
+        record = wfdb.rdrecord(str(shared_datasets / "mitdb" / "101"), channel_names=["MLII"])
+        samples = resample_poly(record.p_signal[: 600 * 360, 0], 50, 9)  # 360 to 2000 Hz
+        np.save(path, samples, allow_pickle=False)
+        path = path.with_suffix(".npy")
+    completed = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, kind, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert completed.returncode == 0, completed.stderr
+    peak, estimate = map(int, completed.stdout.split())
+    # Not far above either: a share much larger than the peak would stall other requests.
+    assert 0.25 * estimate < peak <= estimate
+
+
 def _gradient_png(height: int, width: int, step: int = 16) -> bytes:
     rows = np.arange(height, dtype=np.uint32)[:, None] // step
     columns = np.arange(width, dtype=np.uint32)[None, :] // step
@@ -216,3 +394,46 @@ def test_large_uploads_at_once_are_all_answered(served_model, service_keys, regi
     for answer in answers:
         assert answer.status_code == 200, answer.text
         assert answer.json()["decision"] in ("positive", "negative")
+
+
+@pytest.mark.slow
+def test_large_json_bodies_and_long_ecgs_at_once_are_all_answered(
+    served_model, service_keys, registered_model, ecg_model, shared_datasets: Path
+):
+    """Each of these holds a share of the budget: JSON parses, a DICOM lead read, beat cuts."""
+    headers = {"Authorization": f"Bearer {service_keys.all_models}"}
+    rows = np.arange(600, dtype=np.uint16)[:, None] // 8
+    columns = np.arange(600, dtype=np.uint16)[None, :] // 8
+    array = {"array": ((rows + columns) % 200 + 20).tolist(), "model": registered_model.model_name}
+    assert len(json.dumps(array)) > 1_000_000  # over the bar: parsed under a share
+    record = wfdb.rdrecord(str(shared_datasets / "mitdb" / "101"), channel_names=["MLII"])
+    ecg = {"samples": record.p_signal[:, 0].round(3).tolist(), "sampling_rate_hz": 360}
+    ecg |= {"lead": "MLII", "model": ecg_model.model_name}  # the whole 30 min record
+    dicom_ecg = _one_lead_dicom_ecg(shared_datasets, 2000.0, 1800.0)
+
+    def post(kind: str) -> requests.Response:
+        url = f"{served_model.url}/v1"
+        if kind == "array":
+            return requests.post(f"{url}/screen/array", json=array, headers=headers, timeout=120)
+        if kind == "ecg":
+            return requests.post(f"{url}/monitor", json=ecg, headers=headers, timeout=120)
+        return requests.post(
+            f"{url}/monitor/dicom",
+            files={"file": ("ecg.dcm", dicom_ecg)},
+            data={"model": ecg_model.model_name, "lead": "II"},
+            headers=headers,
+            timeout=120,
+        )
+
+    kinds = ["array", "ecg", "dicom"] * 2
+    with ThreadPoolExecutor(max_workers=len(kinds)) as pool:
+        answers = dict(enumerate(pool.map(post, kinds)))
+    for index, answer in answers.items():
+        assert answer.status_code == 200, (kinds[index], answer.text)
+        body = answer.json()
+        if kinds[index] == "array":
+            assert body["input"] == {"format": "array", "height": 600, "width": 600}
+        elif kinds[index] == "ecg":
+            assert 1800 < body["summary"]["beats"] < 1900  # record 101 has 1,865 beats
+        else:
+            assert body["summary"]["beats"] > 1000

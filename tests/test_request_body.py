@@ -10,6 +10,7 @@ import pytest
 import requests
 from starlette.requests import Request
 
+from serving.decode_memory import DecodeMemory
 from serving.errors import RequestError
 from serving.service import (
     _ARRAY_FIELDS,
@@ -18,6 +19,7 @@ from serving.service import (
     _json_object,
     _multipart,
     _read_body,
+    _read_json_body,
 )
 
 
@@ -86,6 +88,13 @@ def _closed(*parts: bytes) -> bytes:
     return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
 
 
+async def _parsed(request: Request, route: str, accepted: tuple[str, ...]) -> dict:
+    """The JSON object of ``request`` as the service's JSON routes read it."""
+    body = await _read_json_body(request, route)
+    async with DecodeMemory(2**30).hold(0) as reservation:
+        return await _json_object(reservation, body, route, accepted)
+
+
 def _refusal(coroutine: object) -> RequestError:
     with pytest.raises(RequestError) as failure:
         asyncio.run(coroutine)  # type: ignore[arg-type]
@@ -100,17 +109,15 @@ def _refusal(coroutine: object) -> RequestError:
     ],
 )
 def test_a_json_field_given_twice_is_a_422(body: bytes):
-    error = _refusal(
-        _json_object(_posted(body, "application/json"), "/v1/screen/array", _ARRAY_FIELDS)
-    )
+    error = _refusal(_parsed(_posted(body, "application/json"), "/v1/screen/array", _ARRAY_FIELDS))
     assert error.status == HTTPStatus.UNPROCESSABLE_ENTITY
     assert str(error) == "field 'model' is given twice; send each field once"
 
 
 def test_only_top_level_json_keys_must_be_unique():
     body = b'{"array": [[1, 1], {"x": 1, "x": 2}], "model": "m"}'
-    _, payload = asyncio.run(
-        _json_object(_posted(body, "application/json"), "/v1/screen/array", _ARRAY_FIELDS)
+    payload = asyncio.run(
+        _parsed(_posted(body, "application/json"), "/v1/screen/array", _ARRAY_FIELDS)
     )
     assert payload == {"array": [[1, 1], {"x": 2}], "model": "m"}
     assert json.dumps(payload)  # a plain object, as json.loads gives
@@ -118,9 +125,7 @@ def test_only_top_level_json_keys_must_be_unique():
 
 def test_a_field_the_route_does_not_take_is_a_422_naming_the_route_s_fields():
     body = b'{"samples": [0.1], "sampling_rate_hz": 360, "lead": "II", "leed": "V1", "x": 1}'
-    error = _refusal(
-        _json_object(_posted(body, "application/json"), "/v1/monitor", _MONITOR_FIELDS)
-    )
+    error = _refusal(_parsed(_posted(body, "application/json"), "/v1/monitor", _MONITOR_FIELDS))
     assert error.status == HTTPStatus.UNPROCESSABLE_ENTITY
     assert str(error) == (
         "/v1/monitor takes no field 'leed' (and 1 more); "
@@ -213,9 +218,7 @@ def test_a_client_value_is_echoed_cut_short():
     # A 1 MB JSON key given twice: the answer names it, but not whole.
     key = "k" * 1_000_000
     body = f'{{"{key}": 1, "{key}": 2}}'.encode()
-    error = _refusal(
-        _json_object(_posted(body, "application/json"), "/v1/screen/array", _ARRAY_FIELDS)
-    )
+    error = _refusal(_parsed(_posted(body, "application/json"), "/v1/screen/array", _ARRAY_FIELDS))
     assert str(error).startswith("field 'kkkk") and len(str(error)) < 200
 
 
