@@ -214,9 +214,10 @@ def test_a_share_of_nothing_does_not_queue_behind_large_decodes():
     assert asyncio.run(scenario()) == ["small", "large"]
 
 
-# Runs in a fresh process, so that the peak (ru_maxrss) is this step's alone.
+# Runs in a fresh process, so that the peak is this step's alone (VmHWM: ru_maxrss would
+# carry over the parent's peak through exec).
 _PEAK_SCRIPT = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 import numpy as np
 from datasets.arrays import decode_array
@@ -231,12 +232,12 @@ data = path.read_bytes()
 samples = np.load(path) if kind == "beats" else None
 
 
-def resident() -> int:
-    line = next(line for line in open("/proc/self/status") if line.startswith("VmRSS:"))
+def status(field: str) -> int:
+    line = next(line for line in open("/proc/self/status") if line.startswith(field))
     return int(line.split()[1]) * 1024
 
 
-before = resident()
+before = status("VmRSS:")
 if kind == "json":
     estimate = _json_memory_estimate(data)
     try:
@@ -250,7 +251,7 @@ else:
     signal = EcgSignal(samples, 2000.0, "MLII", "json")
     estimate = beats_memory_estimate(signal)
     beats_for_model(signal)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before, estimate)
+print(status("VmHWM:") - before, estimate)
 """
 
 
