@@ -39,6 +39,21 @@ class _Pending:
     future: asyncio.Future[np.ndarray] = field(repr=False)
 
 
+def _pieces(feeds: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
+    """Split named arrays along their first axis into pieces of at most ``size`` rows."""
+    rows = len(next(iter(feeds.values())))
+    if rows <= size:
+        return [feeds]
+    return [
+        {name: array[start : start + size] for name, array in feeds.items()}
+        for start in range(0, rows, size)
+    ]
+
+
+def _joined(outputs: list[np.ndarray]) -> np.ndarray:
+    return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+
+
 def _settle_all(settlements: list[tuple[asyncio.Future[np.ndarray], Any]]) -> None:
     """Set each future's result or error, on its event loop's own thread."""
     for future, result in settlements:
@@ -84,7 +99,10 @@ class MicroBatcher:
     Args:
         run: Runs one batch: named input arrays (same first axis) → output rows. onnxruntime
             releases the GIL, so the event loop keeps parsing uploads meanwhile.
-        max_batch_size: The most rows one batch may take; a single larger request runs alone.
+        max_batch_size: The most rows one batch may take. A larger request (a long ECG's beats)
+            is split into pieces of this size that queue as requests of their own: its
+            onnxruntime memory stays that of one batch, and other models' batches take turns
+            with its pieces instead of waiting for all of it.
         run_lock: Held around every run; share one between the batchers of a process so that
             its models run one batch at a time (each session already uses the process's cores),
             in the order they asked.
@@ -110,15 +128,25 @@ class MicroBatcher:
     async def submit(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Run one request's rows with whatever else is waiting; return its output rows."""
         loop = asyncio.get_running_loop()
-        pending = _Pending(feeds, len(next(iter(feeds.values()))), loop, loop.create_future())
+        pieces = [
+            _Pending(piece, len(next(iter(piece.values()))), loop, loop.create_future())
+            for piece in _pieces(feeds, self.max_batch_size)
+        ]
         with self._changed:
             queued = not self._closed
             if queued:
-                self._pending.append(pending)
+                self._pending.extend(pieces)
                 self._changed.notify()
-        if queued:
-            return await pending.future
-        return await asyncio.to_thread(self._run_locked, feeds)
+        if not queued:
+            outputs = [await asyncio.to_thread(self._run_locked, piece.feeds) for piece in pieces]
+            return _joined(outputs)
+        try:
+            return _joined([await piece.future for piece in pieces])
+        finally:
+            # A request that failed or gave up leaves its later pieces unrun.
+            for piece in pieces:
+                if not piece.future.cancel() and not piece.future.cancelled():
+                    piece.future.exception()  # retrieved: asyncio would warn of it otherwise
 
     def close(self) -> None:
         """Finish what is queued, then stop; later submissions run unbatched.

@@ -230,3 +230,87 @@ def test_requests_cancelled_while_queued_are_not_run():
     batcher.close()
     assert float(live[0, 0]) == 6.0
     assert sum(sizes) == 2, sizes  # the first and the live request, none of the 30
+
+
+def test_a_request_over_the_batch_size_runs_in_pieces_and_gets_its_rows_in_order():
+    # One long ECG: its onnxruntime memory must stay that of one batch, not of all its beats.
+    sizes: list[int] = []
+    batcher = MicroBatcher(_slow_double(sizes), max_batch_size=8)
+    rows = np.arange(45, dtype=np.float32).reshape(45, 1)
+
+    async def scenario() -> tuple[np.ndarray, np.ndarray]:
+        return await asyncio.gather(
+            batcher.submit({"x": rows}), batcher.submit({"x": np.full((1, 1), 100.0)})
+        )
+
+    long, short = asyncio.run(scenario())
+    np.testing.assert_array_equal(long, rows * 2)
+    assert float(short[0, 0]) == 200.0
+    assert sum(sizes) == 46 and max(sizes) <= 8, sizes
+    batcher.close()
+    after_close = asyncio.run(batcher.submit({"x": rows}))
+    np.testing.assert_array_equal(after_close, rows * 2)
+    assert max(sizes) <= 8, sizes
+
+
+def test_another_model_takes_turns_with_the_pieces_of_a_long_request():
+    lock, runs = FairLock(), []
+
+    def model(name: str):
+        def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+            runs.append(name)
+            time.sleep(0.01)
+            return feeds["x"]
+
+        return run
+
+    ecg = MicroBatcher(model("ecg"), max_batch_size=4, run_lock=lock)
+    screening = MicroBatcher(model("screening"), max_batch_size=4, run_lock=lock)
+
+    async def scenario() -> None:
+        long = asyncio.ensure_future(ecg.submit({"x": np.zeros((40, 1))}))
+        await asyncio.sleep(0.015)  # the first pieces run
+        await screening.submit({"x": np.zeros((1, 1))})
+        assert not long.done()  # answered between the pieces, not after all ten
+        await long
+
+    asyncio.run(scenario())
+    assert runs.count("ecg") == 10 and runs.count("screening") == 1
+    assert runs[-1] == "ecg", runs
+
+
+def test_a_failed_piece_fails_its_request_and_its_later_pieces_are_not_run(recwarn):
+    sizes: list[int] = []
+
+    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        sizes.append(len(feeds["x"]))
+        time.sleep(0.01)
+        if float(feeds["x"][0, 0]) == 4.0:  # the second piece
+            raise RuntimeError("broken piece")
+        return feeds["x"]
+
+    batcher = MicroBatcher(run, max_batch_size=4)
+
+    async def scenario() -> np.ndarray:
+        with pytest.raises(RuntimeError, match="broken piece"):
+            await batcher.submit({"x": np.arange(40, dtype=np.float32).reshape(40, 1)})
+        return await batcher.submit({"x": np.full((1, 1), 7.0)})
+
+    np.testing.assert_array_equal(asyncio.run(scenario()), np.full((1, 1), 7.0))
+    # The third piece may already have been taken; none after it ran.
+    assert sizes[:2] == [4, 4] and sizes[-1] == 1 and len(sizes) <= 4, sizes
+    batcher.close()
+
+
+def test_a_long_request_that_gives_up_leaves_its_later_pieces_unrun():
+    sizes: list[int] = []
+    batcher = MicroBatcher(_slow_double(sizes), max_batch_size=4)
+
+    async def scenario() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(batcher.submit({"x": np.zeros((400, 1))}), timeout=0.05)
+        await batcher.submit({"x": np.zeros((1, 1))})  # queued behind what is left
+
+    asyncio.run(scenario())
+    batcher.close()
+    assert sizes[-1] == 1 and sum(sizes) < 40, sizes  # of 100 pieces, a handful ran
