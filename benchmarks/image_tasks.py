@@ -77,9 +77,11 @@ def main(
         auc = f"{metrics['test_auc']:.3f}"
         if "test_multiclass_auc" in metrics:
             auc += f" (5-grade {metrics['test_multiclass_auc']:.3f})"
+        members = resolved.model.ensemble_members
+        network = f"{members} x {resolved.model.network}" if members > 1 else resolved.model.network
         table.add_row(
             dataset,
-            f"medscreen {resolved.name} ({resolved.model.network})",
+            f"medscreen {resolved.name} ({network})",
             auc,
             f"{metrics['test_accuracy']:.3f}",
             f"{metrics['test_sensitivity']:.3f} / {metrics['test_specificity']:.3f} "

@@ -6,6 +6,8 @@ averages (EMA) of the weights over a horizon of 1 and 3 epochs, each with its ow
 chosen by the same rule. An EMA only reads the weights, so the recipe's own trajectory is the
 plain recipe's, to the last digit. For a recipe that trains with horizontal flips, the recipe's
 weights are also scored on each image and its mirror image, logits averaged ("flip-averaged").
+For a deep ensemble (``--set model.ensemble_members=2``), each member is also scored alone, at
+the ensemble's checkpoint.
 
 Only validation data is used. The rule, fixed before the runs: a variant replaces the recipe's
 weights if its validation log loss after temperature scaling (what the service returns) is lower
@@ -15,6 +17,9 @@ by ``benchmarks/image_tasks.py``, for the recipe that this chooses.
 Usage:
     python benchmarks/recipe_variants.py --recipe training/recipes/pneumonia-full.yaml \
         --seeds 0,1 --data-dir ../shared/datasets/medmnist
+    python benchmarks/recipe_variants.py --recipe training/recipes/pneumonia-full.yaml \
+        --seeds 0,1 --set model.ensemble_members=2 --set optimisation.max_epochs=12 \
+        --no-moving-averages
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from training.evaluation import (
     positive_scores,
 )
 from training.lit_models import ScreeningClassifier
-from training.models import ScreeningNetwork, predict_logits
+from training.models import LogitAverage, ScreeningNetwork, predict_logits
 from training.train import build_trainer, seeded_classifier
 
 HORIZONS_EPOCHS = (1, 3)
@@ -61,8 +66,11 @@ def _auc(logits: np.ndarray, truth: np.ndarray, positive: tuple[int, ...]) -> fl
 class Variants(pl.Callback):
     """Keeps each variant's best-by-validation-AUC weights; EMAs update after every step."""
 
-    def __init__(self, datamodule: ScreeningDataModule, steps_per_epoch: int) -> None:
+    def __init__(
+        self, datamodule: ScreeningDataModule, steps_per_epoch: int, *, moving_averages: bool
+    ) -> None:
         super().__init__()
+        self.moving_averages = moving_averages
         self.val = datamodule.splits["val"]
         self.positive = datamodule.spec.positive_classes
         self.truth = is_positive(self.val.labels, self.positive)
@@ -71,7 +79,7 @@ class Variants(pl.Callback):
         self.best: dict[str, tuple[float, int, dict]] = {}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: ScreeningClassifier) -> None:
-        for horizon in HORIZONS_EPOCHS:
+        for horizon in HORIZONS_EPOCHS if self.moving_averages else ():
             decay = 1.0 - 1.0 / (horizon * self.steps_per_epoch)
             self.averages[f"ema {horizon} epoch"] = AveragedModel(
                 pl_module.network, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True
@@ -120,12 +128,16 @@ def _validation_figures(
     }
 
 
-def run_seed(recipe_path: Path, seed: int, overrides: list[str]) -> dict[str, dict]:
+def run_seed(
+    recipe_path: Path, seed: int, overrides: list[str], *, moving_averages: bool
+) -> dict[str, dict]:
     """Train the recipe once with this seed; return each variant's validation figures."""
     recipe = load_recipe(recipe_path, [*overrides, f"seed={seed}"])
     datamodule, module = seeded_classifier(recipe)
     network = module.network
-    variants = Variants(datamodule, len(datamodule.train_dataloader()))
+    variants = Variants(
+        datamodule, len(datamodule.train_dataloader()), moving_averages=moving_averages
+    )
     with tempfile.TemporaryDirectory() as unused:
         # Variants keeps the weights; this only stops Lightning's default checkpoint files.
         no_files = ModelCheckpoint(dirpath=unused, save_top_k=0)
@@ -142,6 +154,18 @@ def run_seed(recipe_path: Path, seed: int, overrides: list[str]) -> dict[str, di
             results["recipe, flip-averaged"] = (
                 _validation_figures(network, datamodule, flip_average=True) | about
             )
+        if name == "recipe" and isinstance(network.backbone, LogitAverage):
+            # Each member alone, at the ensemble's checkpoint: what averaging adds.
+            for index, member in enumerate(network.backbone.members):
+                alone = ScreeningNetwork(
+                    member,
+                    network.spatial_dims,
+                    network.network_input_size,
+                    float(network.intensity_mean),
+                    float(network.intensity_std),
+                    per_image_scaling=network.per_image_scaling,
+                )
+                results[f"member {index} alone"] = _validation_figures(alone, datamodule) | about
     return results
 
 
@@ -150,12 +174,22 @@ def main(
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1",
     data_dir: Annotated[Path | None, typer.Option(help="Local MedMNIST directory.")] = None,
     output: Annotated[Path | None, typer.Option(help="Where to write the JSON results.")] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a recipe field: dotted.key=value (repeatable)."),
+    ] = None,
+    moving_averages: Annotated[
+        bool, typer.Option(help="Also keep exponential moving averages of the weights.")
+    ] = True,
 ) -> None:
     """Train the recipe once per seed and print each variant's validation figures."""
-    overrides = [f"data.data_dir={data_dir}"] if data_dir else []
-    results = {
-        int(seed): run_seed(recipe, int(seed), overrides) for seed in seeds.split(",") if seed
-    }
+    overrides = [*(overrides or []), *([f"data.data_dir={data_dir}"] if data_dir else [])]
+    results: dict[int, dict[str, dict]] = {}
+    for seed in (int(seed) for seed in seeds.split(",") if seed):
+        results[seed] = run_seed(recipe, seed, overrides, moving_averages=moving_averages)
+        if output:  # after each seed, so a long run that is stopped keeps what it measured
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps(results, indent=2))
     table = Table(title=f"{recipe.name}: validation only")
     for column in ("seed", "variant", "AUC", "ACC", "log loss", "calibrated", "epoch", "min"):
         table.add_column(column)
@@ -172,9 +206,6 @@ def main(
                 f"{figures['minutes']:.1f}",
             )
     Console().print(table)
-    if output:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,21 @@ class ScreeningNetwork(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Return logits of shape (N, classes) for uint8 images of shape (N, C, *spatial)."""
+        return self.backbone(self.preprocess(images))
+
+    def member_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Return each ensemble member's logits, shape (members, N, classes).
+
+        A single network is one member. Training takes each member's own loss; the graph
+        averages them.
+        """
+        inputs = self.preprocess(images)
+        if isinstance(self.backbone, LogitAverage):
+            return self.backbone.member_logits(inputs)
+        return self.backbone(inputs).unsqueeze(0)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Scale, normalise and resize uint8 images to the network's float input."""
         values = images.to(torch.float32)
         if self.per_image_scaling:
             axes = tuple(range(1, values.dim()))
@@ -63,13 +78,32 @@ class ScreeningNetwork(nn.Module):
         else:
             scaled = values / 255.0
         normalised = (scaled - self.intensity_mean) / self.intensity_std
-        resized = functional.interpolate(
+        return functional.interpolate(
             normalised,
             size=(self.network_input_size,) * self.spatial_dims,
             mode=_INTERPOLATION[self.spatial_dims],
             align_corners=False,
         )
-        return self.backbone(resized)
+
+
+class LogitAverage(nn.Module):
+    """A deep ensemble: the mean of its members' logits.
+
+    Args:
+        members: Networks of the same output shape, each with its own initial weights.
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def member_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Return the members' logits, shape (members, N, classes)."""
+        return torch.stack([member(inputs) for member in self.members])
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Return the mean of the members' logits, shape (N, classes)."""
+        return self.member_logits(inputs).mean(dim=0)
 
 
 class ProbabilityModel(nn.Module):
@@ -103,7 +137,12 @@ def build_network(
         # Degenerate values also warn (zero-element weights); the error below says it all.
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", UserWarning)
-            backbone = _backbone(section, in_channels, spatial_dims, num_classes)
+            # Members are built one after another, so each draws its own initial weights.
+            members = [
+                _backbone(section, in_channels, spatial_dims, num_classes)
+                for _ in range(section.ensemble_members)
+            ]
+            backbone = members[0] if len(members) == 1 else LogitAverage(members)
             # Some values fail only at the first forward pass (zero features, a zero stride).
             backbone.eval()
             backbone(torch.zeros(2, in_channels, *[section.network_input_size] * spatial_dims))

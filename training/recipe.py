@@ -220,6 +220,15 @@ class ModelSection(_Strict):
         lt=1,
         description="Dropout of the DenseNet networks (MONAI's ResNet has none).",
     )
+    ensemble_members: int = Field(
+        default=1,
+        ge=1,
+        le=8,
+        description=(
+            "Copies of the network, each with its own initial weights, trained side by side on "
+            "the same batches; the graph averages their logits (a deep ensemble)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _dropout_only_where_used(self) -> ModelSection:
@@ -260,6 +269,13 @@ class OptimisationSection(_Strict):
     class_weighting: Literal["none", "balanced"] = "balanced"
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     limit_train_batches: int | None = Field(default=None, gt=0)
+    channels_last: bool = Field(
+        default=False,
+        description=(
+            "Train with the weights in channels-last memory layout: faster convolutions on "
+            "the CPU; the figures move in their last digits. The exported graph is unaffected."
+        ),
+    )
 
 
 class EvaluationSection(_Strict):
