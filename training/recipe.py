@@ -273,7 +273,8 @@ class OptimisationSection(_Strict):
         default=False,
         description=(
             "Train with the weights in channels-last memory layout: faster convolutions on "
-            "the CPU; the figures move in their last digits. The exported graph is unaffected."
+            "the CPU, but other float rounding, so a run's figures differ from the default "
+            "layout's. The exported graph is unaffected."
         ),
     )
 
