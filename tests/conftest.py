@@ -47,6 +47,8 @@ TINY_ECG = [
     "model.block_config=[2, 2]",
     "registration.minimum_metrics={val_accuracy: 0.0}",
 ]
+# network_params of a MONAI DenseNet small enough to build and run in milliseconds.
+TINY_DENSENET = {"init_features": 8, "growth_rate": 4, "block_config": [2, 2]}
 # A small DenseNet for one epoch (2D or 3D), on part of the data.
 TINY_VOLUME = [
     "model.network=DenseNet",

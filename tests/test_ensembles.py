@@ -11,12 +11,10 @@ import pytest
 import torch
 from scipy.special import softmax
 
-from tests.conftest import QUICK_RECIPE, TINY_TRAINING
+from tests.conftest import QUICK_RECIPE, TINY_DENSENET, TINY_TRAINING
 from training.lit_models import ScreeningClassifier
 from training.models import LogitAverage, build_network
 from training.recipe import ModelSection, OptimisationSection, RecipeError
-
-TINY_DENSENET = {"init_features": 8, "growth_rate": 4, "block_config": [2, 2]}
 
 
 def _first_convolution(member: torch.nn.Module) -> torch.Tensor:

@@ -9,12 +9,10 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import QUICK_RECIPE
+from tests.conftest import QUICK_RECIPE, TINY_DENSENET
 from training.models import build_network
 from training.recipe import ModelSection
 from training.runs import image_recipe_of_run
-
-TINY_DENSENET = {"init_features": 8, "growth_rate": 4, "block_config": [2, 2]}
 
 
 def _network(image_shape: tuple[int, ...], scaling: str) -> torch.nn.Module:
