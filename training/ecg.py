@@ -42,6 +42,7 @@ from datasets.ecg import (
     record_file_digests,
 )
 from training.evaluate import OVERLAP_CHECK_TAG
+from training.models import LogitAverage
 from training.plots import confusion_figure, log_figures
 from training.recipe import EcgModelSection, EcgRecipe
 from training.runs import RunError, get_run, read_run_recipe
@@ -104,6 +105,17 @@ class EcgBeatNetwork(nn.Module):
         return self.head(torch.cat([self.morphology(shape), timing], dim=1))
 
 
+# One beat network, or a deep ensemble of them (the mean of their logits).
+EcgNetwork = EcgBeatNetwork | LogitAverage
+
+
+def build_ecg_network(section: EcgModelSection) -> EcgNetwork:
+    """The recipe's beat network, or a deep ensemble of ``section.ensemble_members`` of them."""
+    # Built one after another, so each member draws its own initial weights.
+    members = [EcgBeatNetwork(section) for _ in range(section.ensemble_members)]
+    return members[0] if len(members) == 1 else LogitAverage(members)
+
+
 def aami_report(
     truth: np.ndarray, predicted: np.ndarray, prefix: str, missed: np.ndarray | None = None
 ) -> dict[str, float]:
@@ -151,7 +163,7 @@ class BeatClassifier(pl.LightningModule):
 
     def __init__(
         self,
-        network: EcgBeatNetwork,
+        network: EcgNetwork,
         learning_rate: float,
         weight_decay: float,
         max_epochs: int,
@@ -176,14 +188,21 @@ class BeatClassifier(pl.LightningModule):
         return self.network(beats, templates, rr)
 
     def training_step(self, batch: tuple[torch.Tensor, ...], _: int) -> torch.Tensor:
-        """One optimisation step."""
+        """One optimisation step; an ensemble's loss is the mean of its members' own losses."""
         *inputs, labels = batch
-        loss = functional.cross_entropy(
-            self(*inputs),
-            labels,
-            weight=self.class_weights,
-            label_smoothing=self.label_smoothing,
-        )
+        if isinstance(self.network, LogitAverage):
+            member_logits = self.network.member_logits(*inputs)
+        else:
+            member_logits = self.network(*inputs).unsqueeze(0)
+        loss = sum(
+            functional.cross_entropy(
+                logits,
+                labels,
+                weight=self.class_weights,
+                label_smoothing=self.label_smoothing,
+            )
+            for logits in member_logits
+        ) / len(member_logits)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
@@ -285,7 +304,7 @@ def _tensors(beats: BeatSet) -> TensorDataset:
 
 
 @torch.no_grad()
-def predict_beats(network: EcgBeatNetwork, beats: BeatSet, batch_size: int = 2048) -> np.ndarray:
+def predict_beats(network: EcgNetwork, beats: BeatSet, batch_size: int = 2048) -> np.ndarray:
     """Class probabilities of each beat."""
     network.eval()
     outputs = [
@@ -311,7 +330,7 @@ def _log_evaluation(beats: BeatSet, probabilities: np.ndarray, prefix: str) -> d
 
 
 def _log_served_evaluation(
-    network: EcgBeatNetwork, records_dir: Path, records: list[str], lead: str, prefix: str
+    network: EcgNetwork, records_dir: Path, records: list[str], lead: str, prefix: str
 ) -> dict[str, float]:
     """Log the AAMI report on beats found as the service finds them (``{prefix}_served_*``).
 
@@ -357,7 +376,7 @@ def train_ecg(recipe: EcgRecipe, *, show_progress: bool = True) -> EcgTrainingRe
     if recipe.optimisation.class_weighting == "balanced":
         weights = counts.sum() / (len(counts) * np.maximum(counts, 1))
         class_weights = torch.tensor(np.minimum(weights, MAX_CLASS_WEIGHT), dtype=torch.float32)
-    network = EcgBeatNetwork(recipe.model)
+    network = build_ecg_network(recipe.model)
     module = BeatClassifier(
         network,
         recipe.optimisation.learning_rate,
@@ -444,7 +463,7 @@ def train_ecg(recipe: EcgRecipe, *, show_progress: bool = True) -> EcgTrainingRe
         return EcgTrainingResult(run_id=run.info.run_id, metrics=metrics)
 
 
-def load_ecg_run(run_id: str) -> tuple[mlflow.entities.Run, EcgRecipe, EcgBeatNetwork]:
+def load_ecg_run(run_id: str) -> tuple[mlflow.entities.Run, EcgRecipe, EcgNetwork]:
     """An ECG training run, its recipe, and its network with the selected weights.
 
     Raises:
@@ -456,7 +475,7 @@ def load_ecg_run(run_id: str) -> tuple[mlflow.entities.Run, EcgRecipe, EcgBeatNe
     if tree.get("kind") != "ecg-monitoring":
         raise RunError(f"run {run_id} is not an ECG monitoring run")
     recipe = EcgRecipe.model_validate(tree)
-    network = EcgBeatNetwork(recipe.model)
+    network = build_ecg_network(recipe.model)
     with tempfile.TemporaryDirectory() as download_dir:
         weights = mlflow.artifacts.download_artifacts(
             f"runs:/{run_id}/{WEIGHTS_ARTIFACT}", dst_path=download_dir

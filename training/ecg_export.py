@@ -42,7 +42,7 @@ from training.card import (
     TensorSpec,
     TrainingData,
 )
-from training.ecg import EcgBeatNetwork, load_ecg_run, records_dir_of
+from training.ecg import EcgNetwork, load_ecg_run, records_dir_of
 from training.evaluation import (
     choose_threshold,
     is_positive,
@@ -80,7 +80,7 @@ WINDOW = WINDOW_BEFORE + WINDOW_AFTER
 class EcgProbabilityModel(nn.Module):
     """The beat network with a softmax: the graph that is exported."""
 
-    def __init__(self, network: EcgBeatNetwork) -> None:
+    def __init__(self, network: EcgNetwork) -> None:
         super().__init__()
         self.network = network
 
@@ -91,7 +91,7 @@ class EcgProbabilityModel(nn.Module):
         return torch.softmax(self.network(beats, templates, rr_seconds), dim=1)
 
 
-def export_ecg_onnx(network: EcgBeatNetwork, path: Path) -> None:
+def export_ecg_onnx(network: EcgNetwork, path: Path) -> None:
     """Write the probability graph (three float32 inputs, dynamic beat count) to ``path``."""
     examples = (
         torch.zeros((2, 1, WINDOW)),
@@ -133,7 +133,7 @@ def ecg_onnx_probabilities(path: Path, beats: BeatSet, batch_size: int = 2048) -
 
 
 @torch.no_grad()
-def _torch_probabilities(network: EcgBeatNetwork, beats: BeatSet) -> np.ndarray:
+def _torch_probabilities(network: EcgNetwork, beats: BeatSet) -> np.ndarray:
     model = EcgProbabilityModel(network).eval()
     return model(
         torch.from_numpy(beats.windows),

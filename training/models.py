@@ -90,20 +90,20 @@ class LogitAverage(nn.Module):
     """A deep ensemble: the mean of its members' logits.
 
     Args:
-        members: Networks of the same output shape, each with its own initial weights.
+        members: Networks of the same inputs and output shape, each with its own initial weights.
     """
 
     def __init__(self, members: list[nn.Module]) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
 
-    def member_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+    def member_logits(self, *inputs: torch.Tensor) -> torch.Tensor:
         """Return the members' logits, shape (members, N, classes)."""
-        return torch.stack([member(inputs) for member in self.members])
+        return torch.stack([member(*inputs) for member in self.members])
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         """Return the mean of the members' logits, shape (N, classes)."""
-        return self.member_logits(inputs).mean(dim=0)
+        return self.member_logits(*inputs).mean(dim=0)
 
 
 class ProbabilityModel(nn.Module):

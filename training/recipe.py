@@ -33,6 +33,18 @@ class _Strict(BaseModel):
 
 
 DEFAULT_SPLIT_FRACTION = 0.15
+# Image and ECG networks alike: copies of the network, averaged in the exported graph.
+EnsembleMembers = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=8,
+        description=(
+            "Copies of the network, each with its own initial weights, trained side by side on "
+            "the same batches; the graph averages their logits (a deep ensemble)."
+        ),
+    ),
+]
 
 
 class ManifestTaskSection(_Strict):
@@ -220,15 +232,7 @@ class ModelSection(_Strict):
         lt=1,
         description="Dropout of the DenseNet networks (MONAI's ResNet has none).",
     )
-    ensemble_members: int = Field(
-        default=1,
-        ge=1,
-        le=8,
-        description=(
-            "Copies of the network, each with its own initial weights, trained side by side on "
-            "the same batches; the graph averages their logits (a deep ensemble)."
-        ),
-    )
+    ensemble_members: EnsembleMembers = 1
 
     @model_validator(mode="after")
     def _dropout_only_where_used(self) -> ModelSection:
@@ -394,6 +398,7 @@ class EcgModelSection(_Strict):
     )
     embedding_features: int = Field(default=32, gt=0)
     dropout: float = Field(default=0.1, ge=0, lt=1)
+    ensemble_members: EnsembleMembers = 1
 
 
 class EcgRecipe(_Strict):
