@@ -42,7 +42,7 @@ from datasets.ecg import (
     record_file_digests,
 )
 from training.evaluate import OVERLAP_CHECK_TAG
-from training.models import LogitAverage
+from training.models import LogitAverage, logits_per_member
 from training.plots import confusion_figure, log_figures
 from training.recipe import EcgModelSection, EcgRecipe
 from training.runs import RunError, get_run, read_run_recipe
@@ -190,10 +190,7 @@ class BeatClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, ...], _: int) -> torch.Tensor:
         """One optimisation step; an ensemble's loss is the mean of its members' own losses."""
         *inputs, labels = batch
-        if isinstance(self.network, LogitAverage):
-            member_logits = self.network.member_logits(*inputs)
-        else:
-            member_logits = self.network(*inputs).unsqueeze(0)
+        logits_of_members = logits_per_member(self.network, *inputs)
         loss = sum(
             functional.cross_entropy(
                 logits,
@@ -201,8 +198,8 @@ class BeatClassifier(pl.LightningModule):
                 weight=self.class_weights,
                 label_smoothing=self.label_smoothing,
             )
-            for logits in member_logits
-        ) / len(member_logits)
+            for logits in logits_of_members
+        ) / len(logits_of_members)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 

@@ -61,10 +61,7 @@ class ScreeningNetwork(nn.Module):
         A single network is one member. Training takes each member's own loss; the graph
         averages them.
         """
-        inputs = self.preprocess(images)
-        if isinstance(self.backbone, LogitAverage):
-            return self.backbone.member_logits(inputs)
-        return self.backbone(inputs).unsqueeze(0)
+        return logits_per_member(self.backbone, self.preprocess(images))
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Scale, normalise and resize uint8 images to the network's float input."""
@@ -104,6 +101,16 @@ class LogitAverage(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         """Return the mean of the members' logits, shape (N, classes)."""
         return self.member_logits(*inputs).mean(dim=0)
+
+
+def logits_per_member(network: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """Return each member's logits of ``network``, shape (members, N, classes).
+
+    A network that is not a :class:`LogitAverage` is one member.
+    """
+    if isinstance(network, LogitAverage):
+        return network.member_logits(*inputs)
+    return network(*inputs).unsqueeze(0)
 
 
 class ProbabilityModel(nn.Module):
