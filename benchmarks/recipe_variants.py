@@ -1,4 +1,4 @@
-"""Experiment: do weight averaging or flip averaging help an image recipe, on validation?
+"""Experiment: do weight averaging, flip averaging or a training change help an image recipe?
 
 One training run per seed yields every variant: the recipe's own weights (checkpoint chosen by
 validation AUC, exactly as ``medscreen train`` chooses it) and, beside them, exponential moving
@@ -7,7 +7,9 @@ chosen by the same rule. An EMA only reads the weights, so the recipe's own traj
 plain recipe's, to the last digit. For a recipe that trains with horizontal flips, the recipe's
 weights are also scored on each image and its mirror image, logits averaged ("flip-averaged").
 For a deep ensemble (``--set model.ensemble_members=2``), each member is also scored alone, at
-the ensemble's checkpoint.
+the ensemble's checkpoint. A training change such as mixup (``--set
+optimisation.mixup_alpha=0.2 --no-moving-averages``) is compared with the recipe's own figures
+for the same seeds, measured by a run without the ``--set``.
 
 Only validation data is used. The rule, fixed before the runs: a variant replaces the recipe's
 weights if its validation log loss after temperature scaling (what the service returns) is lower
@@ -17,6 +19,8 @@ by ``benchmarks/image_tasks.py``, for the recipe that this chooses.
 Usage:
     python benchmarks/recipe_variants.py --recipe training/recipes/pneumonia-full.yaml \
         --seeds 0,1 --data-dir ../shared/datasets/medmnist
+    python benchmarks/recipe_variants.py --recipe training/recipes/breast-full.yaml \
+        --seeds 0,1 --set optimisation.mixup_alpha=0.2 --no-moving-averages
     python benchmarks/recipe_variants.py --recipe training/recipes/pneumonia-full.yaml \
         --seeds 0,1 --set model.ensemble_members=2 --set optimisation.max_epochs=12 \
         --no-moving-averages

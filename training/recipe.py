@@ -272,6 +272,16 @@ class OptimisationSection(_Strict):
     weight_decay: float = Field(default=1e-4, ge=0)
     class_weighting: Literal["none", "balanced"] = "balanced"
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    mixup_alpha: float = Field(
+        default=0.0,
+        ge=0,
+        le=10,
+        description=(
+            "Mixup (Zhang et al. 2018; MONAI's MixUp): train on convex combinations of pairs "
+            "of the batch's images and of their labels, weights drawn from Beta(alpha, alpha). "
+            "0 turns it off."
+        ),
+    )
     limit_train_batches: int | None = Field(default=None, gt=0)
     channels_last: bool = Field(
         default=False,

@@ -156,7 +156,9 @@ def seeded_classifier(recipe: Recipe) -> tuple[ScreeningDataModule, ScreeningCla
     class_weights = (
         datamodule.class_weights() if recipe.optimisation.class_weighting == "balanced" else None
     )
-    module = ScreeningClassifier(network, spec.positive_classes, recipe.optimisation, class_weights)
+    module = ScreeningClassifier(
+        network, spec.positive_classes, recipe.optimisation, class_weights, seed=recipe.seed
+    )
     return datamodule, module
 
 
