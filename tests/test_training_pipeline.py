@@ -245,3 +245,21 @@ def test_the_gate_refuses_a_threshold_or_metrics_from_a_handful_of_cases(medmnis
 def test_export_cli_names_an_unknown_run():
     line = medscreen_error_line("export", "--run-id", "0" * 32)
     assert "run '00000000000000000000000000000000' not found" in line
+
+
+def test_train_prints_the_run_id_whole_above_its_summary(medmnist_dir: Path):
+    from typer.testing import CliRunner
+
+    from medscreen_cli import app
+
+    overrides = [*TINY_TRAINING, "optimisation.max_epochs=1", f"data.data_dir={medmnist_dir}"]
+    result = CliRunner().invoke(
+        app,
+        ["train", str(QUICK_RECIPE), "--no-progress", *(f"--set={o}" for o in overrides)],
+        terminal_width=60,
+    )
+    assert result.exit_code == 0, result.output
+    run_id = result.stdout.strip().splitlines()[-1]
+    assert len(run_id) == 32
+    # A narrow terminal once wrapped the id inside the table's title.
+    assert f"run {run_id} (pneumonia-quick)" in result.stderr.splitlines()

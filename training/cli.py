@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 def train_command(
@@ -27,7 +30,6 @@ def train_command(
     except RecipeError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
-    from rich.console import Console
     from rich.table import Table
 
     from training.recipe import EcgRecipe
@@ -54,11 +56,21 @@ def train_command(
     except (DatasetError, RecipeError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
-    table = Table("metric", "value", title=f"run {result.run_id} ({resolved.name})")
+    table = Table("metric", "value")
     for name in shown:
         table.add_row(name, f"{result.metrics[name]:.4f}")
-    Console(stderr=True).print(table)
+    _print_summary(f"run {result.run_id} ({resolved.name})", table)
     typer.echo(result.run_id)
+
+
+def _print_summary(heading: str, table: Table) -> None:
+    """Print a heading and a table to stderr; the heading on its own line, never wrapped."""
+    from rich.console import Console
+
+    # A table title wraps to the table's width, which split run ids over two lines.
+    console = Console(stderr=True)
+    console.print(heading, soft_wrap=True, highlight=False)
+    console.print(table)
 
 
 def export_command(
@@ -129,7 +141,6 @@ def evaluate_command(
     ] = None,
 ) -> None:
     """Evaluate a trained model on data it has never seen; log a run linked to the model's."""
-    from rich.console import Console
     from rich.table import Table
 
     from datasets import DatasetError
@@ -172,6 +183,5 @@ def evaluate_command(
     except (DatasetError, RunError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
-    table.title = f"evaluation run {result.run_id}"
-    Console(stderr=True).print(table)
+    _print_summary(f"evaluation run {result.run_id}", table)
     typer.echo(result.run_id)
