@@ -104,3 +104,14 @@ def test_an_alpha_out_of_range_is_named(alpha: float):
 
     with pytest.raises(RecipeError, match=r"optimisation\.mixup_alpha"):
         load_recipe(QUICK_RECIPE, [f"optimisation.mixup_alpha={alpha}"])
+
+
+@pytest.mark.parametrize(
+    "override", ["optimisation.mixup_alpha=0.2", "optimisation.channels_last=true"]
+)
+def test_an_ecg_recipe_refuses_image_only_options(override: str):
+    from tests.conftest import RECIPES
+    from training import load_recipe
+
+    with pytest.raises(RecipeError, match=rf"'{override.split('=')[0]}': image recipes only"):
+        load_recipe(RECIPES / "ecg-full.yaml", [override])

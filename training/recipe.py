@@ -430,6 +430,18 @@ class EcgRecipe(_Strict):
     )
     registration: RegistrationSection
 
+    @model_validator(mode="after")
+    def _no_image_only_options(self) -> EcgRecipe:
+        # Refused rather than ignored: the run's params would claim a training it did not have.
+        if self.optimisation.mixup_alpha > 0:
+            raise _FieldError("optimisation.mixup_alpha", "image recipes only; set it to 0")
+        if self.optimisation.channels_last:
+            raise _FieldError(
+                "optimisation.channels_last",
+                "image recipes only (the beat network's convolutions are 1D); set it to false",
+            )
+        return self
+
     def flat(self) -> dict[str, Any]:
         """Return the recipe as dotted keys, the form MLflow params take."""
         return _flatten(self.model_dump(mode="json"))
