@@ -18,13 +18,17 @@ FIXED_SCALING = ModelSection(
 
 
 def _classifier(
-    alpha: float, *, seed: int = 0, class_weights: torch.Tensor | None = None
+    alpha: float,
+    *,
+    seed: int = 0,
+    class_weights: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> ScreeningClassifier:
     torch.manual_seed(0)
     module = ScreeningClassifier(
         build_network(FIXED_SCALING, (1, 28, 28), 2),
         (1,),
-        OptimisationSection(mixup_alpha=alpha),
+        OptimisationSection(mixup_alpha=alpha, label_smoothing=label_smoothing),
         class_weights,
         seed=seed,
     )
@@ -73,14 +77,16 @@ def test_without_mixup_the_step_sees_the_images_unmixed():
     torch.testing.assert_close(loss, functional.cross_entropy(logits, labels))
 
 
-def test_class_weights_are_applied_as_for_hard_labels():
-    # Unmixed one-hot targets must give exactly the plain weighted loss.
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_class_weights_are_applied_as_for_hard_labels(smoothing: float):
+    # Unmixed one-hot targets must give exactly the plain weighted (and smoothed) loss.
     weights = torch.tensor([3.0, 0.5])
-    module = _classifier(0.4, class_weights=weights)
-    logits = torch.randn(6, 2)
+    module = _classifier(0.4, class_weights=weights, label_smoothing=smoothing)
+    logits = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1, 1, 1, 0, 1])
     one_hot = functional.one_hot(labels, 2).to(torch.float32)
-    plain = functional.cross_entropy(logits, labels, weight=weights)
+    plain = module._loss(logits, labels)
+    assert plain.item() != pytest.approx(functional.cross_entropy(logits, labels).item())
     torch.testing.assert_close(module._mixed_loss(logits, one_hot), plain)
 
 
