@@ -232,22 +232,27 @@ def verify_command(
         except ValueError as error:
             _fail(f"--expect-head: {error}")
     path = log or prediction_log_path()
-    if not path.exists() and not head_path_for(path).exists():
-        # A mistyped path, variable or state dir must not pass as an empty, intact log.
-        if log is not None:
-            _fail(f"--log: {path}: no such prediction log (and no head file)")
-        source = (
+    # Errors name where the path came from: --log, the variable or the state dir.
+    if log is not None:
+        named, source = f"--log: {path}", ""
+    else:
+        named = str(path)
+        source = "; the path is from " + (
             f"${PREDICTION_LOG_ENV}"
             if os.environ.get(PREDICTION_LOG_ENV)
             else "the state dir's default; set $MEDSCREEN_STATE_DIR or give --log"
         )
-        _fail(f"{path}: no such prediction log (and no head file); the path is from {source}")
+    if not path.exists() and not head_path_for(path).exists():
+        # A mistyped path, variable or state dir must not pass as an empty, intact log.
+        _fail(f"{named}: no such prediction log (and no head file){source}")
     if path.is_dir():
-        _fail(f"--log: {path} is a directory, not a prediction log")
+        _fail(f"{named} is a directory, not a prediction log{source}")
     try:
         result = verify_log(path, kept_head=kept_head)
     except OSError as error:
-        _fail(f"--log: {path}: {error.strerror or error}")
+        _fail(f"{named}: {error.strerror or error}{source}")
+    for note in result.notes:
+        typer.echo(f"{path}: note: {note}")
     if result.ok:
         typer.echo(
             f"prediction log {path}: {result.records} records, hash chain intact"

@@ -591,6 +591,7 @@ class VerificationResult:
     problems: list[str] = field(default_factory=list)
     last_seq: int = 0
     last_hash: str = GENESIS_HASH
+    notes: list[str] = field(default_factory=list)
 
 
 def parse_head(text: str) -> tuple[int, str]:
@@ -611,6 +612,11 @@ def verify_log(path: Path, *, kept_head: tuple[int, str] | None = None) -> Verif
     Reports edited records (hash mismatch), inserted, deleted or reordered records (seq gap or
     ``prev_hash`` mismatch), records removed from the end (head file beyond the last record),
     lines that are not JSON, and a missing log or head file where the other exists.
+
+    A writer that dies mid-write (a crash, ``kill -9``) leaves the start of a record line, and
+    the next writer continues the chain after it. Such a fragment is a note, not a problem, when
+    the chain continues unbroken around it (or it ends the log): no record was lost, and its
+    callers were never answered, since an answer waits for the write's fsync.
 
     Args:
         path: The prediction log.
@@ -651,18 +657,30 @@ def verify_log(path: Path, *, kept_head: tuple[int, str] | None = None) -> Verif
         if position is not None
     }
     hashes_at: dict[int, str] = {}
+    notes: list[str] = []
+    fragment: int | None = None  # line number of a possible interrupted write, not yet judged
     records, last_seq, last_hash = 0, 0, GENESIS_HASH
     with path.open("rb") as stream:
         for number, raw in enumerate(stream, start=1):
             text = raw.rstrip(b"\n")
+            if fragment is not None:
+                # Judged by what follows: the next record must continue the chain before it.
+                position = _chain_position(_parse_json_or_none(text))
+                if position is not None and position[:2] == (last_seq + 1, last_hash):
+                    notes.append(_interrupted_write(fragment, last_seq))
+                else:
+                    problems.append(f"line {fragment}: not JSON")
+                fragment = None
             if not text.strip():
                 problems.append(f"line {number}: empty line")
                 continue
             try:
                 line = _parse_json(text)
             except ValueError:
-                interrupted = "" if raw.endswith(b"\n") else " (an interrupted last write)"
-                problems.append(f"line {number}: not JSON{interrupted}")
+                if text.startswith(b"{"):
+                    fragment = number
+                else:
+                    problems.append(f"line {number}: not JSON")
                 continue
             position = _chain_position(line)
             if position is None:
@@ -701,6 +719,8 @@ def verify_log(path: Path, *, kept_head: tuple[int, str] | None = None) -> Verif
             if any(seq == position[0] for position in heads.values()):
                 hashes_at.setdefault(seq, digest)
             last_seq, last_hash = seq, digest
+    if fragment is not None:  # the last line: records it cut are caught by the heads below
+        notes.append(_interrupted_write(fragment, last_seq))
 
     for (name, what), (head_seq, head_hash) in heads.items():
         if head_seq > last_seq:
@@ -723,4 +743,19 @@ def verify_log(path: Path, *, kept_head: tuple[int, str] | None = None) -> Verif
         problems=problems,
         last_seq=last_seq,
         last_hash=last_hash,
+        notes=notes,
+    )
+
+
+def _parse_json_or_none(text: bytes) -> Any:
+    try:
+        return _parse_json(text)
+    except ValueError:
+        return None
+
+
+def _interrupted_write(number: int, last_seq: int) -> str:
+    return (
+        f"line {number}: the start of a record whose write was interrupted (a writer stopped "
+        f"mid-write); the chain continues intact after seq {last_seq}"
     )

@@ -21,6 +21,7 @@ from serving.prediction_log import (
     PredictionLog,
     PredictionLogError,
     PredictionRecord,
+    VerificationResult,
     head_path_for,
     verify_log,
 )
@@ -174,11 +175,11 @@ def _with_field(line: str, key: str, value: str) -> str:
             "line 3 (seq 3): the record was altered after it was written (hash mismatch)",
         ),
         (
-            lambda lines: lines.__setitem__(9, lines[9][:40]),
-            "line 10: not JSON (an interrupted last write)",
+            lambda lines: lines.__setitem__(2, lines[2][:40] + "\n"),
+            "line 3: not JSON",  # the start of a record that the chain does not skip
         ),
     ],
-    ids=["blank line", "not a record", "non-hex hash", "NaN score", "cut last line"],
+    ids=["blank line", "not a record", "non-hex hash", "NaN score", "cut record"],
 )
 def test_each_kind_of_damage_is_named(log_path: Path, tamper, problem: str) -> None:
     lines = _lines(log_path)
@@ -233,15 +234,63 @@ def test_a_writer_does_not_paper_over_a_truncated_log(log_path: Path) -> None:
 
 
 def test_a_writer_continues_after_an_interrupted_write(log_path: Path) -> None:
-    head_path_for(log_path).write_text(json.dumps({"seq": 9, "hash": "0" * 64}))
+    lines = _lines(log_path)
     with log_path.open("a") as stream:
-        stream.write('{"time": "2025-')  # a crash mid-line
+        stream.write(lines[-1][:57])  # a writer killed mid-line, before its fsync returned
+    _assert_interrupted(verify_log(log_path), line=11, after_seq=10)
+
     with PredictionLog(log_path) as log:
         stored = log.append(_record(11))
     assert stored["seq"] == 11
+    # The fragment stays where it was, and is told apart from tampering: no record is missing.
+    _assert_interrupted(verify_log(log_path), line=11, after_seq=10, records=11)
+
+
+def test_audit_verify_passes_an_interrupted_write_with_a_note(log_path: Path) -> None:
+    lines = _lines(log_path)
+    with log_path.open("a") as stream:
+        stream.write(lines[-1][:57])
+    with PredictionLog(log_path) as log:
+        log.append(_record(11))
+    result = CliRunner().invoke(app, ["audit", "verify", "--log", str(log_path)])
+    assert result.exit_code == 0, result.output
+    note, intact = result.stdout.splitlines()
+    assert note == (
+        f"{log_path}: note: line 11: the start of a record whose write was interrupted (a "
+        "writer stopped mid-write); the chain continues intact after seq 10"
+    )
+    assert intact.startswith(f"prediction log {log_path}: 11 records, hash chain intact; head 11:")
+
+
+def test_a_cut_last_record_is_a_cut_not_an_interrupted_write(log_path: Path) -> None:
+    lines = _lines(log_path)
+    log_path.write_text("".join(lines[:-1]) + lines[-1][:40])  # the head file names seq 10
     result = verify_log(log_path)
-    assert result.problems == ["line 11: not JSON"]
-    assert result.records == 11
+    assert result.problems == [
+        "predictions.jsonl.head.json records seq 10 but the last record is seq 9: "
+        "records were removed from the end of the log"
+    ]
+
+
+def test_a_fragment_the_chain_does_not_continue_around_is_a_problem(log_path: Path) -> None:
+    lines = _lines(log_path)
+    lines[4] = lines[4][:57] + "\n"  # seq 5, answered long ago, cut to the start of a record
+    log_path.write_text("".join(lines))
+    result = verify_log(log_path)
+    assert result.problems[0] == "line 5: not JSON"
+    assert "line 6: seq 6 where 5 was expected" in result.problems[1]
+    assert result.notes == []
+
+
+def _assert_interrupted(
+    result: VerificationResult, *, line: int, after_seq: int, records: int = 10
+) -> None:
+    assert result.ok, result.problems
+    assert result.records == records
+    assert result.notes == [
+        f"line {line}: the start of a record whose write was interrupted (a writer stopped "
+        f"mid-write); the chain continues intact after seq {after_seq}"
+    ]
 
 
 def test_append_async_group_commits_concurrent_callers(tmp_path: Path) -> None:
@@ -558,6 +607,14 @@ def test_a_missing_log_named_by_the_environment_or_state_dir_is_not_an_intact_lo
     result = runner.invoke(app, ["audit", "verify"])
     assert result.exit_code == 2
     assert "no such prediction log" in result.stderr and "$MEDSCREEN_STATE_DIR" in result.stderr
+
+    monkeypatch.setenv("MEDSCREEN_PREDICTION_LOG", str(tmp_path))
+    result = runner.invoke(app, ["audit", "verify"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"error: {tmp_path} is a directory, not a prediction log; the path is from "
+        "$MEDSCREEN_PREDICTION_LOG"
+    )
 
 
 def test_an_empty_log_prints_no_head_to_keep(tmp_path: Path) -> None:
