@@ -147,6 +147,26 @@ def test_promotion_needs_an_approver_a_reason_and_a_passed_gate(registered_model
     assert "--approver" in line
 
 
+def test_rollback_refuses_a_version_without_a_passed_gate(registered_model):
+    from training.registry import GovernanceError, promote, rollback
+
+    name, version = registered_model.model_name, registered_model.version
+    client = _client()
+    # An alias set around medscreen on a version registered around it (no release gate) ...
+    ungated = client.create_model_version(name, client.get_model_version(name, version).source)
+    client.set_registered_model_alias(name, "regional", ungated.version)
+    event = promote(name, version, alias="regional", approver="alice", reason="gated release")
+    assert event.previous_version == str(ungated.version)
+    # ... is not where a rollback may take it back to.
+    with pytest.raises(GovernanceError, match=f"version {ungated.version} has no passed release"):
+        rollback(name, alias="regional", approver="bob", reason="complaint")
+    assert str(client.get_registered_model(name).aliases["regional"]) == version
+    line = medscreen_error_line(
+        "models", "rollback", name, "--alias", "regional", "--approver", "bob", "--reason", "x"
+    )
+    assert "has no passed release gate" in line and "promote a version" in line
+
+
 def test_history_answers_which_version_held_an_alias_at_a_time(
     registered_model, second_float_version
 ):

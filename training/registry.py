@@ -599,16 +599,9 @@ def promote(
         raise GovernanceError(
             f"--to: {alias!r} is reserved by MLflow ('latest' and 'v<number>' name versions)"
         )
-    # Imported here: torch and onnx load with it, and history and repairs need neither.
-    from training.export import GATE_PASSED_TAG
-
     client = _client()
     model_version = _version(client, name, version)
-    if model_version.tags.get(GATE_PASSED_TAG) != "passed":
-        raise GovernanceError(
-            f"{name} version {version} has no passed release gate (tag {GATE_PASSED_TAG}); "
-            "register it with `medscreen export`"
-        )
+    _require_passed_gate(model_version, "register it with `medscreen export`")
     _repair_before_moving(client, name, notify)
     return _move_alias(
         client,
@@ -620,6 +613,18 @@ def promote(
         approver=approver,
         reason=reason,
     )
+
+
+def _require_passed_gate(model_version: ModelVersion, remedy: str) -> None:
+    """Refuse a version that did not pass its release gate, naming it and the remedy."""
+    # Imported here: torch and onnx load with it, and history and repairs need neither.
+    from training.export import GATE_PASSED_TAG
+
+    if model_version.tags.get(GATE_PASSED_TAG) != "passed":
+        raise GovernanceError(
+            f"{model_version.name} version {model_version.version} has no passed release gate "
+            f"(tag {GATE_PASSED_TAG}); {remedy}"
+        )
 
 
 def rollback(
@@ -636,8 +641,9 @@ def rollback(
     one line given to ``notify``.
 
     Raises:
-        GovernanceError: if the approval is incomplete, the alias has no earlier version,
-            another move of the alias is running, or MLflow refused the alias.
+        GovernanceError: if the approval is incomplete, the alias has no earlier version, that
+            version's release gate did not pass (an alias set outside medscreen, say), another
+            move of the alias is running, or MLflow refused the alias.
     """
     approver, reason = _validate_approval(approver, reason)
     client = _client()
@@ -652,6 +658,7 @@ def rollback(
             f"{events[-1].version}: it was moved outside medscreen; promote explicitly"
         )
     target = _version(client, name, events[-1].previous_version)
+    _require_passed_gate(target, f"promote a version with a passed gate to {alias!r} instead")
     return _move_alias(
         client,
         name,
