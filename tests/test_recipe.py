@@ -170,6 +170,12 @@ def test_train_cli_prints_one_line_naming_the_field():
             "model.network_params.act=bogus",
             "error: model.network_params: MONAI's DenseNet refused them: Unsupported option",
         ),
+        # A release-gate metric the run never logs failed only at export, after training.
+        (
+            "registration.minimum_metrics={test_auc: 0.9, test_sensitvity: 0.9}",
+            "field 'registration.minimum_metrics.test_sensitvity': not a metric that "
+            "image-screening runs log with higher being better; for example test_auc,",
+        ),
     ],
 )
 def test_values_that_would_fail_later_are_one_line_before_any_run(
@@ -189,6 +195,55 @@ def _runs_in(state: Path) -> str:
 
 
 ECG_RECIPE = PROJECT_ROOT / "training" / "recipes" / "ecg-full.yaml"
+
+
+@pytest.mark.parametrize(
+    ("recipe", "metric"),
+    [
+        (ECG_RECIPE, "test_auc"),  # an image metric: ECG runs report beats on validation records
+        (ECG_RECIPE, "val_V_loss"),
+        (QUICK_RECIPE, "val_S_sensitivity"),
+        (QUICK_RECIPE, "test_ece"),  # lower is better: a minimum would reward miscalibration
+        (QUICK_RECIPE, "train_loss"),
+        (QUICK_RECIPE, "test_AUC"),
+    ],
+)
+def test_a_release_gate_metric_runs_do_not_log_is_named(recipe: Path, metric: str):
+    with pytest.raises(RecipeError, match=f"field 'registration.minimum_metrics.{metric}': not a"):
+        load_recipe(recipe, [f"registration.minimum_metrics={{{metric}: 0.5}}"])
+
+
+# Logged, but no minimum of them means "good enough to release".
+NOT_GATE_METRICS = re.compile(
+    r".*_(loss|ece|ece_uncalibrated|ci_resamples|missed_beats|unannotated_detections)"
+    r"|threshold|temperature|best_epoch|val_sv_f1"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["image", "ecg"])
+def test_every_metric_runs_log_is_a_release_gate_metric_or_not_one_by_design(
+    which: str, request: pytest.FixtureRequest
+):
+    from mlflow.tracking import MlflowClient
+
+    from training.recipe import _check_gate_metrics
+
+    if which == "image":
+        recipe, result = request.getfixturevalue("trained_run")
+    else:
+        result = request.getfixturevalue("ecg_run")
+        recipe = load_recipe(ECG_RECIPE)
+    logged = MlflowClient().get_run(result.run_id).data.metrics
+    assert len(logged) > 20
+    refused = []
+    for name in logged:
+        try:
+            _check_gate_metrics(recipe.kind, {name: 0.0})
+        except ValueError:
+            refused.append(name)
+    assert [name for name in refused if not NOT_GATE_METRICS.fullmatch(name)] == []
+    assert len(refused) < len(logged) / 2
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import types
 import typing
 from pathlib import Path
@@ -327,6 +328,34 @@ class RegistrationSection(_Strict):
     )
 
 
+# Release-gate metrics: the run metrics of which a higher value is better, by recipe kind.
+# tests/test_recipe.py checks these against what the evaluation code really logs.
+_RATES = r"(auc|sensitivity|specificity|ppv|npv)"
+_IMAGE_GATE_METRIC = re.compile(
+    r"(selected_val|test(_site_[A-Za-z0-9_-]+)?)_(accuracy_at_threshold|cases|positives|"
+    rf"{_RATES}|{_RATES}_ci_(low|high))|(val|test)_accuracy|test_multiclass_auc|val_auc"
+)
+_ECG_GATE_METRIC = re.compile(
+    r"val(_served)?_([NSVFQ]_(sensitivity|ppv|beats)|accuracy)|selected_val_sv_f1"
+)
+_GATE_METRIC_EXAMPLES = {
+    "image-screening": "test_auc, test_sensitivity, test_specificity_ci_low, selected_val_ppv",
+    "ecg-monitoring": "val_V_sensitivity, val_S_ppv, val_served_V_ppv, selected_val_sv_f1",
+}
+
+
+def _check_gate_metrics(kind: str, minimums: dict[str, float]) -> None:
+    """Refuse a release-gate metric that runs of this kind never log (a typo, say)."""
+    grammar = _IMAGE_GATE_METRIC if kind == "image-screening" else _ECG_GATE_METRIC
+    for name in minimums:
+        if not grammar.fullmatch(name):
+            raise _FieldError(
+                f"registration.minimum_metrics.{name}",
+                f"not a metric that {kind} runs log with higher being better; "
+                f"for example {_GATE_METRIC_EXAMPLES[kind]}",
+            )
+
+
 class Recipe(_Strict):
     """A complete, validated recipe for an image screening task."""
 
@@ -352,6 +381,7 @@ class Recipe(_Strict):
             self.model.check_network_params()
         except _FieldError as error:
             raise _FieldError(f"model.{error.field}", str(error)) from None
+        _check_gate_metrics(self.kind, self.registration.minimum_metrics)
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -440,6 +470,7 @@ class EcgRecipe(_Strict):
                 "optimisation.channels_last",
                 "image recipes only (the beat network's convolutions are 1D); set it to false",
             )
+        _check_gate_metrics(self.kind, self.registration.minimum_metrics)
         return self
 
     def flat(self) -> dict[str, Any]:
