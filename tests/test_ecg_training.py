@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from datasets import DatasetError
-from tests.conftest import PROJECT_ROOT, medscreen_error_line
+from tests.conftest import PROJECT_ROOT, TINY_ECG, medscreen_error_line
 
 SUFFIXES = (".hea", ".dat", ".atr")
 ECG_RECIPE = PROJECT_ROOT / "training" / "recipes" / "ecg-full.yaml"
@@ -119,6 +119,57 @@ def test_ecg_evaluation_refuses_a_renamed_copy_of_a_training_record(
     for files in kept.values():
         for name, digest in files.items():
             assert digest == published[name], name
+
+
+def _records_with_a_flat_signal(shared_datasets: Path, directory: Path, flat: str, *others: str):
+    """Links to the shared records, and a copy of ``flat`` whose signal is all zeros.
+
+    Its annotated beats load (windows of zeros), but the detector finds no beat in it.
+    """
+    for record in (flat, *others):
+        for suffix in SUFFIXES:
+            (directory / f"{record}{suffix}").symlink_to(
+                shared_datasets / "mitdb" / f"{record}{suffix}"
+            )
+    signal = directory / f"{flat}.dat"
+    size = signal.stat().st_size
+    signal.unlink()
+    signal.write_bytes(bytes(size))
+    return signal
+
+
+def _run_count() -> int:
+    client = _client()  # the session's store, not MLflow's default in the working directory
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    return len(client.search_runs(experiments)) if experiments else 0
+
+
+def test_a_validation_record_the_detector_cannot_use_fails_before_the_run(
+    shared_datasets: Path, tmp_path: Path
+):
+    from training import load_recipe
+    from training.ecg import train_ecg
+
+    signal = _records_with_a_flat_signal(shared_datasets, tmp_path, "220", "106")
+    overrides = [*TINY_ECG, f"data.records_dir={tmp_path}", 'data.train_records=["106"]']
+    recipe = load_recipe(ECG_RECIPE, overrides)
+    runs = _run_count()
+    with pytest.raises(DatasetError, match=f"^{signal}: fewer than two beats detected"):
+        train_ecg(recipe, show_progress=False)
+    assert _run_count() == runs  # no run trained for minutes, then failed
+
+
+@pytest.mark.slow
+def test_an_evaluation_record_the_detector_cannot_use_fails_before_the_run(
+    ecg_run, shared_datasets: Path, tmp_path: Path
+):
+    from training.ecg import evaluate_ecg_records
+
+    signal = _records_with_a_flat_signal(shared_datasets, tmp_path, "119")
+    runs = _run_count()
+    with pytest.raises(DatasetError, match=f"^{signal}: fewer than two beats detected"):
+        evaluate_ecg_records(ecg_run.run_id, tmp_path, ["119"])
+    assert _run_count() == runs  # no FAILED evaluation run left under the training run
 
 
 def test_ecg_recipe_errors_are_one_line(shared_datasets: Path):

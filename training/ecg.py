@@ -34,6 +34,7 @@ from datasets.ecg import (
     NO_ANNOTATED_BEAT,
     SAMPLING_RATE_HZ,
     BeatSet,
+    MissedBeats,
     checked_records,
     load_beats,
     load_detected_beats,
@@ -327,14 +328,16 @@ def _log_evaluation(beats: BeatSet, probabilities: np.ndarray, prefix: str) -> d
 
 
 def _log_served_evaluation(
-    network: EcgNetwork, records_dir: Path, records: list[str], lead: str, prefix: str
+    network: EcgNetwork, detected: tuple[BeatSet, MissedBeats], prefix: str
 ) -> dict[str, float]:
     """Log the AAMI report on beats found as the service finds them (``{prefix}_served_*``).
 
     Training and selection use the annotated beats; the service detects its beats, and cuts
-    some (ventricular, mostly) elsewhere. This is what a hospital gets.
+    some (ventricular, mostly) elsewhere. This is what a hospital gets. ``detected`` is
+    :func:`load_detected_beats`' answer, loaded before the run starts so that a record the
+    detector cannot use is an error before training, not a failed run after it.
     """
-    beats, missed = load_detected_beats(records_dir, records, lead)
+    beats, missed = detected
     predicted = predict_beats(network, beats).argmax(axis=1)
     metrics = aami_report(beats.labels, predicted, f"{prefix}_served", missed.per_class())
     mlflow.log_metrics({key: value for key, value in metrics.items() if np.isfinite(value)})
@@ -368,6 +371,7 @@ def train_ecg(recipe: EcgRecipe, *, show_progress: bool = True) -> EcgTrainingRe
         recorded, recipe.data.synthetic_premature_per_record, recipe.seed
     )
     val = load_beats(records_dir, recipe.data.val_records, recipe.data.lead)
+    val_detected = load_detected_beats(records_dir, recipe.data.val_records, recipe.data.lead)
     counts = np.bincount(train.labels, minlength=len(AAMI_CLASSES))
     class_weights = None
     if recipe.optimisation.class_weighting == "balanced":
@@ -450,9 +454,7 @@ def train_ecg(recipe: EcgRecipe, *, show_progress: bool = True) -> EcgTrainingRe
             # val_sv_f1 is a per-epoch curve; the selected checkpoint's value is its own metric.
             mlflow.log_metric("selected_val_sv_f1", float(best.best_model_score))
         metrics = _log_evaluation(val, predict_beats(network, val), "val")
-        metrics |= _log_served_evaluation(
-            network, records_dir, recipe.data.val_records, recipe.data.lead, "val"
-        )
+        metrics |= _log_served_evaluation(network, val_detected, "val")
         with tempfile.TemporaryDirectory() as weights_dir:
             weights_path = Path(weights_dir) / Path(WEIGHTS_ARTIFACT).name
             torch.save(network.state_dict(), weights_path)
@@ -544,6 +546,7 @@ def evaluate_ecg_records(run_id: str, records_dir: Path, records: list[str]) -> 
         )
     overlap_check = _refuse_copies_of_seen_records(run_id, records_dir, records)
     beats = load_beats(records_dir, records, recipe.data.lead)
+    detected = load_detected_beats(records_dir, records, recipe.data.lead)
     with mlflow.start_run(
         experiment_id=run.info.experiment_id,
         run_name=f"evaluate {recipe.name} on {len(records)} records",
@@ -558,5 +561,5 @@ def evaluate_ecg_records(run_id: str, records_dir: Path, records: list[str]) -> 
     ) as evaluation:
         mlflow.log_params({"records": ",".join(records), "lead": recipe.data.lead})
         metrics = _log_evaluation(beats, predict_beats(network, beats), "eval")
-        metrics |= _log_served_evaluation(network, records_dir, records, recipe.data.lead, "eval")
+        metrics |= _log_served_evaluation(network, detected, "eval")
     return EcgTrainingResult(run_id=evaluation.info.run_id, metrics=metrics)
