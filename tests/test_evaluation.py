@@ -82,3 +82,17 @@ def test_patient_bootstrap_says_how_many_resamples_it_used():
     used = metric_intervals(truth, scores, 0.5, "t", groups=groups)["t_ci_resamples"]
     assert 500 < used < 1000
     assert "t_ci_resamples" not in metric_intervals(truth, scores, 0.5, "t")
+
+
+def test_patient_bootstrap_says_how_many_resamples_each_predictive_value_rests_on():
+    # Eight patients of three images; one image, of a negative patient, is called negative:
+    # NPV is defined only in the resamples that draw that patient (about two in three).
+    truth = np.repeat(np.arange(8) < 4, 3)
+    scores = np.linspace(0.31, 1, 24)[::-1].copy()
+    scores[-1] = 0.1
+    groups = np.repeat(np.arange(8).astype(str), 3)
+    flat = metric_intervals(truth, scores, 0.3, "t", groups=groups)
+    used = flat["t_ci_resamples"]
+    assert flat["t_ppv_ci_resamples"] == used  # every resample with both classes calls positives
+    assert 0.5 * used < flat["t_npv_ci_resamples"] < 0.8 * used
+    assert (flat["t_npv_ci_low"], flat["t_npv_ci_high"]) == (1.0, 1.0)  # one true negative call

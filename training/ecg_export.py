@@ -297,7 +297,8 @@ def export_ecg_and_register(run_id: str, *, records_dir: Path | None = None) -> 
         intervals_flat = metric_intervals(
             truth, scores, threshold, "selected_val", recipe.seed, groups=groups
         )
-        metrics["selected_val_ci_resamples"] = intervals_flat["selected_val_ci_resamples"]
+        for counted in ("ci_resamples", "ppv_ci_resamples", "npv_ci_resamples"):
+            metrics[f"selected_val_{counted}"] = intervals_flat[f"selected_val_{counted}"]
         intervals = {
             name.removesuffix("_ci_low"): (value, intervals_flat[f"{name[:-7]}_ci_high"])
             for name, value in intervals_flat.items()

@@ -154,11 +154,12 @@ def _cluster_bootstrap(
     resamples: int,
     seed: int,
     confidence: float,
-) -> tuple[dict[str, tuple[float, float]], int]:
+) -> tuple[dict[str, tuple[float, float]], dict[str, int]]:
     """Percentile intervals resampling whole groups (patients), not single images.
 
-    Resamples that hold one class only are skipped; how many were used is returned with the
-    intervals, so that a report can say so.
+    Resamples that hold one class only are skipped, and PPV (NPV) is undefined in a resample
+    with no positive (negative) call; how many resamples each interval rests on is returned
+    with the intervals, so that a report can say so.
     """
     rng = np.random.default_rng(seed)
     names, members = np.unique(groups, return_inverse=True)
@@ -173,15 +174,16 @@ def _cluster_bootstrap(
             continue
         samples["auc"].append(roc_auc_score(sample_truth, sample_scores))
         for name, value in _rates(sample_truth, sample_scores >= threshold).items():
-            samples[name].append(value)
+            if np.isfinite(value):
+                samples[name].append(value)
     tail = (1 - confidence) / 2 * 100
     intervals = {
-        name: tuple(float(v) for v in np.nanpercentile(values, [tail, 100 - tail]))
+        name: tuple(float(v) for v in np.percentile(values, [tail, 100 - tail]))
         if values
         else (float("nan"), float("nan"))
         for name, values in samples.items()
     }
-    return intervals, len(samples["auc"])
+    return intervals, {name: len(values) for name, values in samples.items()}
 
 
 def metric_intervals(
@@ -200,14 +202,18 @@ def metric_intervals(
 
     Returns:
         ``{prefix}_{metric}_ci_low`` and ``..._ci_high`` for each metric; with ``groups`` also
-        ``{prefix}_ci_resamples``, the resamples used of 1000 (those with both classes).
+        ``{prefix}_ci_resamples``, the resamples used of 1000 (those with both classes), and
+        ``{prefix}_ppv_ci_resamples`` and ``{prefix}_npv_ci_resamples``, those of them with a
+        positive and a negative call (where PPV and NPV are defined).
     """
     flat: dict[str, float] = {}
     if groups is not None:
         intervals, used = _cluster_bootstrap(
             truth, scores, threshold, groups, resamples=1000, seed=seed, confidence=0.95
         )
-        flat[f"{prefix}_ci_resamples"] = float(used)
+        flat[f"{prefix}_ci_resamples"] = float(used["auc"])
+        for name in ("ppv", "npv"):
+            flat[f"{prefix}_{name}_ci_resamples"] = float(used[name])
     else:
         tp, fp, fn, tn = _counts(truth, scores >= threshold)
         intervals = {
