@@ -40,6 +40,10 @@ DS2_RECORDS = (
     "100", "103", "105", "111", "113", "117", "121", "123", "200", "202", "210", "212",
     "213", "214", "219", "221", "222", "228", "231", "232", "233", "234",
 )  # fmt: skip
+# Records of one subject (PhysioNet's MIT-BIH directory: "Records 201 and 202 came from the
+# same male subject"). The inter-patient split keeps them apart by record only: 201 is in DS1,
+# 202 in DS2.
+SAME_SUBJECT_RECORDS = (frozenset({"201", "202"}),)
 SAMPLING_RATE_HZ = 360
 # A record is named as in its directory (118), never by a path: "./118" would otherwise pass
 # as a record that no recipe lists.
@@ -165,6 +169,17 @@ def check_record_names(records: Sequence[str]) -> list[str]:
 
 
 RECORD_FILE_SUFFIXES = (".hea", ".dat", ".atr")
+
+
+def same_subject_pairs(evaluated: Sequence[str], seen: Sequence[str]) -> list[tuple[str, str]]:
+    """``(evaluated, seen)`` pairs of different MIT-BIH records from one subject."""
+    return [
+        (record, other)
+        for record in evaluated
+        for group in SAME_SUBJECT_RECORDS
+        if record in group
+        for other in sorted(group & set(seen) - {record})
+    ]
 
 
 def record_file_digests(records_dir: Path, records: Sequence[str]) -> dict[str, dict[str, str]]:

@@ -90,6 +90,39 @@ def test_ecg_evaluation_on_unseen_records_is_a_linked_run(ecg_run, shared_datase
     assert run.data.tags["medscreen.overlap_check"].startswith(
         "passed: no record has a signal or annotation file"
     )
+    assert run.data.tags["medscreen.same_subject_check"] == (
+        "none of the records is from a subject of a record the run saw"
+    )
+
+
+def test_records_of_one_subject_are_paired():
+    from datasets.ecg import DS1_RECORDS, DS2_RECORDS, same_subject_pairs
+
+    assert same_subject_pairs(DS2_RECORDS, DS1_RECORDS) == [("202", "201")]
+    assert same_subject_pairs(["201", "100"], ["202", "118"]) == [("201", "202")]
+    assert same_subject_pairs(["202"], ["202", "118"]) == []  # the same record is refused elsewhere
+
+
+@pytest.mark.slow
+def test_ecg_evaluation_tags_and_warns_of_a_record_from_a_subject_the_run_saw(
+    shared_datasets: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    from training import load_recipe
+    from training.ecg import evaluate_ecg_records, train_ecg
+
+    overrides = [*TINY_ECG, f"data.records_dir={shared_datasets / 'mitdb'}"]
+    overrides += ['data.train_records=["106"]', 'data.val_records=["201"]']
+    run_id = train_ecg(load_recipe(ECG_RECIPE, overrides), show_progress=False).run_id
+    # DS2's 202 is not here; record 119 stands in for it under that name.
+    source = shared_datasets / "mitdb" / "119"
+    for suffix in (".dat", ".atr"):
+        (tmp_path / f"202{suffix}").write_bytes(source.with_suffix(suffix).read_bytes())
+    (tmp_path / "202.hea").write_text(source.with_suffix(".hea").read_text().replace("119", "202"))
+    with caplog.at_level("WARNING", logger="training.ecg"):
+        result = evaluate_ecg_records(run_id, tmp_path, ["202"])
+    said = "record 202 is from the subject of record 201, which the run trained or selected on"
+    assert _client().get_run(result.run_id).data.tags["medscreen.same_subject_check"] == said
+    assert said in caplog.text
 
 
 def test_ecg_evaluation_refuses_a_renamed_copy_of_a_training_record(

@@ -9,6 +9,7 @@ Models are selected on validation records of DS1 only; DS2 is for evaluation.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from datasets.ecg import (
     published_checksum_summary,
     record_digest,
     record_file_digests,
+    same_subject_pairs,
 )
 from training.evaluate import OVERLAP_CHECK_TAG
 from training.models import LogitAverage, logits_per_member
@@ -57,9 +59,13 @@ from training.train import (
     read_run_json,
 )
 
+logger = logging.getLogger(__name__)
+
 ECG_DIR_ENV = "MEDSCREEN_ECG_DIR"
 # Whether the records matched the checksum list published with them (PhysioNet's SHA256SUMS).
 PUBLISHED_CHECKSUMS_TAG = "medscreen.data.published_checksums"
+# Whether an evaluated record shares its subject with a record the run saw (MIT-BIH 201, 202).
+SAME_SUBJECT_TAG = "medscreen.same_subject_check"
 MAX_CLASS_WEIGHT = 50.0  # Q has 8 beats in DS1: an uncapped inverse frequency swamps the loss
 
 
@@ -545,6 +551,15 @@ def evaluate_ecg_records(run_id: str, records_dir: Path, records: list[str]) -> 
             f"run {run_id}; evaluate on records it has never seen"
         )
     overlap_check = _refuse_copies_of_seen_records(run_id, records_dir, records)
+    same_subject = "none of the records is from a subject of a record the run saw"
+    if pairs := same_subject_pairs(records, sorted(seen)):
+        # Not refused: the standard inter-patient split itself holds such a pair (201, 202).
+        same_subject = "; ".join(
+            f"record {record} is from the subject of record {other}, which the run trained or "
+            "selected on"
+            for record, other in pairs
+        )
+        logger.warning("evaluation of run %s: %s", run_id, same_subject)
     beats = load_beats(records_dir, records, recipe.data.lead)
     detected = load_detected_beats(records_dir, records, recipe.data.lead)
     with mlflow.start_run(
@@ -556,6 +571,7 @@ def evaluate_ecg_records(run_id: str, records_dir: Path, records: list[str]) -> 
             "medscreen.data.eval.fingerprint": beats.fingerprint,
             PUBLISHED_CHECKSUMS_TAG: published_checksum_summary(records_dir, records),
             OVERLAP_CHECK_TAG: overlap_check,
+            SAME_SUBJECT_TAG: same_subject,
             **provenance(),
         },
     ) as evaluation:
