@@ -344,10 +344,14 @@ def _read_dicom(data: bytes) -> tuple[np.ndarray, float]:
                 "truncated or corrupt; send the whole file"
             )
         if "Rows" in dataset and "Columns" in dataset:
-            # An image whose pixels are missing: most likely cut between two elements.
+            # An image whose pixels are missing: most likely cut between two elements. Only
+            # numbers are shown: a crafted file can hold a patient's name in any element.
+            rows, columns = dataset.get("Rows"), dataset.get("Columns")
+            counts = all(type(value) is int for value in (rows, columns))
+            image = f"a {rows} x {columns} image" if counts else "an image"
             raise ImageDecodeError(
-                f"the DICOM file describes a {dataset.Rows} x {dataset.Columns} image but holds "
-                "no pixel data: it is truncated or corrupt; send the whole file"
+                f"the DICOM file describes {image} but holds no pixel data: it is truncated or "
+                "corrupt; send the whole file"
             )
         if "WaveformSequence" in dataset:
             raise ImageDecodeError(

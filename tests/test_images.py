@@ -142,6 +142,21 @@ def test_waveform_dicom_is_a_422_pointing_to_the_monitor_route(shared_datasets: 
     assert "POST /v1/monitor/dicom" in str(failure.value)
 
 
+def test_a_dicom_without_pixels_shows_only_numbers_of_its_size(shared_datasets: Path):
+    from pydicom.dataelem import DataElement
+
+    dataset = pydicom.dcmread(shared_datasets / DICOM_DIR / "pydicom_CT_small.dcm")
+    del dataset.PixelData
+    with pytest.raises(ImageDecodeError, match="describes a 128 x 128 image but holds no pixel"):
+        decode_image(dataset_bytes(dataset), **INPUT_28)
+    # A crafted file can put a name anywhere; an error message reaches the prediction log.
+    dataset[0x00280010] = DataElement(0x00280010, "LO", "DOE^JOHN MRN12345")
+    with pytest.raises(ImageDecodeError) as failure:
+        decode_image(dataset_bytes(dataset), **INPUT_28)
+    assert str(failure.value).startswith("the DICOM file describes an image but holds no pixel")
+    assert "DOE" not in str(failure.value)
+
+
 def test_truncated_pixel_data_is_a_422(shared_datasets: Path):
     with pytest.raises(ImageDecodeError, match="pixel data cannot be decoded") as failure:
         decode_image(dicom_file(shared_datasets, "pydicom_MR_truncated.dcm"), **INPUT_28)
