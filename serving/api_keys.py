@@ -437,9 +437,12 @@ class KeyStore:
         """
         if key.grants(model_name):
             return
+        from serving.errors import shown  # imports the decoders: only a refusal needs it
+
+        requested = shown(model_name)  # the client's text: cut, and quoted for the log's mask
         raise AuthError(
             HTTPStatus.FORBIDDEN,
             f"API key {key.key_id} of {key.hospital} ({key.region}) is not granted model "
-            f"{model_name!r}; it is granted: {', '.join(key.models)}. Ask the service operator "
-            f"for a key granted {model_name!r}",
+            f"{requested}; it is granted: {', '.join(key.models)}. Ask the service operator "
+            f"for a key granted {requested}",
         )

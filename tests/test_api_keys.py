@@ -83,6 +83,11 @@ def test_a_model_the_key_does_not_grant_is_403_naming_what_is_granted(store: Key
         with pytest.raises(AuthError) as caught:
             store.authorise(store.authenticate(plaintext), other)
         assert caught.value.status == HTTPStatus.FORBIDDEN
+    # A client's name is cut, as everywhere else: echoed twice, 10 MB made a 20 MB answer.
+    with pytest.raises(AuthError) as caught:
+        store.authorise(store.authenticate(plaintext), "A" * 10_000_000)
+    assert caught.value.message.count(f"'{'A' * 64}...'") == 2
+    assert len(caught.value.message) < 400
 
 
 def test_star_grants_every_model(store: KeyStore) -> None:
