@@ -406,10 +406,11 @@ def _read_dicom(data: bytes) -> tuple[np.ndarray, float]:
             ) from error
         displayed = np.asarray(displayed)
         bits_stored = int(dataset.get("BitsStored", 8) or 8)
-        if displayed is pixels and pixels.dtype == np.uint8 and 1 <= bits_stored < 8:
+        few_bits = pixels.dtype == np.uint8 and 1 <= bits_stored < 8
+        if few_bits and (displayed is pixels or np.array_equal(displayed, pixels)):
             # Fewer bits than a byte (a 1-bit mask), with no LUT or window (those give their
-            # own output range): spread over 0-255, as Pillow does for PNG; a 1-bit picture
-            # would otherwise arrive as 0 and 1.
+            # own output range) or an identity one: spread over 0-255, as Pillow does for PNG;
+            # a 1-bit picture would otherwise arrive as 0 and 1.
             full_scale = (1 << bits_stored) - 1
             levels = np.minimum(displayed, full_scale).astype(np.uint16)
             scaled, gain = (levels * 255 // full_scale).astype(np.uint8), 1.0
@@ -424,9 +425,12 @@ def _read_dicom(data: bytes) -> tuple[np.ndarray, float]:
         # All zeros after scaling means one displayed value: a window far outside the stored
         # values, which would otherwise be scored as a blank picture.
         if not scaled.any() and pixels.min() != pixels.max():
+            if np.ptp(np.asarray(apply_modality_lut(pixels, dataset))) == 0:
+                settings = "modality settings (RescaleSlope, or the modality LUT)"
+            else:
+                settings = "display settings (WindowCenter and WindowWidth, or the VOI LUT)"
             raise ImageDecodeError(
-                "the DICOM display settings (window or VOI LUT) map every pixel to one value; "
-                "check WindowCenter and WindowWidth",
+                f"the DICOM {settings} map every pixel to one value; check them",
                 HTTPStatus.UNPROCESSABLE_ENTITY,
             )
         return (255 - scaled if photometric == "MONOCHROME1" else scaled), gain

@@ -228,6 +228,12 @@ def ecg_from_json(payload: dict) -> EcgSignal:
     lead = check_lead_name(lead, "field 'lead'")
     if not isinstance(samples, list):
         raise _unprocessable("field 'samples' must be a list of numbers (millivolts)")
+    if samples and isinstance(samples[0], list):
+        # Before the length, which counts the inner lists: "0.00 s of signal" misled.
+        raise _unprocessable(
+            "field 'samples' is a list of lists; send one lead's samples as a flat list of "
+            "numbers (millivolts), not nested in another list"
+        )
     # Length first: a too-long list is refused before looking at every value.
     _check_duration(len(samples), rate, "field 'samples'")
     not_number = next((i for i, v in enumerate(samples) if not _is_number(v)), None)

@@ -287,7 +287,20 @@ def test_a_window_that_blanks_the_picture_is_a_422(shared_datasets: Path):
     dataset = pydicom.dcmread(shared_datasets / DICOM_DIR / "pydicom_CT_small.dcm")
     dataset.WindowCenter, dataset.WindowWidth = -1e6, 10  # every pixel above the window
     status, message = _status_of(dataset_bytes(dataset))
-    assert status == HTTPStatus.UNPROCESSABLE_ENTITY and "map every pixel to one value" in message
+    assert status == HTTPStatus.UNPROCESSABLE_ENTITY
+    assert message == (
+        "the DICOM display settings (WindowCenter and WindowWidth, or the VOI LUT) map every "
+        "pixel to one value; check them"
+    )
+    # A rescale slope of 0, in a file with no window: the message names the slope.
+    dataset = pydicom.dcmread(shared_datasets / DICOM_DIR / "pydicom_CT_small.dcm")
+    for name in ("WindowCenter", "WindowWidth"):
+        if name in dataset:
+            delattr(dataset, name)
+    dataset.RescaleSlope = 0
+    status, message = _status_of(dataset_bytes(dataset))
+    assert status == HTTPStatus.UNPROCESSABLE_ENTITY
+    assert message.startswith("the DICOM modality settings (RescaleSlope, or the modality LUT)")
 
 
 def test_compressed_codestream_larger_than_declared_is_refused_before_decoding():
@@ -318,6 +331,14 @@ def test_one_bit_dicom_is_spread_over_the_grey_levels_as_png_is():
     # picture as nearly blank.
     np.testing.assert_array_equal(dicom.pixels, decode_image(png.getvalue(), **INPUT_28).pixels)
     assert dicom.pixels.max() == 255
+    # An identity rescale (slope 1, intercept 0) changes nothing: before, it made the mask a
+    # picture of values 0 and 1, refused as nearly blank.
+    dataset = pydicom.dcmread(
+        io.BytesIO(grayscale_dicom(64, 64, 1, packed, ExplicitVRLittleEndian))
+    )
+    dataset.RescaleSlope, dataset.RescaleIntercept, dataset.RescaleType = 1, 0, "US"
+    rescaled = decode_image(dataset_bytes(dataset), refuse_blank=True, **INPUT_28)
+    np.testing.assert_array_equal(rescaled.pixels, dicom.pixels)
 
 
 def test_sixteen_bit_picture_crushed_by_one_saturated_pixel_is_a_422():

@@ -210,6 +210,8 @@ def body(samples: object = TEN_SECONDS, rate: object = 360, lead: object = "II")
         (body(lead=""), 422, "'lead'"),
         (body(lead=2), 422, "'lead'"),
         (body(samples="0,1,2"), 422, "'samples' must be a list"),
+        # Not "0.00 s of signal (1 samples)": the samples are there, one list too deep.
+        (body(samples=[TEN_SECONDS]), 422, "'samples' is a list of lists; send one lead's"),
         (body(samples=[*TEN_SECONDS[:5], "0.1", *TEN_SECONDS[6:]]), 422, r"\[5\] is not a number"),
         (
             body(samples=[*TEN_SECONDS[:7], float("nan"), *TEN_SECONDS[8:]]),
