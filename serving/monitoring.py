@@ -42,7 +42,8 @@ def monitoring_answer(
     """
     classes = model.card.classes
     predicted = probabilities.argmax(axis=1)
-    ectopic = model.positive_probability(probabilities)
+    # In float64, as each beat shows it: compared in float32, the threshold was rounded too.
+    ectopic = model.positive_probability(probabilities).astype(np.float64)
     alerts = ectopic >= model.threshold
     counts = {name: int((predicted == index).sum()) for index, name in enumerate(classes)}
     ventricular = classes.index("V") if "V" in classes else None
@@ -104,7 +105,8 @@ def monitoring_answer(
                 "sample": int(sample),
                 "class": classes[int(index)],
                 "probability": round(float(row[index]), 6),
-                "ectopic_probability": round(float(score), 6),
+                # Unrounded: rounded, a score just over the threshold read as under it.
+                "ectopic_probability": float(score),
                 "alert": bool(alert),
             }
             for time_s, sample, index, row, score, alert in zip(

@@ -387,6 +387,37 @@ def test_ecg_dicom_waveform_and_bad_ecg_input(
     assert response.status_code == 422 and "/v1/monitor" in response.json()["error"]
 
 
+def test_a_beat_alerts_exactly_when_its_ectopic_probability_reaches_the_threshold(
+    served_model, ecg_model
+):
+    from datasets.waveforms import EcgBeats
+    from serving.model import load_served_model
+    from serving.monitoring import monitoring_answer
+
+    model = load_served_model(f"{ecg_model.model_name}@candidate")  # as the service loads it
+    # A threshold just over a multiple of 1e-6, where a score rounded to 6 decimals falls under.
+    point = model.card.operating_point.model_copy(update={"threshold": 0.4300001})
+    model.card = model.card.model_copy(update={"operating_point": point})
+    classes = list(model.card.classes)
+    # Ectopic (S + V) probabilities a hair under, at and over the threshold, as float32 gives.
+    ectopic = np.array([0.4299999, 0.4300001, 0.4300003], np.float32)
+    probabilities = np.zeros((3, len(classes)), np.float32)
+    probabilities[:, classes.index("N")] = 1 - ectopic
+    probabilities[:, classes.index("V")] = ectopic
+    beats = EcgBeats(
+        windows=np.zeros((3, 1, 256), np.float32),
+        templates=np.zeros((3, 1, 256), np.float32),
+        rr_seconds=np.ones((3, 4), np.float32),
+        peak_samples=np.array([0, 360, 720]),
+        peak_times_s=np.array([0.0, 1.0, 2.0]),
+        signal_kurtosis=10.0,
+    )
+    answer, _, _ = monitoring_answer(model, beats, probabilities)
+    for beat in answer["beats"]:
+        assert beat["alert"] == (beat["ectopic_probability"] >= answer["threshold"]), beat
+    assert [answer["beats"][index]["alert"] for index in (0, 2)] == [False, True]
+
+
 def test_a_field_the_route_does_not_take_is_refused_not_ignored(
     served_model, service_keys, registered_model, shared_datasets: Path
 ):
