@@ -41,7 +41,7 @@ from typing import Any
 import bentoml
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from PIL import Image
 from pydantic import BaseModel
@@ -220,6 +220,9 @@ _UNMATCHED_LABEL = "unmatched"
 _REAL_PATH = "medscreen.path"  # the scope key that carries the path past the metrics middleware
 # BentoML's own routes besides /metrics (the index page and its OpenAPI documents, the probes).
 _BENTOML_PATHS = frozenset({"/", "/docs.json", "/schema.json", "/livez", "/healthz", "/readyz"})
+# BentoML's index page loads Google Tag Manager in a browser on the hospital's network, and its
+# OpenAPI document has no key scheme: ours replace them.
+_OUR_PAGES = {"/": "/v1/docs", "/docs.json": "/v1/openapi.json"}
 
 
 class RouteLabelledMetrics:
@@ -259,6 +262,12 @@ class RouteLabelledMetrics:
 
     async def _with_real_path(self, scope: dict, receive: Any, send: Any) -> None:
         scope["path"] = scope.pop(_REAL_PATH)  # the copy made above; the label is taken by now
+        ours = _OUR_PAGES.get(scope["path"])
+        if ours is not None and scope["method"] in ("GET", "HEAD"):
+            await RedirectResponse(ours, status_code=HTTPStatus.TEMPORARY_REDIRECT)(
+                scope, receive, send
+            )
+            return
         await self.app(scope, receive, send)
 
     async def _metrics(self, scope: dict) -> Response:
@@ -382,11 +391,30 @@ async def _multipart(
         )
     try:
         _check_known_fields(route, form.keys(), accepted)
+        for name, value in form.multi_items():
+            if name != "file" and not isinstance(value, str):
+                # Dropped, a model or lead sent as a file would fall back to the default.
+                raise RequestError(
+                    f"field {name!r} arrived as a file part: send it as a text field (its "
+                    "Content-Disposition without a filename)",
+                    HTTPStatus.UNPROCESSABLE_ENTITY,
+                )
         data = await upload.read()
     finally:
         await form.close()
     fields = {name: value for name, value in form.items() if isinstance(value, str)}
     return data, fields
+
+
+def _check_no_query(request: Request, route: str) -> None:
+    """Refuse a query string: ``?model=`` or ``?lead=`` would be ignored for the defaults."""
+    if request.scope.get("query_string"):
+        names = sorted({name for name, _ in request.query_params.multi_items()})
+        raise RequestError(
+            f"{route} takes no query parameters (got "
+            f"{shown(names[0]) if names else 'a query string'}): send every field in the body",
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+        )
 
 
 def _check_known_fields(route: str, given: Iterable[str], accepted: tuple[str, ...]) -> None:
@@ -772,6 +800,7 @@ class Screening:
     ) -> JSONResponse:
         async def predict(exchange: _Exchange) -> JSONResponse:
             self._authenticate(request, exchange)
+            _check_no_query(request, route)
             served, decoded = await decode(exchange)
             exchange.input_format = decoded.source_format
             model = served.model
@@ -817,6 +846,7 @@ class Screening:
     ) -> JSONResponse:
         async def predict(exchange: _Exchange) -> JSONResponse:
             self._authenticate(request, exchange)
+            _check_no_query(request, route)
             served, beats = await decode(exchange)
             model = served.model
             feeds = dict(

@@ -464,6 +464,50 @@ def test_a_field_the_route_does_not_take_is_refused_not_ignored(
         assert "Jane" not in record["error"] and "leed" not in record["error"]  # masked
 
 
+def test_a_field_sent_as_a_file_or_in_the_query_is_refused_not_ignored(
+    served_model, service_keys, registered_model, shared_datasets: Path
+):
+    # Ignored, the model or lead would have fallen back to the key's model or the model's lead.
+    waveform = (shared_datasets / "dicom" / "pydicom_waveform_ecg.dcm").read_bytes()
+    picture = _png((np.arange(28 * 28).reshape(28, 28) % 251).astype(np.uint8))
+    name = registered_model.model_name
+    cases = [
+        (
+            "/v1/screen",
+            {"files": {"file": ("x.png", picture), "model": ("m.txt", name.encode())}},
+            "field 'model' arrived as a file part: send it as a text field",
+        ),
+        (
+            "/v1/monitor/dicom",
+            {"files": {"file": ("ecg.dcm", waveform), "lead": ("lead.txt", b"V1")}},
+            "field 'lead' arrived as a file part: send it as a text field",
+        ),
+        (
+            "/v1/screen?model=Jane%20Doe",
+            {"files": {"file": ("x.png", picture)}},
+            "/v1/screen takes no query parameters (got 'model'): send every field in the body",
+        ),
+        (
+            "/v1/monitor/dicom?lead=V1",
+            {"files": {"file": ("ecg.dcm", waveform)}},
+            "/v1/monitor/dicom takes no query parameters (got 'lead')",
+        ),
+        (
+            "/v1/screen/array?" + name,
+            {"json": {"array": [[7] * 28] * 28}},
+            f"/v1/screen/array takes no query parameters (got '{name}')",
+        ),
+    ]
+    for route, body, message in cases:
+        response = requests.post(
+            f"{served_model.url}{route}", headers=_auth(service_keys.all_models), timeout=60, **body
+        )
+        assert response.status_code == 422, (route, response.text)
+        assert message in ErrorAnswer.model_validate(response.json()).error, response.text
+        (record,) = [r for r in _log_records() if r["request_id"] == response.json()["request_id"]]
+        assert record["outcome"] == "failed" and "Jane" not in record["error"]
+
+
 def _jpeg_ls_dicom(shared_datasets: Path) -> bytes:
     """A CT slice re-labelled JPEG-LS: a transfer syntax this service has no decoder for."""
     from pydicom.encaps import encapsulate
@@ -778,6 +822,13 @@ def test_health_and_metrics_endpoints_stay_on(served_model):
     assert requests.get(f"{served_model.url}/livez", timeout=10).status_code == 200
     metrics = requests.get(f"{served_model.url}/metrics", timeout=10)
     assert metrics.status_code == 200 and "bentoml_service_request" in metrics.text
+    # BentoML's index page (it loads Google Tag Manager) and its key-less OpenAPI: ours instead.
+    for page, ours in (("/", "/v1/docs"), ("/docs.json", "/v1/openapi.json")):
+        moved = requests.get(f"{served_model.url}{page}", timeout=10, allow_redirects=False)
+        assert (moved.status_code, moved.headers["location"]) == (307, ours), moved.text
+        followed = requests.get(f"{served_model.url}{page}", timeout=10)
+        assert followed.status_code == 200 and "googletagmanager" not in followed.text
+    assert "bearer" in json.dumps(requests.get(f"{served_model.url}/docs.json", timeout=10).json())
 
 
 def test_predict_cli_prints_the_answer(
