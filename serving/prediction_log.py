@@ -51,6 +51,46 @@ _HEX64 = r"^[0-9a-f]{64}$"
 _MAX_TAIL_BYTES = 1 << 20
 
 
+# The field by which the first record after a crash commits to the lines the crash left.
+INTERRUPTED_WRITE_FIELD = "after_interrupted_write"
+# What a writer killed mid-write leaves: the start of a record line (canonical ASCII JSON).
+_TORN_LINE = re.compile(rb'\{"[\x20-\x7e]*')
+
+
+def interrupted_write_commitment(left: bytes) -> dict[str, int | str]:
+    """What a record says of the lines a crash left before it: their count and SHA-256."""
+    return {"lines": left.count(b"\n") + 1, "sha256": hashlib.sha256(left).hexdigest()}
+
+
+def _last_record(descriptor: int, size: int) -> tuple[tuple[int, str, str] | None, bytes]:
+    """The last chained record of the file's tail, and the bytes after its line.
+
+    ``(None, b"")`` if no record is within :data:`_MAX_TAIL_BYTES` of the end.
+    """
+    buffer, start = b"", size
+    while True:
+        end = len(buffer)
+        while True:
+            newline = buffer.rfind(b"\n", 0, end)
+            if newline < 0 and start > 0:
+                break  # the piece may go on before the buffer: read further back
+            piece = buffer[newline + 1 : end]
+            if piece:
+                with contextlib.suppress(ValueError):
+                    position = _chain_position(_parse_json(piece))
+                    if position is not None:
+                        # A record cut just before its newline is whole: nothing after it.
+                        return position, buffer[end + 1 :]
+            if newline < 0:
+                return None, b""
+            end = newline
+        if start == 0 or size - start >= _MAX_TAIL_BYTES:
+            return None, b""
+        step = min(65536, start)
+        start -= step
+        buffer = os.pread(descriptor, step, start) + buffer
+
+
 def _require_record(record: object) -> None:
     """Only the closed schema is ever written: a plain dict could carry anything."""
     if not isinstance(record, PredictionRecord):
@@ -294,6 +334,8 @@ class PredictionLog:
         self._seq = 0
         self._hash = GENESIS_HASH
         self._needs_newline = False
+        # What a killed writer left after the last record: the next record commits to it.
+        self._interrupted: dict[str, int | str] | None = None
 
     def check_writable(self) -> None:
         """Check, before a service starts, that records can be appended here.
@@ -352,27 +394,21 @@ class PredictionLog:
     def _resume(self, descriptor: int, size: int) -> None:
         """Continue the chain after whatever is in the file (another process may have written).
 
-        Takes the latest of the last complete line, the head file and this process's own last
-        commit, so that a log truncated, emptied or deleted behind the writer's back shows up
-        as a seq gap instead of being silently re-chained.
+        Takes the latest of the last record in the file, the head file and this process's own
+        last commit, so that a log truncated, emptied or deleted behind the writer's back shows
+        up as a seq gap instead of being silently re-chained. Lines after the last record are
+        what a writer killed mid-write left (one per crash): the next record commits to them.
         """
         # Listed first, this process's own commit wins a tie: another worker that never saw the
         # records cut behind its back may have written the same seq since.
         candidates: list[tuple[int, str]] = [(self._seq, self._hash)] if self._seq else []
         self._needs_newline = size > 0 and os.pread(descriptor, 1, size - 1) != b"\n"
-        buffer, start = b"", size
-        while start > 0 and buffer.count(b"\n") < 2 and size - start < _MAX_TAIL_BYTES:
-            step = min(65536, start)
-            start -= step
-            buffer = os.pread(descriptor, step, start) + buffer
-        lines = buffer.split(b"\n")
-        # The second-to-last piece is a complete line when a newline precedes it (or it starts
-        # the file); the last piece is empty or an interrupted write.
-        if len(lines) >= 2 and (len(lines) >= 3 or start == 0):
-            with contextlib.suppress(ValueError):
-                position = _chain_position(_parse_json(lines[-2]))
-                if position is not None:
-                    candidates.append((position[0], position[2]))
+        self._interrupted = None
+        position, after = _last_record(descriptor, size)
+        if position is not None:
+            candidates.append((position[0], position[2]))
+            if after:
+                self._interrupted = interrupted_write_commitment(after.removesuffix(b"\n"))
         head, _ = _read_head(self.head_path)
         if head is not None:
             candidates.append(head)
@@ -399,6 +435,8 @@ class PredictionLog:
             for record in records:
                 seq += 1
                 line = record.model_dump(mode="json")
+                if self._interrupted is not None and not stored:
+                    line[INTERRUPTED_WRITE_FIELD] = self._interrupted
                 line["seq"] = seq
                 line["prev_hash"] = previous
                 previous = line["hash"] = chain_hash(previous, line)
@@ -417,6 +455,7 @@ class PredictionLog:
                 raise
             self._known_size = size + len(data)
             self._seq, self._hash, self._needs_newline = seq, previous, False
+            self._interrupted = None
             # No directory fsync: a head lost in a crash is merely behind, which verify accepts;
             # the file fsync still guarantees a head that survives is complete.
             self._head_due = True
@@ -613,10 +652,12 @@ def verify_log(path: Path, *, kept_head: tuple[int, str] | None = None) -> Verif
     ``prev_hash`` mismatch), records removed from the end (head file beyond the last record),
     lines that are not JSON, and a missing log or head file where the other exists.
 
-    A writer that dies mid-write (a crash, ``kill -9``) leaves the start of a record line, and
-    the next writer continues the chain after it. Such a fragment is a note, not a problem, when
-    the chain continues unbroken around it (or it ends the log): no record was lost, and its
-    callers were never answered, since an answer waits for the write's fsync.
+    A writer that dies mid-write (a crash, ``kill -9``) leaves the start of a record line; the
+    next writer continues the chain from the last whole record, and its first record commits
+    to the lines left (:data:`INTERRUPTED_WRITE_FIELD`). Those lines are a note, not a problem,
+    when the record commits to exactly them and continues the chain (or when they end the log
+    and look like the start of a record): no record was lost, and their callers were never
+    answered, since an answer waits for the write's fsync.
 
     Args:
         path: The prediction log.
@@ -658,36 +699,35 @@ def verify_log(path: Path, *, kept_head: tuple[int, str] | None = None) -> Verif
     }
     hashes_at: dict[int, str] = {}
     notes: list[str] = []
-    fragment: int | None = None  # line number of a possible interrupted write, not yet judged
+    # Lines after the last record: a crash's, if the next record commits to them.
+    left: list[tuple[int, bytes]] = []
     records, last_seq, last_hash = 0, 0, GENESIS_HASH
     with path.open("rb") as stream:
         for number, raw in enumerate(stream, start=1):
             text = raw.rstrip(b"\n")
-            if fragment is not None:
-                # Judged by what follows: the next record must continue the chain before it.
-                position = _chain_position(_parse_json_or_none(text))
-                if position is not None and position[:2] == (last_seq + 1, last_hash):
-                    notes.append(_interrupted_write(fragment, last_seq))
-                else:
-                    problems.append(f"line {fragment}: not JSON")
-                fragment = None
-            if not text.strip():
-                problems.append(f"line {number}: empty line")
-                continue
-            try:
-                line = _parse_json(text)
-            except ValueError:
-                if text.startswith(b"{"):
-                    fragment = number
-                else:
-                    problems.append(f"line {number}: not JSON")
-                continue
+            line = _parse_json_or_none(text)
             position = _chain_position(line)
             if position is None:
-                problems.append(
-                    f"line {number}: not a prediction log record (no valid seq, prev_hash, hash)"
-                )
+                left.append((number, text))
                 continue
+            claimed = line.get(INTERRUPTED_WRITE_FIELD)
+            if left or claimed is not None:
+                torn = (
+                    claimed is not None
+                    and claimed == _commitment_of(left)
+                    and position[:2] == (last_seq + 1, last_hash)
+                )
+                if torn:
+                    notes.append(_interrupted_write(left, f"seq {position[0]} records them"))
+                else:
+                    problems.extend(_not_records(left))
+                    if claimed is not None:
+                        problems.append(
+                            f"line {number} (seq {position[0]}): it records lines left by an "
+                            "interrupted write that the lines before it are not: lines were "
+                            "inserted, removed or changed"
+                        )
+                left = []
             records += 1
             seq, prev_hash, digest = position
             body = {key: value for key, value in line.items() if key != "hash"}
@@ -719,8 +759,11 @@ def verify_log(path: Path, *, kept_head: tuple[int, str] | None = None) -> Verif
             if any(seq == position[0] for position in heads.values()):
                 hashes_at.setdefault(seq, digest)
             last_seq, last_hash = seq, digest
-    if fragment is not None:  # the last line: records it cut are caught by the heads below
-        notes.append(_interrupted_write(fragment, last_seq))
+    # At the end, a crash's lines are not committed to yet; records cut are caught by the heads.
+    if left and all(_TORN_LINE.fullmatch(text) for _, text in left):
+        notes.append(_interrupted_write(left, "no record follows them yet"))
+    else:
+        problems.extend(_not_records(left))
 
     for (name, what), (head_seq, head_hash) in heads.items():
         if head_seq > last_seq:
@@ -754,8 +797,31 @@ def _parse_json_or_none(text: bytes) -> Any:
         return None
 
 
-def _interrupted_write(number: int, last_seq: int) -> str:
+def _commitment_of(left: list[tuple[int, bytes]]) -> dict[str, int | str] | None:
+    """The commitment a writer makes to these lines; None if a crash cannot have left them."""
+    if not all(_TORN_LINE.fullmatch(text) for _, text in left):
+        return None
+    return interrupted_write_commitment(b"\n".join(text for _, text in left))
+
+
+def _not_records(left: list[tuple[int, bytes]]) -> list[str]:
+    problems = []
+    for number, text in left:
+        if not text.strip():
+            problems.append(f"line {number}: empty line")
+        elif _parse_json_or_none(text) is None:
+            problems.append(f"line {number}: not JSON")
+        else:
+            problems.append(
+                f"line {number}: not a prediction log record (no valid seq, prev_hash, hash)"
+            )
+    return problems
+
+
+def _interrupted_write(left: list[tuple[int, bytes]], what_follows: str) -> str:
+    first, last = left[0][0], left[-1][0]
+    lines = f"line {first}" if first == last else f"lines {first}-{last}"
     return (
-        f"line {number}: the start of a record whose write was interrupted (a writer stopped "
-        f"mid-write); the chain continues intact after seq {last_seq}"
+        f"{lines}: the start of a record whose write was interrupted (a writer stopped "
+        f"mid-write); {what_follows}, and the chain continues intact around them"
     )

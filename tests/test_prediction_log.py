@@ -21,7 +21,6 @@ from serving.prediction_log import (
     PredictionLog,
     PredictionLogError,
     PredictionRecord,
-    VerificationResult,
     head_path_for,
     verify_log,
 )
@@ -233,38 +232,79 @@ def test_a_writer_does_not_paper_over_a_truncated_log(log_path: Path) -> None:
     assert "line 8: seq 11 where 8 was expected" in _only_problem(log_path)
 
 
+def _torn(line: str, keep: int = 57) -> str:
+    """The start of a record line, as a writer killed mid-write leaves it."""
+    return line[:keep]
+
+
+def _note(lines: str, follows: str) -> str:
+    return (
+        f"{lines}: the start of a record whose write was interrupted (a writer stopped "
+        f"mid-write); {follows}, and the chain continues intact around them"
+    )
+
+
 def test_a_writer_continues_after_an_interrupted_write(log_path: Path) -> None:
     lines = _lines(log_path)
     with log_path.open("a") as stream:
-        stream.write(lines[-1][:57])  # a writer killed mid-line, before its fsync returned
-    _assert_interrupted(verify_log(log_path), line=11, after_seq=10)
+        stream.write(_torn(lines[-1]))  # killed mid-line, before its fsync returned
+    result = verify_log(log_path)
+    assert result.ok and result.notes == [_note("line 11", "no record follows them yet")]
 
     with PredictionLog(log_path) as log:
         stored = log.append(_record(11))
-    assert stored["seq"] == 11
-    # The fragment stays where it was, and is told apart from tampering: no record is missing.
-    _assert_interrupted(verify_log(log_path), line=11, after_seq=10, records=11)
+    # The chain goes on from seq 10, and seq 11 commits to what the crash left before it.
+    assert stored["seq"] == 11 and stored["prev_hash"] == json.loads(lines[-1])["hash"]
+    assert stored["after_interrupted_write"]["lines"] == 1
+    result = verify_log(log_path)
+    assert result.ok, result.problems
+    assert result.records == 11 and result.notes == [_note("line 11", "seq 11 records them")]
+    with PredictionLog(log_path) as log:
+        assert "after_interrupted_write" not in log.append(_record(12))  # only the first
+
+
+def test_a_writer_killed_twice_in_a_row_is_told_apart_from_tampering(log_path: Path) -> None:
+    lines = _lines(log_path)
+    with log_path.open("a") as stream:
+        # The second writer dies inside its first write too: its newline, then a piece.
+        stream.write(_torn(lines[-1]) + "\n" + _torn(lines[-2], 90))
+    behind = {"hash": json.loads(lines[-2])["hash"], "seq": 9}  # the head lags the records
+    head_path_for(log_path).write_text(json.dumps(behind, separators=(",", ":")))
+    with PredictionLog(log_path) as log:
+        assert log.append(_record(11))["seq"] == 11  # from the last record, not the head
+    result = verify_log(log_path)
+    assert result.ok, result.problems
+    assert result.notes == [_note("lines 11-12", "seq 11 records them")]
+
+
+def test_a_record_cut_just_before_its_newline_is_whole(log_path: Path) -> None:
+    lines = _lines(log_path)
+    log_path.write_text("".join(lines)[:-1])
+    behind = {"hash": json.loads(lines[-2])["hash"], "seq": 9}  # its fsync never returned
+    head_path_for(log_path).write_text(json.dumps(behind, separators=(",", ":")))
+    with PredictionLog(log_path) as log:
+        stored = log.append(_record(11))
+    assert stored["seq"] == 11 and "after_interrupted_write" not in stored
+    result = verify_log(log_path)
+    assert (result.ok, result.records, result.notes) == (True, 11, []), result.problems
 
 
 def test_audit_verify_passes_an_interrupted_write_with_a_note(log_path: Path) -> None:
     lines = _lines(log_path)
     with log_path.open("a") as stream:
-        stream.write(lines[-1][:57])
+        stream.write(_torn(lines[-1]))
     with PredictionLog(log_path) as log:
         log.append(_record(11))
     result = CliRunner().invoke(app, ["audit", "verify", "--log", str(log_path)])
     assert result.exit_code == 0, result.output
     note, intact = result.stdout.splitlines()
-    assert note == (
-        f"{log_path}: note: line 11: the start of a record whose write was interrupted (a "
-        "writer stopped mid-write); the chain continues intact after seq 10"
-    )
+    assert note == f"{log_path}: note: {_note('line 11', 'seq 11 records them')}"
     assert intact.startswith(f"prediction log {log_path}: 11 records, hash chain intact; head 11:")
 
 
 def test_a_cut_last_record_is_a_cut_not_an_interrupted_write(log_path: Path) -> None:
     lines = _lines(log_path)
-    log_path.write_text("".join(lines[:-1]) + lines[-1][:40])  # the head file names seq 10
+    log_path.write_text("".join(lines[:-1]) + _torn(lines[-1], 40))  # the head names seq 10
     result = verify_log(log_path)
     assert result.problems == [
         "predictions.jsonl.head.json records seq 10 but the last record is seq 9: "
@@ -272,25 +312,42 @@ def test_a_cut_last_record_is_a_cut_not_an_interrupted_write(log_path: Path) -> 
     ]
 
 
-def test_a_fragment_the_chain_does_not_continue_around_is_a_problem(log_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("tamper", "problems"),
+    [
+        # Seq 5, answered long ago, cut to the start of a record.
+        (lambda lines: lines.__setitem__(4, _torn(lines[4]) + "\n"), ["line 5: not JSON"]),
+        # Text planted between two records, looking like what a crash leaves.
+        (
+            lambda lines: lines.insert(4, '{"request_id": "req-2", "patient": "Jane Doe\n'),
+            ["line 5: not JSON"],
+        ),
+        (lambda lines: lines.append("patient Jane Doe"), ["line 11: not JSON"]),
+    ],
+    ids=["cut record", "planted start of a record", "planted text at the end"],
+)
+def test_lines_no_crash_left_stay_problems(log_path: Path, tamper, problems: list[str]) -> None:
     lines = _lines(log_path)
-    lines[4] = lines[4][:57] + "\n"  # seq 5, answered long ago, cut to the start of a record
+    tamper(lines)
     log_path.write_text("".join(lines))
     result = verify_log(log_path)
-    assert result.problems[0] == "line 5: not JSON"
-    assert "line 6: seq 6 where 5 was expected" in result.problems[1]
-    assert result.notes == []
+    assert result.problems[: len(problems)] == problems and result.notes == []
 
 
-def _assert_interrupted(
-    result: VerificationResult, *, line: int, after_seq: int, records: int = 10
-) -> None:
-    assert result.ok, result.problems
-    assert result.records == records
-    assert result.notes == [
-        f"line {line}: the start of a record whose write was interrupted (a writer stopped "
-        f"mid-write); the chain continues intact after seq {after_seq}"
-    ]
+def test_a_crash_s_lines_changed_after_the_next_record_are_a_problem(log_path: Path) -> None:
+    lines = _lines(log_path)
+    with log_path.open("a") as stream:
+        stream.write(_torn(lines[-1]))
+    with PredictionLog(log_path) as log:
+        log.append(_record(11))
+    lines = _lines(log_path)
+    for changed in ([*lines[:10], _torn(lines[9], 50) + "\n", lines[11]], [*lines[:10], lines[11]]):
+        log_path.write_text("".join(changed))
+        result = verify_log(log_path)
+        assert result.notes == [] and any(
+            "records lines left by an interrupted write that the lines before it are not" in problem
+            for problem in result.problems
+        ), result.problems
 
 
 def test_append_async_group_commits_concurrent_callers(tmp_path: Path) -> None:
