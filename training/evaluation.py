@@ -294,3 +294,48 @@ def screening_report(
             )
         )
     return report
+
+
+def release_metrics(
+    val_labels: np.ndarray,
+    val_probabilities: np.ndarray,
+    test_labels: np.ndarray,
+    test_probabilities: np.ndarray,
+    positive: tuple[int, ...],
+    threshold: float,
+    *,
+    seed: int,
+    sites: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+) -> dict[str, float]:
+    """The metrics a release gate reads: validation at the threshold, then test once.
+
+    The same for a training run and for an INT8 copy, so that a gate a recipe states means the
+    same for both.
+    """
+    val_truth, test_truth = is_positive(val_labels, positive), is_positive(test_labels, positive)
+    val_scores = positive_scores(val_probabilities, positive)
+    test_scores = positive_scores(test_probabilities, positive)
+    metrics = {
+        **operating_point_metrics(val_truth, val_scores, threshold).as_dict("selected_val"),
+        # Manifests: per-site metrics, and intervals that resample patients, not images.
+        **screening_report(
+            test_truth, test_scores, threshold, "test", seed=seed, sites=sites, groups=groups
+        ),
+        # Accuracy at the most probable class, as MedMNIST reports it; validation's is what
+        # recipes are compared on, test's is reported once.
+        "val_accuracy": float(np.mean(val_probabilities.argmax(axis=1) == val_labels)),
+        "test_accuracy": float(np.mean(test_probabilities.argmax(axis=1) == test_labels)),
+    }
+    classes = test_probabilities.shape[1]
+    if classes > 2:
+        metrics["test_multiclass_auc"] = float(
+            roc_auc_score(
+                test_labels,
+                test_probabilities,
+                multi_class="ovr",
+                average="macro",
+                labels=list(range(classes)),
+            )
+        )
+    return metrics

@@ -53,9 +53,9 @@ from training.card import (
 from training.evaluation import (
     choose_threshold,
     is_positive,
-    metric_intervals,
     operating_point_metrics,
     positive_scores,
+    release_metrics,
 )
 from training.models import ProbabilityModel, predict_probabilities
 from training.runs import RunContext, RunError, load_run_context
@@ -619,17 +619,18 @@ def export_int8(float_result: ExportResult, *, data_dir: Path | None = None) -> 
 
         target = recipe.evaluation.sensitivity_target
         threshold = choose_threshold(val_truth, int8_scores, target)
-        test_truth = is_positive(test.labels, positive)
-        test_probabilities = onnx_probabilities(int8_path, test.images)
-        test_scores = positive_scores(test_probabilities, positive)
-        metrics = {
-            **operating_point_metrics(val_truth, int8_scores, threshold).as_dict("selected_val"),
-            **operating_point_metrics(test_truth, test_scores, threshold).as_dict("test"),
-            **metric_intervals(
-                test_truth, test_scores, threshold, "test", seed=recipe.seed, groups=test.groups
-            ),
-            "test_accuracy": float(np.mean(test_probabilities.argmax(axis=1) == test.labels)),
-        }
+        # As the training run reports them, so that every gate metric the recipe names exists.
+        metrics = release_metrics(
+            val.labels,
+            int8_val,
+            test.labels,
+            onnx_probabilities(int8_path, test.images),
+            positive,
+            threshold,
+            seed=recipe.seed,
+            sites=test.sites,
+            groups=test.groups,
+        )
         gate = [
             checker,
             auc_check,

@@ -332,8 +332,9 @@ class RegistrationSection(_Strict):
 # tests/test_recipe.py checks these against what the evaluation code really logs.
 _RATES = r"(auc|sensitivity|specificity|ppv|npv)"
 _IMAGE_GATE_METRIC = re.compile(
-    r"(selected_val|test(_site_[A-Za-z0-9_-]+)?)_(accuracy_at_threshold|cases|positives|"
-    rf"{_RATES}|{_RATES}_ci_(low|high))|(val|test)_accuracy|test_multiclass_auc|val_auc"
+    rf"selected_val_(accuracy_at_threshold|cases|positives|{_RATES})"
+    rf"|test(_site_[A-Za-z0-9_-]+)?_(accuracy_at_threshold|cases|positives|{_RATES}"
+    rf"|{_RATES}_ci_(low|high))|(val|test)_accuracy|test_multiclass_auc"
 )
 _ECG_GATE_METRIC = re.compile(
     r"val(_served)?_([NSVFQ]_(sensitivity|ppv|beats)|accuracy)|selected_val_sv_f1"
@@ -381,7 +382,6 @@ class Recipe(_Strict):
             self.model.check_network_params()
         except _FieldError as error:
             raise _FieldError(f"model.{error.field}", str(error)) from None
-        _check_gate_metrics(self.kind, self.registration.minimum_metrics)
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -470,7 +470,6 @@ class EcgRecipe(_Strict):
                 "optimisation.channels_last",
                 "image recipes only (the beat network's convolutions are 1D); set it to false",
             )
-        _check_gate_metrics(self.kind, self.registration.minimum_metrics)
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -624,6 +623,13 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> AnyRecipe:
     recipe_class = EcgRecipe if tree.get("kind") == "ecg-monitoring" else Recipe
     tree = apply_overrides(tree, overrides or [], recipe_class)
     try:
-        return recipe_class.model_validate(tree)
+        recipe = recipe_class.model_validate(tree)
     except ValidationError as error:
         raise RecipeError(_describe(error, str(path))) from error
+    # Here, not in the model: the recipe a run logged is read as it was trained, so that runs
+    # from before this check can still be exported and evaluated.
+    try:
+        _check_gate_metrics(recipe.kind, recipe.registration.minimum_metrics)
+    except _FieldError as error:
+        raise RecipeError(f"{path}: field '{error.field}': {error}") from error
+    return recipe

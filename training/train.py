@@ -14,7 +14,6 @@ import torch
 import yaml
 from monai.utils import set_determinism
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
-from sklearn.metrics import roc_auc_score
 
 from datasets import ImageSplit
 from datasets.manifest import ManifestSpec
@@ -25,9 +24,8 @@ from training.evaluation import (
     expected_calibration_error,
     fit_temperature,
     is_positive,
-    operating_point_metrics,
     positive_scores,
-    screening_report,
+    release_metrics,
 )
 from training.lit_models import ScreeningClassifier
 from training.models import ScreeningNetwork, build_network, predict_logits
@@ -275,33 +273,19 @@ def _evaluate(
     metrics = {
         "threshold": threshold,
         "temperature": temperature,
-        **operating_point_metrics(val_truth, val_scores, threshold).as_dict("selected_val"),
-        # Manifests: per-site metrics, and intervals that resample patients, not images.
-        **screening_report(
-            test_truth,
-            test_scores,
+        **release_metrics(
+            val.labels,
+            val_probabilities,
+            test.labels,
+            test_probabilities,
+            positive,
             threshold,
-            "test",
             seed=recipe.seed,
             sites=test.sites,
             groups=test.groups,
         ),
         "test_ece_uncalibrated": expected_calibration_error(test_truth, uncalibrated),
-        # Accuracy at the most probable class, as MedMNIST reports it; validation's is what
-        # recipes are compared on, test's is reported once.
-        "val_accuracy": float(np.mean(val_probabilities.argmax(axis=1) == val.labels)),
-        "test_accuracy": float(np.mean(test_probabilities.argmax(axis=1) == test.labels)),
     }
-    if len(spec.classes) > 2:
-        metrics["test_multiclass_auc"] = float(
-            roc_auc_score(
-                test.labels,
-                test_probabilities,
-                multi_class="ovr",
-                average="macro",
-                labels=list(range(len(spec.classes))),
-            )
-        )
     finding = spec.positive_finding
     log_figures(
         {
