@@ -36,18 +36,21 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from email.message import Message
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 import bentoml
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from PIL import Image
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Route
+from starlette.staticfiles import StaticFiles
 
 from serving.api_keys import ApiKey, AuthError, KeyStore, KeyStoreError
 from serving.batching import FairLock, MicroBatcher
@@ -133,9 +136,24 @@ REQUEST_TIMEOUT_S = 120
 api = FastAPI(
     title="medscreen",
     description="Screening and monitoring models, trained once and shared by every region.",
-    docs_url="/docs",
+    docs_url=None,  # FastAPI's page loads Swagger UI from a CDN: /docs below serves it from here
     openapi_url="/openapi.json",
 )
+# The Swagger UI files that BentoML ships: the docs page loads nothing from another origin, in
+# a browser on the hospital's network where integrators paste their key.
+SWAGGER_ASSETS = Path(bentoml.__file__).parent / "_internal" / "server" / "static_content"
+api.mount("/docs-assets", StaticFiles(directory=SWAGGER_ASSETS), name="docs-assets")
+
+
+@api.get("/docs", include_in_schema=False)
+async def _docs() -> HTMLResponse:
+    return get_swagger_ui_html(
+        openapi_url="/v1/openapi.json",
+        title="medscreen API",
+        swagger_js_url="/v1/docs-assets/swagger-ui-bundle.js",
+        swagger_css_url="/v1/docs-assets/swagger-ui.css",
+        swagger_favicon_url="/v1/docs-assets/favicon-light-32x32.png",
+    )
 
 
 @api.exception_handler(StarletteHTTPException)

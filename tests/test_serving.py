@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -829,6 +830,13 @@ def test_health_and_metrics_endpoints_stay_on(served_model):
         followed = requests.get(f"{served_model.url}{page}", timeout=10)
         assert followed.status_code == 200 and "googletagmanager" not in followed.text
     assert "bearer" in json.dumps(requests.get(f"{served_model.url}/docs.json", timeout=10).json())
+    # The docs page loads Swagger UI from the service itself, not from a CDN.
+    page = requests.get(f"{served_model.url}/v1/docs", timeout=10).text
+    assets = re.findall(r"(?:src|href)=[\'\"]([^\'\"]+)", page)
+    assert len(assets) >= 3 and "//" not in "".join(assets), assets
+    for asset in assets:
+        assert requests.get(f"{served_model.url}{asset}", timeout=10).status_code == 200, asset
+    assert "/v1/openapi.json" in page
 
 
 def test_predict_cli_prints_the_answer(
