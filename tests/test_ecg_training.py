@@ -210,6 +210,8 @@ def test_ecg_recipe_errors_are_one_line(shared_datasets: Path):
     assert "records_dir" in line
     line = medscreen_error_line("train", str(ECG_RECIPE), "--set", 'data.val_records=["101"]')
     assert "are in both train_records and val_records" in line
+    line = medscreen_error_line("train", str(ECG_RECIPE), "--set", 'data.train_records=["202"]')
+    assert "record 201 (val_records) and record 202 (train_records) are one subject's" in line
     line = medscreen_error_line("train", str(ECG_RECIPE), "--set", 'data.val_records=["./118"]')
     assert "data.val_records" in line and "'./118' is not a record name" in line
     mitdb = str(shared_datasets / "mitdb")

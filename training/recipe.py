@@ -425,6 +425,14 @@ class EcgDataSection(_Strict):
         shared = sorted(set(self.train_records) & set(self.val_records))
         if shared:
             raise ValueError(f"records {shared} are in both train_records and val_records")
+        from datasets.ecg import same_subject_pairs
+
+        if pairs := same_subject_pairs(self.val_records, self.train_records):
+            held_out, trained = pairs[0]
+            raise ValueError(
+                f"record {held_out} (val_records) and record {trained} (train_records) are one "
+                "subject's: keep a subject's records on one side of the split"
+            )
         return self
 
 
