@@ -25,7 +25,8 @@ _GATEWAY_FAILURES = frozenset({502, 503, 504})
 _SOCKET_ERROR = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
 # What OpenSSL says when the other end answers a TLS handshake in plain text (3.0; 3.2 and later).
 _PLAIN_TEXT_ANSWER = ("WRONG_VERSION_NUMBER", "record layer failure")
-_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:'\"]*):[^/?#@\s'\"]*@")
+# The password runs to the authority's last "@": clients take "user:p@ss@host" as "p@ss".
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:'\"]*):[^/?#\s'\"]*@")
 
 
 def hide_passwords(text: str) -> str:

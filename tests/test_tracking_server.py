@@ -326,6 +326,10 @@ def test_passwords_in_addresses_are_hidden() -> None:
         "MLFLOW_TRACKING_URI=https://alice:***@host:5000/x: no"
     )
     assert hide_passwords("in 'postgresql://u:p@db/mlflow'") == "in 'postgresql://u:***@db/mlflow'"
+    # An unescaped "@" in the password: clients read up to the last "@" before the host.
+    assert hide_passwords("http://u:p@ss@h:1/x@y and http://v:w@k/") == (
+        "http://u:***@h:1/x@y and http://v:***@k/"
+    )
     for unchanged in ("http://host:5000/a@b", "http://alice@host/", "sqlite:///tmp/mlflow.db"):
         assert hide_passwords(unchanged) == unchanged
 
