@@ -239,9 +239,8 @@ def load_manifest(path: Path, spec: TaskSpec) -> ManifestData:
     for line, row in rows:
         label = _label_index(row["label"] or "", spec)
         if label is None:
-            raise DatasetError(
-                f"{path}:{line}: label {row['label']!r} is not one of {list(spec.classes)}"
-            )
+            # Values are not quoted: a hospital's file names and labels can name a patient.
+            raise DatasetError(f"{path}:{line}: the label is not one of {list(spec.classes)}")
         if not (row["path"] or "").strip():
             raise DatasetError(f"{path}:{line}: the path is empty; give the image's file")
         image_path = Path(row["path"] or "")
@@ -251,24 +250,24 @@ def load_manifest(path: Path, spec: TaskSpec) -> ManifestData:
             data = image_path.read_bytes()
         except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
             reason = getattr(error, "strerror", None) or str(error) or "cannot read"
-            raise DatasetError(f"{path}:{line}: {row['path']!r}: {reason}") from error
+            raise DatasetError(f"{path}:{line}: the image file: {reason}") from error
         file_digest = hashlib.sha256(data).hexdigest()
         earlier = first_line.setdefault(file_digest, line)
         if earlier != line:
             # Counted twice it would weigh double, and under two patients it would cross splits.
             raise DatasetError(
-                f"{path}:{line}: {row['path']!r} is the same image as line {earlier}; list each "
+                f"{path}:{line}: the image file is the same as line {earlier}'s; list each "
                 "image once"
             )
         try:
             decoded = _decode_row(data, image_path.name, spec)
         except (ImageDecodeError, ValueError) as error:
-            raise DatasetError(f"{path}:{line}: {row['path']!r}: {error}") from error
+            raise DatasetError(f"{path}:{line}: the image file: {error}") from error
         # The same picture saved again (another compression, a new DICOM UID) has other bytes.
         earlier = first_pixels_line.setdefault(pixel_sha256(decoded.pixels), line)
         if earlier != line:
             raise DatasetError(
-                f"{path}:{line}: {row['path']!r} has the same pixels as line {earlier} (a copy "
+                f"{path}:{line}: the image has the same pixels as line {earlier}'s (a copy "
                 "of the same image); list each image once"
             )
         images.append(decoded.pixels)

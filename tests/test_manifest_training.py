@@ -229,10 +229,10 @@ def _valid_rows(folder: Path, count: int = 12) -> list[dict[str, str]]:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"path": "images/nowhere.png"}, r"manifest.csv:5: 'images/nowhere.png': No such file"),
-        ({"label": "bronchitis"}, r"manifest.csv:5: label 'bronchitis' is not one of"),
-        ({"path": "images/ok0.png"}, r"manifest.csv:5: 'images/ok0.png' is the same image as"),
-        ({"path": "scan.nii.gz"}, r"manifest.csv:5: 'scan.nii.gz': a NIfTI volume cannot be"),
+        ({"path": "images/nowhere.png"}, r"manifest.csv:5: the image file: No such file"),
+        ({"label": "bronchitis"}, r"manifest.csv:5: the label is not one of"),
+        ({"path": "images/ok0.png"}, r"manifest.csv:5: the image file is the same as line"),
+        ({"path": "scan.nii.gz"}, r"manifest.csv:5: the image file: a NIfTI volume cannot be"),
     ],
 )
 def test_bad_manifest_row_stops_training_before_any_run(
@@ -276,7 +276,8 @@ def test_train_cli_names_the_bad_manifest_line(tmp_path: Path):
     rows[5]["label"] = "1"
     manifest = _write_rows(tmp_path, rows)
     line = medscreen_error_line("train", str(EXAMPLE_RECIPE), "--set", f"data.manifest={manifest}")
-    assert "manifest.csv:7: label '1' is not one of ['normal', 'pneumonia']" in line
+    assert "manifest.csv:7: the label is not one of ['normal', 'pneumonia']" in line
+    assert "'1'" not in line  # values are not quoted: file names and labels can name a patient
 
 
 def test_nifti_rows_feed_a_3d_task(tmp_path: Path):
@@ -291,5 +292,5 @@ def test_nifti_rows_feed_a_3d_task(tmp_path: Path):
     # A 3D task takes volumes only.
     (tmp_path / "flat.png").write_bytes(_png(np.zeros((28, 28), dtype=np.uint8)))
     (tmp_path / "manifest.csv").write_text("path,label\nflat.png,vessel\n")
-    with pytest.raises(DatasetError, match=r"manifest.csv:2: 'flat.png': .* takes 3D volumes"):
+    with pytest.raises(DatasetError, match=r"manifest.csv:2: the image file: .* takes 3D volumes"):
         load_manifest(tmp_path / "manifest.csv", spec)
