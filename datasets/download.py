@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 import time
+import urllib.parse
 from http import HTTPStatus
 from pathlib import Path
 
@@ -170,6 +172,47 @@ def unreachable_reason(url: str, *, timeout_s: float = 10.0) -> str | None:
         # What a proxy or load balancer answers when the server behind it does not.
         return f"HTTP {status} {HTTPStatus(status).phrase}"
     return None
+
+
+# Databases MLflow can track in directly, with the port each listens on by default.
+_DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+_DATABASE_URI = re.compile(rf"({'|'.join(_DATABASE_PORTS)})(\+[a-z0-9]+)?://")
+_REMEDY = "start it or correct the address"
+
+
+def tracking_address_problem(uri: str, *, timeout_s: float = 10.0) -> str | None:
+    """Say why a tracking address (not ``sqlite:``) cannot be used, or return None.
+
+    One check, at start: MLflow retries a server or database that does not answer for
+    minutes, silently, and takes a mistyped address for a store it cannot open.
+
+    Args:
+        uri: ``http(s)://`` (a tracking server) or a database URI (``postgresql://`` ...).
+        timeout_s: How long to wait for an answer.
+
+    Returns:
+        The problem in words, without the address; None if it answers.
+    """
+    if uri.startswith(("http://", "https://")):
+        problem = unreachable_reason(uri, timeout_s=timeout_s)
+        return f"the tracking server does not answer ({problem}); {_REMEDY}" if problem else None
+    if not _DATABASE_URI.match(uri):
+        return (
+            "not a tracking store medscreen uses: give http(s)://HOST:PORT (a tracking "
+            "server), sqlite:///PATH or a database (postgresql://, mysql://)"
+        )
+    parsed = urllib.parse.urlsplit(uri)
+    if not parsed.hostname:
+        return None  # a local socket: left to the driver
+    try:
+        port = parsed.port or _DATABASE_PORTS[parsed.scheme.split("+")[0]]
+        with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
+            return None
+    except TimeoutError:
+        return f"the database does not answer (no answer within {timeout_s:g} s); {_REMEDY}"
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "strerror", None) or error
+        return f"the database does not answer ({reason}); {_REMEDY}"
 
 
 def _remove_stale_partials(destination: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from datasets.download import hide_passwords, unreachable_reason
+from datasets.download import hide_passwords, tracking_address_problem
 from serving.settings import (
     MODELS_ENV,
     PREDICTION_LOG_ENV,
@@ -112,13 +112,15 @@ def serve_command(
     except ValueError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
+    if state_dir().exists() and not state_dir().is_dir():
+        typer.echo(f"error: {STATE_DIR_ENV}: {state_dir()} is not a directory", err=True)
+        raise typer.Exit(2)
     uri = tracking_uri()
     # Checked once here: MLflow's retries would keep the start silent for minutes.
-    if uri.startswith(("http://", "https://")) and (problem := unreachable_reason(uri)):
+    if not uri.startswith("sqlite:///") and (problem := tracking_address_problem(uri)):
         typer.echo(
-            f"error: MLFLOW_TRACKING_URI={hide_passwords(uri)}: the tracking server does not "
-            f"answer ({problem}); start it, correct the address, or unset the variable to use "
-            f"the embedded store in {state_dir()}",
+            f"error: MLFLOW_TRACKING_URI={hide_passwords(uri)}: {problem}; or unset the "
+            f"variable to use the embedded store in {state_dir()}",
             err=True,
         )
         raise typer.Exit(2)

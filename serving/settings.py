@@ -10,7 +10,7 @@ STATE_DIR_ENV = "MEDSCREEN_STATE_DIR"
 
 def state_dir() -> Path:
     """Return the local state directory: ``$MEDSCREEN_STATE_DIR`` or ``./mlruns``."""
-    return Path(os.environ.get(STATE_DIR_ENV, "mlruns")).resolve()
+    return Path(os.environ.get(STATE_DIR_ENV) or "mlruns").resolve()  # empty: unset
 
 
 def tracking_uri() -> str:

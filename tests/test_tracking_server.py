@@ -217,6 +217,43 @@ def test_a_tracking_server_that_does_not_answer_is_one_line_at_once(
     assert not (tmp_path / "state").exists()  # nothing was written anywhere else instead
 
 
+@pytest.mark.parametrize(
+    ("uri", "problem"),
+    [
+        # A missing scheme: MLflow took it for a store it cannot open (a traceback).
+        ("localhost:5000", "not a tracking store medscreen uses: give http(s)://HOST:PORT"),
+        ("file:///tmp/mlruns", "not a tracking store medscreen uses"),  # MLflow 3: maintenance
+        # MLflow retries a database that does not answer for minutes, silently.
+        ("postgresql://u:pw@127.0.0.1:{port}/db", "the database does not answer (Connection"),
+    ],
+)
+def test_a_tracking_address_medscreen_cannot_use_is_one_line(
+    uri: str, problem: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    uri = uri.format(port=free_port())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MEDSCREEN_STATE_DIR", str(tmp_path / "state"))
+    for command in (["models", "list"], ["serve", "--port", str(free_port())]):
+        started = time.monotonic()
+        line = medscreen_error_line(*command)
+        assert time.monotonic() - started < 60, command
+        assert line.startswith(f"error: MLFLOW_TRACKING_URI={hide_passwords(uri)}: {problem}")
+        assert "pw" not in line
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_state_dir_that_is_a_file_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "state").write_text("not a directory")
+    monkeypatch.setenv("MEDSCREEN_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    line = medscreen_error_line("models", "list")
+    assert line.startswith("error: MEDSCREEN_STATE_DIR: cannot open the tracking store "), line
+    line = medscreen_error_line("serve", "--port", str(free_port()))
+    assert line == f"error: MEDSCREEN_STATE_DIR: {tmp_path / 'state'} is not a directory"
+
+
 def _self_signed_certificate(directory: Path) -> tuple[Path, Path]:
     """A certificate for 127.0.0.1 that no client trusts, and its key."""
     from cryptography import x509

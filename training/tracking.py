@@ -13,7 +13,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from datasets.download import hide_passwords, unreachable_reason
+from datasets.download import hide_passwords, tracking_address_problem
 
 STATE_DIR_ENV = "MEDSCREEN_STATE_DIR"
 TRACKED_PACKAGES = (
@@ -39,7 +39,7 @@ TRACKED_PACKAGES = (
 
 def state_dir() -> Path:
     """Return the local state directory: ``$MEDSCREEN_STATE_DIR`` or ``./mlruns``."""
-    return Path(os.environ.get(STATE_DIR_ENV, "mlruns")).resolve()
+    return Path(os.environ.get(STATE_DIR_ENV) or "mlruns").resolve()  # empty: unset
 
 
 def tracking_uri() -> str:
@@ -53,31 +53,46 @@ _OPENED_STORES: set[str] = set()
 
 
 class TrackingServerError(RuntimeError):
-    """The configured tracking server does not answer."""
+    """The configured tracking store cannot be used: no answer, a bad address or directory."""
 
 
 def configure_tracking() -> str:
     """Point MLflow at the configured store and return its URI.
 
     Raises:
-        TrackingServerError: if the store is a tracking server that does not answer.
+        TrackingServerError: if the store cannot be used (see :func:`_check_store`).
     """
     uri = tracking_uri()
-    if uri.startswith("sqlite:///") and uri not in _OPENED_STORES:
-        _open_embedded_store(uri, Path(uri.removeprefix("sqlite:///")))
-        _OPENED_STORES.add(uri)
-    elif uri.startswith(("http://", "https://")) and uri not in _OPENED_STORES:
-        # Checked once: MLflow's retries keep a command silent for minutes on a wrong address.
-        if problem := unreachable_reason(uri):
-            raise TrackingServerError(
-                f"MLFLOW_TRACKING_URI={hide_passwords(uri)}: the tracking server does not "
-                f"answer ({problem}); start it, correct the address, or unset the variable to "
-                f"use the embedded store in {state_dir()}"
-            )
+    if uri not in _OPENED_STORES:
+        _check_store(uri)
         _OPENED_STORES.add(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
+
+
+def _check_store(uri: str) -> None:
+    """Open the embedded store, or check once that a server or database answers.
+
+    Raises:
+        TrackingServerError: naming the setting, if the store cannot be used.
+    """
+    if not uri.startswith("sqlite:///"):
+        if problem := tracking_address_problem(uri):
+            raise TrackingServerError(
+                f"MLFLOW_TRACKING_URI={hide_passwords(uri)}: {problem}; or unset the "
+                f"variable to use the embedded store in {state_dir()}"
+            )
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    try:
+        _open_embedded_store(uri, database)
+    except OSError as error:  # the state dir is a file, read-only, or full
+        source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else STATE_DIR_ENV
+        raise TrackingServerError(
+            f"{source}: cannot open the tracking store {database} ({error.strerror or error}); "
+            "point it at a writable directory"
+        ) from error
 
 
 def _open_embedded_store(uri: str, database: Path) -> None:
