@@ -53,6 +53,8 @@ def main() -> None:
         # A bad or missing option or argument: the message names it.
         typer.echo(f"error: {error.format_message()}", err=True)
         sys.exit(getattr(error, "exit_code", 2))
+    if code == 130:  # typer turns Ctrl-C into exit code 130 itself, silently
+        typer.echo("aborted", err=True)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -44,11 +44,17 @@ def fetch_command(
     data_dir: Annotated[
         Path | None,
         typer.Option(
-            help="Use the official file in this local directory (also $MEDSCREEN_DATA_DIR)."
+            help="Check the official files in this local directory instead of downloading; "
+            "nothing is written there (MedMNIST files: also $MEDSCREEN_DATA_DIR, unless "
+            "--cache-dir or --url is given)."
         ),
     ] = None,
     cache_dir: Annotated[
-        Path | None, typer.Option(help="Download cache (default $MEDSCREEN_CACHE_DIR).")
+        Path | None,
+        typer.Option(
+            help="Download cache (default $MEDSCREEN_CACHE_DIR, else "
+            "~/.cache/medscreen/datasets); records go to CACHE/NAME/."
+        ),
     ] = None,
     url: Annotated[
         str | None, typer.Option(help="Download from this mirror instead of the official URL.")
@@ -62,6 +68,12 @@ def fetch_command(
     ] = None,
 ) -> None:
     """Download a dataset into the cache with its checksums checked, or verify a local copy."""
+    if data_dir is not None and (cache_dir is not None or url is not None):
+        # Ignored, they would suggest a download that never happens.
+        typer.echo(
+            "error: --data-dir: give it alone; --cache-dir and --url are for downloads", err=True
+        )
+        raise typer.Exit(2)
     try:
         if (database := get_record_database(name)) is not None:
             fetched = fetch_records(

@@ -12,6 +12,7 @@ from http import HTTPStatus
 from pathlib import Path
 
 import requests
+from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from datasets.catalogue import DatasetSpec
@@ -27,6 +28,7 @@ _GATEWAY_FAILURES = frozenset({502, 503, 504})
 _SOCKET_ERROR = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
 # What OpenSSL says when the other end answers a TLS handshake in plain text (3.0; 3.2 and later).
 _PLAIN_TEXT_ANSWER = ("WRONG_VERSION_NUMBER", "record layer failure")
+_PROGRESS_CONSOLE = Console(stderr=True)
 # The password runs to the authority's last "@": clients take "user:p@ss@host" as "p@ss".
 _URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:'\"]*):[^/?#\s'\"]*@")
 
@@ -44,6 +46,20 @@ def default_cache_dir() -> Path:
     """Return the download cache: ``$MEDSCREEN_CACHE_DIR`` or ``~/.cache/medscreen/datasets``."""
     configured = os.environ.get(CACHE_DIR_ENV)
     return Path(configured) if configured else Path.home() / ".cache" / "medscreen" / "datasets"
+
+
+def _content_length(response: requests.Response) -> int | None:
+    """The announced size, for the progress bar; None if absent or not a number."""
+    announced = response.headers.get("Content-Length", "")
+    return int(announced) if announced.isdigit() and int(announced) > 0 else None
+
+
+def readable_sha256(path: Path) -> str:
+    """:func:`file_sha256`, with an unreadable file a :class:`DatasetError` naming it."""
+    try:
+        return file_sha256(path)
+    except OSError as error:
+        raise DatasetError(f"{path}: cannot read it ({error.strerror or error})") from error
 
 
 def file_sha256(path: Path) -> str:
@@ -70,7 +86,7 @@ def download_file(
     or corrupt download leaves nothing behind.
 
     Args:
-        url: Where to download from (http, https or file URLs that requests understands).
+        url: Where to download from (http or https).
         destination: The final path of the file.
         sha256: Expected SHA-256 hex digest.
         md5: Expected MD5 hex digest, where the dataset's authors publish one.
@@ -93,7 +109,7 @@ def download_file(
         try:
             with requests.get(url, stream=True, timeout=(10, 60)) as response:
                 response.raise_for_status()
-                total = int(response.headers.get("Content-Length", 0)) or None
+                total = _content_length(response)
                 with (
                     partial.open("wb") as stream,
                     Progress(
@@ -103,6 +119,7 @@ def download_file(
                         TransferSpeedColumn(),
                         disable=not show_progress,
                         transient=True,
+                        console=_PROGRESS_CONSOLE,  # stdout holds only what a command prints
                     ) as progress,
                 ):
                     task = progress.add_task(f"downloading {destination.name}", total=total)
@@ -238,7 +255,7 @@ def verify_local_file(path: Path, spec: DatasetSpec, *, remedy: str = "") -> str
     """
     if not path.is_file():
         raise DatasetError(f"{path}: no such file (dataset {spec.name!r} expects {spec.filename})")
-    actual = file_sha256(path)
+    actual = readable_sha256(path)
     if actual != spec.sha256:
         raise DatasetError(
             f"{path}: SHA-256 is {actual}, expected {spec.sha256} for dataset {spec.name!r}"

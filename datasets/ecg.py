@@ -47,7 +47,7 @@ SAME_SUBJECT_RECORDS = (frozenset({"201", "202"}),)
 SAMPLING_RATE_HZ = 360
 # A record is named as in its directory (118), never by a path: "./118" would otherwise pass
 # as a record that no recipe lists.
-RECORD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+RECORD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")  # a file name the OS takes
 WINDOW_BEFORE, WINDOW_AFTER = 90, 166  # samples around the R peak: 0.25 s before, 0.46 s after
 LOCAL_RR_BEATS = 10
 # The beat model's inputs, by name: beat windows, the median-beat templates, RR seconds.
@@ -158,8 +158,9 @@ def check_record_names(records: Sequence[str]) -> list[str]:
         if not name:
             raise ValueError("an empty record name (a stray comma?)")
         if not RECORD_NAME.fullmatch(name):
+            shown = name if len(name) <= 64 else f"{name[:64]}..."
             raise ValueError(
-                f"{name!r} is not a record name: give the name of the record in its directory "
+                f"{shown!r} is not a record name: give the name of the record in its directory "
                 "(for example 118), without a path or a suffix"
             )
         if name in listed:

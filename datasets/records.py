@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Literal
 
 import requests
+import urllib3
 from pydantic import Field, field_validator
 
 from datasets.catalogue import MetadataSpec, load_metadata_files
 from datasets.checksums import digests_by_file_name, published_checksums
-from datasets.download import default_cache_dir, download_file, file_sha256
+from datasets.download import default_cache_dir, download_file, readable_sha256
 from datasets.errors import DatasetError
 from datasets.files import write_atomically
 
@@ -141,7 +142,7 @@ def fetch_records(
                 f"{base_url}{spec.checksum_list} lists {digest}; nothing was downloaded"
             )
         path = directory / name
-        if path.exists() and (actual := file_sha256(path)) != digest:
+        if path.exists() and (actual := readable_sha256(path)) != digest:
             raise DatasetError(
                 f"{path}: SHA-256 is {actual}, expected {digest}; delete it to download it again"
             )
@@ -153,7 +154,14 @@ def fetch_records(
     listed = {**(kept[1] if kept else {}), **expected}
     if kept is None or listed != kept[1]:
         lines = "".join(f"{digest}  {name}\n" for name, digest in sorted(listed.items()))
-        write_atomically(kept[0] if kept else directory / LOCAL_CHECKSUM_LIST, lines.encode())
+        kept_list = kept[0] if kept else directory / LOCAL_CHECKSUM_LIST
+        try:
+            write_atomically(kept_list, lines.encode())
+        except OSError as error:
+            raise DatasetError(
+                f"{kept_list}: cannot write it ({error.strerror or error}); the records were "
+                "checked, but a later load could not check them again"
+            ) from error
     return FetchedRecords(directory, list(records), len(expected), len(missing))
 
 
@@ -190,7 +198,8 @@ def _fetch_text(url: str) -> str:
         with requests.get(url, stream=True, timeout=(10, 60)) as response:
             response.raise_for_status()
             body = response.raw.read(_MAX_CHECKSUM_LIST_BYTES + 1, decode_content=True)
-    except requests.RequestException as error:
+    # urllib3's own errors come through response.raw: a cut, a stall, a broken gzip.
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as error:
         raise DatasetError(
             f"cannot fetch the checksum list {url} ({type(error).__name__}: {error}); "
             "nothing was downloaded"
@@ -223,7 +232,7 @@ def _check_local_records(
                     f"{path}: no SHA-256 to check it against; medscreen pins only the DS1 "
                     f"files; put {spec.title}'s {spec.checksum_list} in {directory}"
                 )
-            if (actual := file_sha256(path)) != digest:
+            if (actual := readable_sha256(path)) != digest:
                 raise DatasetError(
                     f"{path}: SHA-256 is {actual}, expected {digest}: the file is corrupt or "
                     f"not {spec.title}'s"

@@ -27,6 +27,23 @@ class _Handler(BaseHTTPRequestHandler):
             body = PAYLOAD
         elif self.path == "/corrupt.bin":
             body = PAYLOAD[:-1] + b"X"
+        elif self.path == "/bad-length.bin":
+            # A Content-Length that is no number: the body is read to the end all the same.
+            self.send_response(200)
+            self.send_header("Content-Length", "abc")
+            self.end_headers()
+            self.wfile.write(PAYLOAD)
+            self.close_connection = True
+            return
+        elif self.path == "/slow.bin":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PAYLOAD)))
+            self.end_headers()
+            for start in range(0, len(PAYLOAD), 1024):  # about 50 s in all
+                self.wfile.write(PAYLOAD[start : start + 1024])
+                self.wfile.flush()
+                time.sleep(0.5)
+            return
         elif self.path == "/interrupted.bin":
             # Promise the whole file, send half, and hang up.
             self.send_response(200)
@@ -119,6 +136,43 @@ def test_a_download_must_match_both_checksums(http_server: str, tmp_path: Path):
     with pytest.raises(DatasetError, match=r"MD5 .* expected .* discarded"):
         download_file(f"{http_server}/good.bin", destination, md5="0" * 32, sha256=PAYLOAD_SHA256)
     assert _leftovers(destination.parent) == []
+
+
+def test_a_content_length_that_is_no_number_is_not_a_traceback(http_server: str, tmp_path: Path):
+    destination = tmp_path / "cache" / "bad-length.bin"
+    download_file(f"{http_server}/bad-length.bin", destination, sha256=PAYLOAD_SHA256)
+    assert destination.read_bytes() == PAYLOAD
+
+
+def test_an_unreadable_local_file_is_named(tmp_path: Path):
+    from datasets.download import readable_sha256
+
+    (tmp_path / "pneumoniamnist.npz").mkdir()  # unreadable as a file, even by root
+    with pytest.raises(DatasetError, match=r"pneumoniamnist.npz: cannot read it \(Is a direc"):
+        readable_sha256(tmp_path / "pneumoniamnist.npz")
+
+
+def test_ctrl_c_during_a_download_says_aborted_and_keeps_nothing(http_server: str, tmp_path: Path):
+    import signal
+    import subprocess
+
+    from tests.conftest import medscreen_command
+
+    arguments = ["--cache-dir", str(tmp_path), "--url", f"{http_server}/slow.bin"]
+    process = subprocess.Popen(
+        [*medscreen_command(), "datasets", "fetch", "pneumoniamnist", *arguments],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".*.part")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert stderr.strip().splitlines()[-1] == "aborted"  # typer's own exit 130 said nothing
+    assert _leftovers(tmp_path) == []
 
 
 def test_interrupted_download_leaves_nothing_and_says_why(http_server: str, tmp_path: Path):

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -183,8 +183,38 @@ def test_record_lists_name_mitbih_sets_and_refuse_bad_names():
         record_list(MITDB, "DS1,101")
     with pytest.raises(DatasetError, match="not a record name"):
         record_list(MITDB, "../101")
+    # Longer than a file name may be: refused as a name, cut in the message.
+    with pytest.raises(DatasetError, match=f"'{'a' * 64}...' is not a record name"):
+        record_list(MITDB, "a" * 300)
     with pytest.raises(DatasetError, match="not a record name"):
         fetch_records(MITDB, ["../101"], cache_dir=Path("/nonexistent"), url="http://127.0.0.1:9/")
+
+
+class _CutListHandler(BaseHTTPRequestHandler):
+    """Promises a checksum list and hangs up halfway: urllib3's own error, not requests'."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "9000")
+        self.end_headers()
+        self.wfile.write(b"0" * 64 + b"  100.hea\n")
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_a_checksum_list_cut_mid_transfer_is_one_error(tmp_path: Path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _CutListHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/mitdb/"
+        with pytest.raises(DatasetError, match=r"cannot fetch the checksum list .*nothing was"):
+            fetch_records(MITDB, [UNPINNED_RECORD], cache_dir=tmp_path, url=url)
+    finally:
+        server.shutdown()
+    assert _files(tmp_path / "mitdb") == []
 
 
 def test_fetch_command_downloads_records_and_errors_in_one_line(physionet: str, tmp_path: Path):
@@ -196,10 +226,14 @@ def test_fetch_command_downloads_records_and_errors_in_one_line(physionet: str, 
         timeout=120,
         check=True,
     )
-    assert completed.stdout.strip() == (
-        f"mitdb: 1 records in {tmp_path / 'mitdb'} (3 files, SHA-256 verified; 3 downloaded)"
+    # Only the result line, to pass on as --records-dir: the progress bar goes to stderr.
+    assert completed.stdout == (
+        f"mitdb: 1 records in {tmp_path / 'mitdb'} (3 files, SHA-256 verified; 3 downloaded)\n"
     )
     line = medscreen_error_line(*arguments, "--records", "999", "--url", f"{physionet}/good/")
     assert "does not list 999.hea" in line
     line = medscreen_error_line("datasets", "fetch", "pneumoniamnist", "--records", "101")
     assert line == "error: --records: pneumoniamnist is not a database of WFDB records"
+    # Ignored, they would suggest a download that never happens.
+    line = medscreen_error_line(*arguments, "--data-dir", str(tmp_path), "--records", "101")
+    assert line == "error: --data-dir: give it alone; --cache-dir and --url are for downloads"
