@@ -77,6 +77,7 @@ def download_file(
     *,
     sha256: str,
     md5: str | None = None,
+    size_bytes: int | None = None,
     show_progress: bool = False,
 ) -> Path:
     """Download ``url`` to ``destination`` with its checksums checked.
@@ -90,6 +91,8 @@ def download_file(
         destination: The final path of the file.
         sha256: Expected SHA-256 hex digest.
         md5: Expected MD5 hex digest, where the dataset's authors publish one.
+        size_bytes: The file's size, where known: a server that announces or sends more is
+            cut off, rather than read to the end (a full disk, for an endless answer).
         show_progress: Show a progress bar on the terminal.
 
     Returns:
@@ -110,6 +113,14 @@ def download_file(
             with requests.get(url, stream=True, timeout=(10, 60)) as response:
                 response.raise_for_status()
                 total = _content_length(response)
+                # An encoded (gzip) answer announces its encoded size.
+                plain = "Content-Encoding" not in response.headers
+                if size_bytes is not None and plain and total is not None and total != size_bytes:
+                    raise DatasetError(
+                        f"{url} announces {total} bytes, but the official file has "
+                        f"{size_bytes}: not the official file; nothing was kept"
+                    )
+                received = 0
                 with (
                     partial.open("wb") as stream,
                     Progress(
@@ -124,6 +135,12 @@ def download_file(
                 ):
                     task = progress.add_task(f"downloading {destination.name}", total=total)
                     for chunk in response.iter_content(_CHUNK_BYTES):
+                        received += len(chunk)
+                        if size_bytes is not None and received > size_bytes:
+                            raise DatasetError(
+                                f"{url} sent more than the official file's {size_bytes} "
+                                "bytes: not the official file; nothing was kept"
+                            )
                         stream.write(chunk)
                         md5_digest.update(chunk)
                         sha256_digest.update(chunk)
@@ -293,5 +310,10 @@ def fetch_dataset(
         verify_local_file(path, spec, remedy="delete it to download it again")
         return path
     return download_file(
-        url or spec.url, path, md5=spec.md5, sha256=spec.sha256, show_progress=show_progress
+        url or spec.url,
+        path,
+        md5=spec.md5,
+        sha256=spec.sha256,
+        size_bytes=spec.size_bytes,
+        show_progress=show_progress,
     )

@@ -36,8 +36,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         elif self.path == "/slow.bin":
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(PAYLOAD)))
+            self.send_response(200)  # no Content-Length: read until the connection closes
             self.end_headers()
             for start in range(0, len(PAYLOAD), 1024):  # about 50 s in all
                 self.wfile.write(PAYLOAD[start : start + 1024])
@@ -144,6 +143,17 @@ def test_a_content_length_that_is_no_number_is_not_a_traceback(http_server: str,
     assert destination.read_bytes() == PAYLOAD
 
 
+def test_an_answer_larger_than_the_official_file_is_cut_off(http_server: str, tmp_path: Path):
+    destination = tmp_path / "cache" / "file.bin"
+    size = len(PAYLOAD) - 1
+    for path, said in (("good.bin", "announces"), ("bad-length.bin", "sent more than")):
+        with pytest.raises(DatasetError, match=f"{path} {said} .*{size}"):
+            download_file(
+                f"{http_server}/{path}", destination, sha256=PAYLOAD_SHA256, size_bytes=size
+            )
+    assert _leftovers(tmp_path / "cache") == []
+
+
 def test_an_unreadable_local_file_is_named(tmp_path: Path):
     from datasets.download import readable_sha256
 
@@ -200,9 +210,21 @@ def test_fetch_cli_reports_a_corrupt_mirror_in_one_line(http_server: str, tmp_pa
         "--cache-dir",
         str(tmp_path),
         "--url",
-        f"{http_server}/good.bin",
+        f"{http_server}/bad-length.bin",  # no size announced: read, then checked
     )
     assert line.startswith("error: MD5")
+    line = medscreen_error_line(
+        "datasets",
+        "fetch",
+        "pneumoniamnist",
+        "--cache-dir",
+        str(tmp_path),
+        "--url",
+        f"{http_server}/good.bin",
+    )
+    assert line.endswith(
+        "but the official file has 4170669: not the official file; nothing was kept"
+    )
     assert _leftovers(tmp_path) == []
 
 
