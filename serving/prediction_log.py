@@ -760,7 +760,7 @@ def verify_log(path: Path, *, kept_head: tuple[int, str] | None = None) -> Verif
                 hashes_at.setdefault(seq, digest)
             last_seq, last_hash = seq, digest
     # At the end, a crash's lines are not committed to yet; records cut are caught by the heads.
-    if left and all(_TORN_LINE.fullmatch(text) for _, text in left):
+    if left and _all_torn(left):
         notes.append(_interrupted_write(left, "no record follows them yet"))
     else:
         problems.extend(_not_records(left))
@@ -797,9 +797,14 @@ def _parse_json_or_none(text: bytes) -> Any:
         return None
 
 
+def _all_torn(left: list[tuple[int, bytes]]) -> bool:
+    """Whether each line is what a writer killed mid-write leaves: the start of a record."""
+    return all(_TORN_LINE.fullmatch(text) for _, text in left)
+
+
 def _commitment_of(left: list[tuple[int, bytes]]) -> dict[str, int | str] | None:
     """The commitment a writer makes to these lines; None if a crash cannot have left them."""
-    if not all(_TORN_LINE.fullmatch(text) for _, text in left):
+    if not _all_torn(left):
         return None
     return interrupted_write_commitment(b"\n".join(text for _, text in left))
 

@@ -203,25 +203,11 @@ def test_missing_file_on_server_is_an_error(http_server: str, tmp_path: Path):
 
 
 def test_fetch_cli_reports_a_corrupt_mirror_in_one_line(http_server: str, tmp_path: Path):
-    line = medscreen_error_line(
-        "datasets",
-        "fetch",
-        "pneumoniamnist",
-        "--cache-dir",
-        str(tmp_path),
-        "--url",
-        f"{http_server}/bad-length.bin",  # no size announced: read, then checked
-    )
+    fetch = ["datasets", "fetch", "pneumoniamnist", "--cache-dir", str(tmp_path), "--url"]
+    # No size announced: read, then checked.
+    line = medscreen_error_line(*fetch, f"{http_server}/bad-length.bin")
     assert line.startswith("error: MD5")
-    line = medscreen_error_line(
-        "datasets",
-        "fetch",
-        "pneumoniamnist",
-        "--cache-dir",
-        str(tmp_path),
-        "--url",
-        f"{http_server}/good.bin",
-    )
+    line = medscreen_error_line(*fetch, f"{http_server}/good.bin")
     assert line.endswith(
         "but the official file has 4170669: not the official file; nothing was kept"
     )

@@ -289,12 +289,16 @@ def test_a_record_cut_just_before_its_newline_is_whole(log_path: Path) -> None:
     assert (result.ok, result.records, result.notes) == (True, 11, []), result.problems
 
 
-def test_audit_verify_passes_an_interrupted_write_with_a_note(log_path: Path) -> None:
-    lines = _lines(log_path)
+def _crash_then_append(log_path: Path) -> None:
+    """A writer killed inside seq 11's line, then the next writer's seq 11."""
     with log_path.open("a") as stream:
-        stream.write(_torn(lines[-1]))
+        stream.write(_torn(_lines(log_path)[-1]))
     with PredictionLog(log_path) as log:
         log.append(_record(11))
+
+
+def test_audit_verify_passes_an_interrupted_write_with_a_note(log_path: Path) -> None:
+    _crash_then_append(log_path)
     result = CliRunner().invoke(app, ["audit", "verify", "--log", str(log_path)])
     assert result.exit_code == 0, result.output
     note, intact = result.stdout.splitlines()
@@ -335,11 +339,7 @@ def test_lines_no_crash_left_stay_problems(log_path: Path, tamper, problems: lis
 
 
 def test_a_crash_s_lines_changed_after_the_next_record_are_a_problem(log_path: Path) -> None:
-    lines = _lines(log_path)
-    with log_path.open("a") as stream:
-        stream.write(_torn(lines[-1]))
-    with PredictionLog(log_path) as log:
-        log.append(_record(11))
+    _crash_then_append(log_path)
     lines = _lines(log_path)
     for changed in ([*lines[:10], _torn(lines[9], 50) + "\n", lines[11]], [*lines[:10], lines[11]]):
         log_path.write_text("".join(changed))
