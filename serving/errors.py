@@ -25,11 +25,13 @@ class ModelLoadError(RuntimeError):
 
     ``transient`` marks a failure a later attempt may not repeat (the registry or the artifact
     store unreachable), as opposed to a version that fails its checks and always will.
+    ``missing`` marks the registry's answer that the model, version or alias does not exist.
     """
 
-    def __init__(self, message: str, *, transient: bool = False) -> None:
+    def __init__(self, message: str, *, transient: bool = False, missing: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+        self.missing = missing
 
 
 class RequestError(ValueError):

@@ -61,6 +61,9 @@ class ModelReference:
             )
         return cls(match["name"], match["selector"])
 
+    def __str__(self) -> str:
+        return f"{self.name}@{self.selector}"
+
     @property
     def is_version(self) -> bool:
         """Whether the selector is a version number rather than an alias."""
@@ -196,7 +199,7 @@ class ServedModel:
         }
 
 
-def _check_governance(reference: str, parsed: ModelReference, version: ModelVersion) -> None:
+def check_governance(reference: str, parsed: ModelReference, version: ModelVersion) -> None:
     """Serve only versions that passed the release gate and hold an approved alias.
 
     A version named by number must hold one too (it is served without following the alias):
@@ -234,28 +237,56 @@ def resolve_version(
             release gate, or an alias was moved without a recorded approval.
     """
     parsed = ModelReference.parse(reference)
-    uri = tracking or tracking_uri()
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    try:
-        if parsed.is_version:
-            version = client.get_model_version(parsed.name, parsed.selector)
-        else:
-            version = client.get_model_version_by_alias(parsed.name, parsed.selector)
-    except MlflowException as error:
-        raise ModelLoadError(
-            hide_passwords(f"no registered model version {reference!r} in {uri}: {error.message}"),
-            transient=True,  # also when the registry is unreachable
-        ) from error
-    _check_governance(reference, parsed, version)
+    version = find_version(parsed, tracking=tracking)
+    check_governance(reference, parsed, version)
     return parsed, version
 
 
-def load_served_model(reference: str, *, tracking: str | None = None) -> ServedModel:
+def find_version(parsed: ModelReference, *, tracking: str | None = None) -> ModelVersion:
+    """The registry version a reference names now, whether or not it may be served.
+
+    Raises:
+        ModelLoadError: ``missing`` if the registry says the model, version or alias does not
+            exist; ``transient`` if it could not be asked (unreachable, or another error).
+    """
+    uri = tracking or tracking_uri()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    reference = str(parsed)
+    try:
+        if parsed.is_version:
+            return client.get_model_version(parsed.name, parsed.selector)
+        # Not get_model_version_by_alias: MLflow answers a deleted alias with the error code
+        # of a malformed request, which cannot be told from other refusals.
+        number = client.get_registered_model(parsed.name).aliases.get(parsed.selector)
+        if number is None:
+            raise ModelLoadError(
+                hide_passwords(
+                    f"no registered model version {reference!r} in {uri}: model "
+                    f"{parsed.name!r} has no alias {parsed.selector!r}"
+                ),
+                missing=True,
+            )
+        return client.get_model_version(parsed.name, number)
+    except MlflowException as error:
+        missing = error.error_code == "RESOURCE_DOES_NOT_EXIST"
+        raise ModelLoadError(
+            hide_passwords(f"no registered model version {reference!r} in {uri}: {error.message}"),
+            transient=not missing,  # also when the registry is unreachable
+            missing=missing,
+        ) from error
+
+
+def load_served_model(
+    reference: str, *, tracking: str | None = None, version: ModelVersion | None = None
+) -> ServedModel:
     """Resolve a registered model, download it, check its card and checksum, and load it.
 
     Args:
         reference: ``NAME@ALIAS`` or ``NAME@VERSION``.
         tracking: Tracking/registry URI (default: :func:`tracking_uri`).
+        version: The version ``reference`` was already resolved to and checked with
+            :func:`resolve_version` (default: resolved here). The pool passes it, so that a
+            failure is pinned on the version that failed even if the alias moves meanwhile.
 
     Returns:
         The loaded model.
@@ -264,7 +295,10 @@ def load_served_model(reference: str, *, tracking: str | None = None) -> ServedM
         ModelLoadError: if the model, version or alias is unknown, or the download fails checks.
     """
     uri = tracking or tracking_uri()
-    parsed, version = resolve_version(reference, tracking=uri)
+    if version is None:
+        parsed, version = resolve_version(reference, tracking=uri)
+    else:
+        parsed = ModelReference.parse(reference)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     # The session holds the graph in memory: the download is removed once it is loaded.

@@ -1,27 +1,38 @@
 """The registered models one service serves, kept in step with their registry aliases.
 
-A watcher thread resolves each ``NAME@ALIAS`` every few seconds. When an approved alias moves,
-the new version is downloaded, verified and loaded beside the old one, then swapped in; requests
-already running finish on the version they started with. A move the service may not follow (no
-passed gate, no approval, a bad card) leaves the current version serving and is logged.
+A watcher thread resolves each ``NAME@ALIAS`` (and checks each ``NAME@VERSION``) every few
+seconds. When an approved alias moves, the new version is downloaded, verified and loaded beside
+the old one, then swapped in; requests already running finish on the version they started with.
+A move the service may not follow (no passed gate, no approval, a bad card) leaves the current
+version serving and is logged. A withdrawal stops the model: its alias deleted, or the served
+version itself no longer approved (a pinned version whose alias moved on, approval tags
+removed). Its requests get 503 until an approved version is back, which the watcher then loads.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from datasets.download import hide_passwords
 from serving.batching import MicroBatcher
 from serving.errors import ModelLoadError, RequestError, shown
-from serving.model import ModelReference, ServedModel, load_served_model, resolve_version
+from serving.model import (
+    ModelReference,
+    ServedModel,
+    check_governance,
+    find_version,
+    load_served_model,
+)
 
 logger = logging.getLogger("medscreen.serving")
 DEFAULT_ALIAS = "champion"
@@ -35,11 +46,31 @@ class Served:
     batcher: MicroBatcher
 
 
+@dataclass(frozen=True)
+class Withdrawal:
+    """A model the service stopped answering with, and why."""
+
+    reason: str
+    since: str  # ISO 8601, UTC
+    is_monitoring: bool
+
+
+def _registered_models(client: MlflowClient) -> Iterator:
+    """Every registered model, page by page (MLflow returns at most 100 at a time)."""
+    token = None
+    while True:
+        page = client.search_registered_models(page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
 def default_references(tracking: str, alias: str = DEFAULT_ALIAS) -> list[str]:
     """Every registered model that has ``alias``, as ``NAME@ALIAS``."""
     client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
     try:
-        registered = client.search_registered_models()
+        registered = list(_registered_models(client))
     except MlflowException as error:
         raise ModelLoadError(
             hide_passwords(f"cannot list registered models in {tracking}: {error}")
@@ -92,23 +123,29 @@ class ModelPool:
         self._tracking = tracking
         self._make_batcher = make_batcher
         self._references = references_by_name(references)
+        # Replaced whole, never changed in place: requests read it while the watcher swaps.
         self._current: dict[str, Served] = {}
+        self._withdrawn: dict[str, Withdrawal] = {}  # the same
         self._rejected: set[tuple[str, str]] = set()  # versions not to download again
         self._kept_because: dict[str, str] = {}  # last warning per name: said once, not per poll
         self._swap_lock = threading.Lock()  # a swap and stop() never interleave
-        for name, reference in self._references.items():
-            self._current[name] = self._load(reference)
+        self._current = {name: self._load(ref) for name, ref in self._references.items()}
         self._reload_seconds = reload_seconds
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
-    def _load(self, reference: str) -> Served:
-        model = load_served_model(reference, tracking=self._tracking)
+    def _load(self, reference: str, version: ModelVersion | None = None) -> Served:
+        model = load_served_model(reference, tracking=self._tracking, version=version)
         return Served(model, self._make_batcher(model))
 
     def all(self) -> list[Served]:
         """The models served now, by name."""
-        return [self._current[name] for name in sorted(self._current)]
+        current = self._current
+        return [current[name] for name in sorted(current)]
+
+    def withdrawn(self) -> dict[str, Withdrawal]:
+        """The models the service stopped answering with, by name."""
+        return dict(self._withdrawn)
 
     def select(
         self,
@@ -125,8 +162,11 @@ class ModelPool:
                 of the models of its kind that are served.
         """
         route_kind = "ECG monitoring" if monitoring else "image screening"
+        current, withdrawn = self._current, self._withdrawn
         if name:
-            served = self._current.get(name)
+            served = current.get(name)
+            if served is None and name in withdrawn:
+                raise _withdrawn_error(name, withdrawn[name])
             if served is None:
                 raise RequestError(
                     f"model {shown(name)} is not served here; GET /v1/models lists those that are",
@@ -141,12 +181,15 @@ class ModelPool:
             return served
         candidates = [
             served
-            for served in self.all()
+            for served in (current[known] for known in sorted(current))
             if served.model.card.is_monitoring == monitoring and allowed(served.model.name)
         ]
         if len(candidates) == 1:
             return candidates[0]
         if not candidates:
+            for withdrawn_name, withdrawal in sorted(withdrawn.items()):
+                if withdrawal.is_monitoring == monitoring and allowed(withdrawn_name):
+                    raise _withdrawn_error(withdrawn_name, withdrawal)
             if any(served.model.card.is_monitoring == monitoring for served in self.all()):
                 # One is served, but not for this key: the key is the thing to change.
                 raise RequestError(
@@ -164,53 +207,113 @@ class ModelPool:
         )
 
     def refresh(self) -> list[str]:
-        """Resolve every alias again and swap in the versions that moved; return what changed."""
+        """Resolve every alias again and swap in the versions that moved; return what changed.
+
+        A withdrawn model (see the module's docstring) stops being served; one whose approved
+        version is back is loaded again.
+        """
         changes = []
         for name, reference in self._references.items():
-            parsed = ModelReference.parse(reference)
-            if parsed.is_version:
-                continue
-            current = self._current[name]
+            if self._stop.is_set():  # shutting down: its batchers are being closed
+                return changes
+            current = self._current.get(name)  # None: withdrawn
             try:
-                _, version = resolve_version(reference, tracking=self._tracking)
-                target = (name, str(version.version))
-                if target[1] == current.model.version or target in self._rejected:
-                    self._kept_because.pop(name, None)
-                    continue
-                try:
-                    replacement = self._load(reference)
-                except ModelLoadError as error:
-                    if not error.transient:
-                        self._rejected.add(target)  # a broken version stays broken
-                    raise
-                except (MlflowException, OSError):
-                    raise  # the registry, the network or the disk: tried again at the next poll
-                except Exception as error:  # unforeseen: it must not hold up the other models
-                    self._rejected.add(target)
-                    raise ModelLoadError(
-                        f"version {target[1]} cannot be loaded ({type(error).__name__}: {error})"
-                    ) from error
+                change = self._follow(name, reference, current)
             except (ModelLoadError, MlflowException, OSError) as error:
                 # MLflow's connection errors name the registry's address, password included.
                 reason = hide_passwords(str(error))
                 if self._kept_because.get(name) != reason:
                     self._kept_because[name] = reason
-                    logger.warning("keeping %s version %s: %s", name, current.model.version, reason)
+                    if current is None:
+                        logger.error("%s stays withdrawn: %s", name, reason)
+                    else:
+                        logger.warning(
+                            "keeping %s version %s: %s", name, current.model.version, reason
+                        )
                 continue
-            with self._swap_lock:
-                if self._stop.is_set():  # shutting down: its batchers are being closed
-                    replacement.batcher.close()
-                    return changes
-                self._current[name] = replacement  # one assignment: requests see old or new
-            self._kept_because.pop(name, None)
-            current.batcher.close()
-            change = (
-                f"{reference} moved from version {current.model.version} "
-                f"to {replacement.model.version} (ONNX SHA-256 {replacement.model.onnx_sha256})"
-            )
-            logger.info("switched %s", change)
-            changes.append(change)
+            if name in self._current:
+                self._kept_because.pop(name, None)
+            if change:
+                changes.append(change)
         return changes
+
+    def _follow(self, name: str, reference: str, current: Served | None) -> str | None:
+        """Bring one model in step with the registry; return the change made, if any."""
+        parsed = ModelReference.parse(reference)
+        try:
+            version = find_version(parsed, tracking=self._tracking)
+        except ModelLoadError as error:
+            if error.missing and current is not None:
+                return self._withdraw(name, current, str(error))
+            raise
+        target = (name, str(version.version))
+        try:
+            check_governance(reference, parsed, version)
+        except ModelLoadError as error:
+            if current is not None and target[1] == current.model.version:
+                return self._withdraw(name, current, str(error))
+            raise  # a move it may not follow: the current version stays
+        if current is not None and target[1] == current.model.version:
+            return None
+        if target in self._rejected:
+            return None
+        try:
+            replacement = self._load(reference, version)
+        except ModelLoadError as error:
+            if not error.transient:
+                self._rejected.add(target)  # a broken version stays broken
+            raise
+        except (MlflowException, OSError):
+            raise  # the registry, the network or the disk: tried again at the next poll
+        except Exception as error:  # unforeseen: it must not hold up the other models
+            self._rejected.add(target)
+            raise ModelLoadError(
+                f"version {target[1]} cannot be loaded ({type(error).__name__}: {error})"
+            ) from error
+        with self._swap_lock:
+            if self._stop.is_set():
+                replacement.batcher.close()
+                return None
+            # One assignment each: requests see the old state or the new.
+            self._current = {**self._current, name: replacement}
+            self._withdrawn = {
+                other: withdrawal for other, withdrawal in self._withdrawn.items() if other != name
+            }
+        if current is None:
+            change = (
+                f"{reference} is served again, by version {replacement.model.version} "
+                f"(ONNX SHA-256 {replacement.model.onnx_sha256})"
+            )
+            logger.warning("reinstated: %s", change)
+            return change
+        current.batcher.close()
+        change = (
+            f"{reference} moved from version {current.model.version} "
+            f"to {replacement.model.version} (ONNX SHA-256 {replacement.model.onnx_sha256})"
+        )
+        logger.info("switched %s", change)
+        return change
+
+    def _withdraw(self, name: str, current: Served, reason: str) -> str | None:
+        """Stop answering with ``name``; requests already running finish on it."""
+        reason = hide_passwords(reason)
+        withdrawal = Withdrawal(
+            reason=reason,
+            since=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            is_monitoring=current.model.card.is_monitoring,
+        )
+        with self._swap_lock:
+            if self._stop.is_set():
+                return None
+            self._withdrawn = {**self._withdrawn, name: withdrawal}
+            self._current = {
+                other: served for other, served in self._current.items() if other != name
+            }
+        current.batcher.close()
+        self._kept_because[name] = reason  # said once, here
+        change = f"{name} version {current.model.version} withdrawn: {reason}"
+        logger.error("%s; its requests get 503 until an approved version is back", change)
+        return change
 
     def start_watching(self) -> None:
         """Start the thread that follows alias moves."""
@@ -232,3 +335,12 @@ class ModelPool:
         """Stop following alias moves; after this, :meth:`all` no longer changes."""
         with self._swap_lock:
             self._stop.set()
+
+
+def _withdrawn_error(name: str, withdrawal: Withdrawal) -> RequestError:
+    return RequestError(
+        f"model {shown(name)} was withdrawn from this service at {withdrawal.since} (its "
+        "approval is no longer in force); the service operator must approve a version before it "
+        "answers again",
+        HTTPStatus.SERVICE_UNAVAILABLE,
+    )

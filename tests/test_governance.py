@@ -441,6 +441,104 @@ def test_the_watcher_warns_once_while_an_alias_points_at_a_version_it_may_not_se
     pool.stop()
 
 
+def _close(pool) -> None:
+    """Stop the pool and its runners, as the service does at shutdown."""
+    pool.stop()
+    for served in pool.all():
+        served.batcher.close()
+
+
+def _withdrawal_refusal(pool, name: str) -> str:
+    from serving.errors import RequestError
+
+    with pytest.raises(RequestError) as named:
+        pool.select(name, monitoring=False)
+    with pytest.raises(RequestError) as unnamed:  # the only image model: chosen for the key
+        pool.select(None, monitoring=False)
+    assert named.value.status == unnamed.value.status == 503
+    assert str(named.value) == str(unnamed.value)
+    return str(named.value)
+
+
+def test_a_pinned_version_whose_approval_moved_on_is_withdrawn_and_comes_back(
+    registered_model, second_float_version, caplog
+):
+    """Served by number, a version stops answering once its alias leaves it, not at restart."""
+    from training.registry import promote
+
+    name = registered_model.model_name
+    # A version of its own: the approval of this test's alias is its only one.
+    source = _client().get_model_version(name, registered_model.version).source
+    version = str(
+        _client()
+        .create_model_version(name, source, tags=registration_tags(name, registered_model.version))
+        .version
+    )
+    alias = f"pinned-{next(_ALIAS_NUMBERS)}"
+    promote(name, version, alias=alias, approver="ci", reason="pinned withdrawal test")
+    pool = _watched_pool(f"{name}@{version}")
+    assert pool.refresh() == []  # approved: nothing changes
+    promote(name, second_float_version.version, alias=alias, approver="ci", reason="moved on")
+    with caplog.at_level("WARNING", logger="medscreen.serving"):
+        (change,) = pool.refresh()
+        assert pool.refresh() == [] and pool.refresh() == []
+    assert change.startswith(f"{name} version {version} withdrawn: ")
+    assert "holds no approved alias" in change
+    assert pool.all() == [] and list(pool.withdrawn()) == [name]
+    refusal = _withdrawal_refusal(pool, name)
+    assert "withdrawn from this service" in refusal and "approve a version" in refusal
+    said = [record.getMessage() for record in caplog.records if name in record.getMessage()]
+    assert len(said) == 1, said  # once, not at every poll
+    promote(name, version, alias=alias, approver="ci", reason="approved again")
+    (change,) = pool.refresh()
+    assert change.startswith(f"{name}@{version} is served again, by version {version}")
+    assert [served.model.version for served in pool.all()] == [version]
+    assert pool.withdrawn() == {} and pool.select(name, monitoring=False).model.version == version
+    _close(pool)
+
+
+def test_a_deleted_alias_withdraws_its_model_and_a_new_approval_brings_it_back(
+    registered_model, second_float_version
+):
+    from training.registry import promote
+
+    name, version = registered_model.model_name, registered_model.version
+    alias = f"deleted-{next(_ALIAS_NUMBERS)}"
+    promote(name, version, alias=alias, approver="ci", reason="alias withdrawal test")
+    pool = _watched_pool(f"{name}@{alias}")
+    _client().delete_registered_model_alias(name, alias)
+    (change,) = pool.refresh()
+    assert f"has no alias {alias!r}" in change and pool.all() == []
+    assert "withdrawn" in _withdrawal_refusal(pool, name)
+    # An alias recreated by hand, without an approval, does not bring it back.
+    _client().set_registered_model_alias(name, alias, second_float_version.version)
+    assert pool.refresh() == [] and pool.all() == []
+    promote(name, second_float_version.version, alias=alias, approver="ci", reason="back")
+    (change,) = pool.refresh()
+    assert change.startswith(f"{name}@{alias} is served again, by version ")
+    assert pool.all()[0].model.version == second_float_version.version
+    _close(pool)
+
+
+def test_an_unreachable_registry_withdraws_nothing(registered_model, monkeypatch, caplog):
+    from training.registry import promote
+
+    name, version = registered_model.model_name, registered_model.version
+    alias = f"unreachable-{next(_ALIAS_NUMBERS)}"
+    promote(name, version, alias=alias, approver="ci", reason="registry hiccup test")
+    pool = _watched_pool(f"{name}@{alias}")
+
+    def unreachable(*args, **kwargs):
+        raise mlflow.exceptions.MlflowException("API request failed: connection refused")
+
+    monkeypatch.setattr(MlflowClient, "get_registered_model", unreachable)
+    with caplog.at_level("WARNING", logger="medscreen.serving"):
+        assert pool.refresh() == []
+    assert [served.model.version for served in pool.all()] == [version]
+    assert pool.withdrawn() == {} and "keeping" in caplog.text
+    _close(pool)
+
+
 def test_the_watchers_unforeseen_failure_is_logged_without_the_registrys_password(
     registered_model, caplog, monkeypatch: pytest.MonkeyPatch
 ):

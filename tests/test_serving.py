@@ -818,6 +818,43 @@ def test_alias_move_switches_version_without_restart_or_failed_requests(
     assert switched_to_second in served_model.log()
 
 
+def test_a_withdrawn_model_answers_503_until_an_approved_version_is_back(
+    served_model, service_keys, registered_model, pneumonia_case: np.ndarray
+):
+    from training.registry import promote
+    from training.tracking import configure_tracking
+
+    configure_tracking()
+    name, client = registered_model.model_name, mlflow.MlflowClient()
+    version = str(client.get_model_version_by_alias(name, "candidate").version)
+    content = _png(pneumonia_case[0])
+
+    def wait_for(status: int) -> requests.Response:
+        deadline = time.monotonic() + 30
+        while (
+            response := _screen(served_model, service_keys.all_models, content, model=name)
+        ).status_code != status:
+            assert time.monotonic() < deadline, f"still {response.status_code}, not {status}"
+            time.sleep(0.3)
+        return response
+
+    client.delete_registered_model_alias(name, "candidate")
+    try:
+        refused = wait_for(503)
+        message = refused.json()["error"]
+        assert "withdrawn from this service" in message and "approve a version" in message
+        record = next(
+            record
+            for record in reversed(_log_records())
+            if record["request_id"] == refused.headers["X-Request-ID"]
+        )
+        assert (record["outcome"], record["status"]) == ("failed", 503)
+        assert f"{name} version {version} withdrawn" in served_model.log()
+    finally:
+        promote(name, version, alias="candidate", approver="ci", reason="withdrawal test")
+    assert wait_for(200).json()["model"]["version"] == version
+
+
 def test_health_and_metrics_endpoints_stay_on(served_model):
     assert requests.get(f"{served_model.url}/readyz", timeout=10).status_code == 200
     assert requests.get(f"{served_model.url}/livez", timeout=10).status_code == 200

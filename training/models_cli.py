@@ -62,9 +62,15 @@ def list_command() -> None:
     from training.tracking import configure_tracking
 
     configure_tracking()
+    client = MlflowClient()
     table = Table("model", "versions", "aliases", "description")
-    for model in MlflowClient().search_registered_models():
-        versions = MlflowClient().search_model_versions(f"name='{model.name}'")
+    page = client.search_registered_models()
+    models = list(page)
+    while page.token:  # MLflow answers 100 models at a time
+        page = client.search_registered_models(page_token=page.token)
+        models.extend(page)
+    for model in models:
+        versions = client.search_model_versions(f"name='{model.name}'")
         aliases = ", ".join(
             f"{alias}→{version}" for alias, version in sorted(model.aliases.items())
         )
