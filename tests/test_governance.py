@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import itertools
 import logging
+import os
+import re
 import tempfile
 import threading
 import time
@@ -313,6 +315,31 @@ def test_show_lists_every_version_with_its_aliases(registered_model, second_floa
     assert "shown-too" in rows[second].split(", ")
 
 
+def test_show_prints_an_undefined_card_metric_as_n_a(registered_model, tmp_path: Path):
+    """A metric with no value (PPV where nothing was called positive) is null in the card."""
+    import json
+    import subprocess
+
+    name = registered_model.model_name
+    source = _client().get_model_version(name, registered_model.version).source
+    copy = Path(mlflow.artifacts.download_artifacts(source, dst_path=str(tmp_path)))
+    card_path = copy / "extra_files" / "card.json"
+    card = json.loads(card_path.read_text())
+    card["metrics"]["test_ppv"] = None
+    card["confidence_intervals"]["test_ppv"] = [None, None]
+    card_path.write_text(json.dumps(card))
+    version = _client().create_model_version(name, str(copy)).version
+    shown = subprocess.run(
+        [*medscreen_command(), "models", "show", f"{name}/{version}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert re.search(r"test_ppv\s+.\s+n/a\s+.\s+n/a to n/a", shown.stdout), shown.stdout
+
+
 @pytest.mark.parametrize("alias", ["latest", "v2"])
 def test_promoting_to_a_reserved_alias_is_refused_and_leaves_no_history(registered_model, alias):
     from training.registry import GovernanceError, alias_history, promote
@@ -342,6 +369,58 @@ def test_an_alias_mlflow_refuses_leaves_no_history(registered_model, monkeypatch
         promote(name, version, alias="refused", approver="ci", reason="registry says no")
     assert "\n" not in str(refusal.value)
     assert [event for event in alias_history(name) if event.alias == "refused"] == []
+
+
+def test_a_registry_error_just_before_the_alias_write_leaves_no_approval(
+    registered_model, monkeypatch
+):
+    """It was taken for a missing model: the approval stayed, and no repair would remove it."""
+    from mlflow.exceptions import MlflowException
+
+    from training import registry
+
+    name, version = registered_model.model_name, registered_model.version
+    still_pending = registry._still_pending
+
+    def registry_fails(client, model_name, move):
+        def reset(*args, **kwargs):
+            raise MlflowException("connection reset by peer")
+
+        client.get_registered_model = reset  # this call only, after the approval was written
+        try:
+            still_pending(client, model_name, move)
+        finally:
+            del client.get_registered_model
+
+    monkeypatch.setattr(registry, "_still_pending", registry_fails)
+    with pytest.raises(registry.GovernanceError) as failure:
+        registry.promote(name, version, alias="hiccup", approver="ci", reason="registry error")
+    message = str(failure.value)
+    assert "failed to check that the move is still pending" in message, message
+    assert "connection reset by peer" in message and "no registered model" not in message
+    monkeypatch.undo()
+    assert "hiccup" not in _client().get_registered_model(name).aliases
+    version_tags = _client().get_model_version(name, version).tags
+    assert not [tag for tag in version_tags if tag.startswith("medscreen.approval.hiccup.")]
+    assert registry._pending_moves(_client().get_registered_model(name)) == []
+
+
+@pytest.mark.parametrize(
+    ("tag", "value"),
+    [
+        ("medscreen.alias_event.1.edited", "not json"),
+        ("medscreen.alias_event.1.edited", '{"alias": "champion"}'),
+        ("medscreen.alias_pending.1.edited", '["a", "list"]'),
+    ],
+    ids=["event-not-json", "event-missing-fields", "pending-not-an-object"],
+)
+def test_a_hand_edited_alias_tag_is_one_error_line_naming_it(tag: str, value: str):
+    name = f"edited-tags-{next(_ALIAS_NUMBERS)}"
+    _client().create_registered_model(name, tags={tag: value})
+    for command in (["history", name], ["show", name], ["rollback", name, "--alias", "champion"]):
+        extra = ["--approver", "ci", "--reason", "test"] if command[0] == "rollback" else []
+        line = medscreen_error_line("models", *command, *extra)
+        assert line.startswith("error: ") and f"registry tag {tag} " in line, (command, line)
 
 
 def test_serving_refuses_unapproved_aliases_and_ungated_versions(

@@ -40,10 +40,12 @@ def _repair(name: str) -> None:
     """Settle the moves of ``name`` a killed command left unfinished, one line for each."""
     from mlflow.exceptions import MlflowException
 
-    from training.registry import GovernanceError, repair_interrupted_moves
+    from training.registry import GovernanceError, MalformedTagError, repair_interrupted_moves
 
     try:
         lines = repair_interrupted_moves(name)
+    except MalformedTagError as error:
+        _fail(str(error))
     except GovernanceError:
         return  # no such model: the command itself says so
     except MlflowException as error:  # the registry failed midway: the next command retries
@@ -86,6 +88,7 @@ def show_command(
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from training.registry import GovernanceError
     from training.tracking import configure_tracking
 
     match = _SELECTOR.match(selector)
@@ -104,6 +107,8 @@ def show_command(
             _show_model(client, client.get_registered_model(name).name)
     except MlflowException as error:
         _fail(f"{selector}: {error.message}")
+    except GovernanceError as error:
+        _fail(str(error))
 
 
 def _show_model(client: MlflowClient, name: str) -> None:
@@ -193,9 +198,16 @@ def _show_version(version) -> None:
     for metric, value in card["metrics"].items():
         interval = card.get("confidence_intervals", {}).get(metric)
         metrics.add_row(
-            metric, f"{value:.4f}", f"{interval[0]:.4f} to {interval[1]:.4f}" if interval else ""
+            metric,
+            _figure(value),
+            f"{_figure(interval[0])} to {_figure(interval[1])}" if interval else "",
         )
     console.print(metrics)
+
+
+def _figure(value: float | None) -> str:
+    """A card's metric; JSON holds an undefined one (PPV with no positive call) as null."""
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _approval_command(action: str):

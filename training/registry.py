@@ -69,6 +69,10 @@ class GovernanceError(ValueError):
     """A registry action was refused. The message says why."""
 
 
+class MalformedTagError(GovernanceError):
+    """An alias event or pending-move tag that medscreen cannot read (edited by hand, say)."""
+
+
 @dataclass(frozen=True)
 class AliasEvent:
     """One change of an alias, as recorded in the registry."""
@@ -87,10 +91,24 @@ class AliasEvent:
         return datetime.datetime.fromisoformat(self.time)
 
     @classmethod
-    def from_json(cls, value: str) -> AliasEvent:
-        """Read an event tag, ignoring fields added after this version of medscreen."""
-        fields = json.loads(value)
-        return cls(**{field.name: fields[field.name] for field in dataclasses.fields(cls)})
+    def from_json(cls, value: str, key: str = "an alias tag") -> AliasEvent:
+        """Read an event tag, ignoring fields added after this version of medscreen.
+
+        Raises:
+            GovernanceError: naming ``key`` if the value is not such an event (edited by hand,
+                say), so that no command dies on it with a traceback.
+        """
+        try:
+            fields = json.loads(value)
+            event = cls(**{field.name: fields[field.name] for field in dataclasses.fields(cls)})
+            datetime.datetime.fromisoformat(event.time)  # refused here, not where it is read
+        except (ValueError, TypeError, KeyError) as error:
+            raise MalformedTagError(
+                f"registry tag {key} is not an alias event medscreen wrote ({type(error).__name__}"
+                f": {error}); restore it from the registry's backup, or delete it if the move it "
+                "records never happened"
+            ) from error
+        return event
 
 
 @dataclass(frozen=True)
@@ -148,13 +166,18 @@ def _pending_moves(model: RegisteredModel) -> list[PendingMove]:
     moves = []
     for key, value in sorted(model.tags.items()):
         if key.startswith(PENDING_TAG_PREFIX):
+            event = AliasEvent.from_json(value, key)
             fields = json.loads(value)
+            try:
+                pid = int(fields.get("pid", 0))
+            except (TypeError, ValueError) as error:
+                raise MalformedTagError(f"registry tag {key}: its pid is not a number") from error
             moves.append(
                 PendingMove(
                     suffix=key.removeprefix(PENDING_TAG_PREFIX),
-                    event=AliasEvent.from_json(value),
+                    event=event,
                     host=str(fields.get("host", "")),
-                    pid=int(fields.get("pid", 0)),
+                    pid=pid,
                 )
             )
     return moves
@@ -167,7 +190,7 @@ def _holder(model: RegisteredModel, alias: str) -> str | None:
 
 def _history(model: RegisteredModel) -> list[AliasEvent]:
     events = {
-        key.removeprefix(EVENT_TAG_PREFIX): AliasEvent.from_json(value)
+        key.removeprefix(EVENT_TAG_PREFIX): AliasEvent.from_json(value, key)
         for key, value in model.tags.items()
         if key.startswith(EVENT_TAG_PREFIX)
     }
@@ -395,9 +418,10 @@ class _MoveSettledElsewhereError(GovernanceError):
 
 def _still_pending(client: MlflowClient, name: str, move: PendingMove) -> None:
     """Stop before the alias write if another command has settled this move meanwhile."""
-    if all(
-        other.suffix != move.suffix for other in _pending_moves(_registered_model(client, name))
-    ):
+    # The client's own call: a registry error must reach the caller's settling, not pass for
+    # a missing model (which _registered_model would make of it).
+    pending = _pending_moves(client.get_registered_model(name))
+    if all(other.suffix != move.suffix for other in pending):
         raise _MoveSettledElsewhereError(
             f"the {move.describe(name)} took so long that another command settled it as "
             "interrupted; the alias was not moved: promote again"
@@ -408,7 +432,7 @@ def _alone(client: MlflowClient, name: str, move: PendingMove) -> None:
     """Refuse to go on if another move of the same alias was started meanwhile."""
     others = [
         other
-        for other in _pending_moves(_registered_model(client, name))
+        for other in _pending_moves(client.get_registered_model(name))  # see _still_pending
         if other.event.alias == move.event.alias and other.suffix != move.suffix
     ]
     if others:
