@@ -145,7 +145,8 @@ def create_command(
         typer.echo(
             f"warning: --model {name!r} is not a registered model in "
             f"{hide_passwords(tracking_uri())} (yet); "
-            "this key gets 403 for it until a model of that name is registered",
+            "requests naming it get 404 (not served) until a model of that name is registered "
+            "and served",
             err=True,
         )
 
