@@ -1,15 +1,15 @@
 """Benchmark: the service's memory under large uploads at once, with and without the budget.
 
 Sends ``--uploads`` copies of one large upload to the service at the same moment, and reports
-the worker's peak resident memory (``VmHWM``) above its level before, the answers and the wall
-time. The upload is either (``--upload dicom``) a large DICOM to ``POST /v1/screen`` (16-bit,
-RLE, with a rescale and a window: about 1.7 MB declaring 6000 x 6000 pixels), or (``--upload
-json``) a JSON body of ``--json-mb`` MB to ``POST /v1/screen/array`` whose array is nested
-single-element lists, the costliest JSON to parse per byte (answered 422: its shape fits no
-model). It runs once with the default budget (``MEDSCREEN_DECODE_MEMORY_MB`` 1024) and once
-with a budget so large that every decode starts at once (the service before the budget). The
-model is the state dir's ``pneumonia-screening@champion``, trained for one epoch if there is
-none.
+the worker's peak resident memory (``VmHWM``, reset just before the uploads) above its resident
+memory then, the answers and the wall time. The upload is either (``--upload dicom``) a large
+DICOM to ``POST /v1/screen`` (16-bit, RLE, with a rescale and a window: about 1.7 MB declaring
+6000 x 6000 pixels), or (``--upload json``) a JSON body of ``--json-mb`` MB to ``POST
+/v1/screen/array`` whose array is nested single-element lists, the costliest JSON to parse per
+byte (answered 422: its shape fits no model). It runs once with the default budget
+(``MEDSCREEN_DECODE_MEMORY_MB`` 1024) and once with a budget so large that every decode starts
+at once (the service before the budget). The model is the state dir's ``pneumonia-
+screening@champion``, trained for one epoch if there is none.
 
 Usage:
     python benchmarks/decode_memory.py [--state-dir DIR] [--uploads 6] [--upload dicom|json]
@@ -86,12 +86,19 @@ def nested_json_array(megabytes: float) -> bytes:
     return ('{"array": [' + ",".join([unit] * count) + "]}").encode()
 
 
-def peak_resident_mib(process: psutil.Process) -> float:
-    """The process's peak resident memory so far (``VmHWM``), in MiB."""
+def status_mib(process: psutil.Process, field: str) -> float:
+    """A memory field of the process's status (``VmHWM``: peak resident; ``VmRSS``), in MiB."""
     for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM for process {process.pid}")
+    raise RuntimeError(f"no {field} for process {process.pid}")
+
+
+def resident_now_mib(process: psutil.Process) -> float:
+    """The resident memory now, with the peak reset to it: start-up's peak is not counted."""
+    resident = status_mib(process, "VmRSS")
+    Path(f"/proc/{process.pid}/clear_refs").write_text("5")
+    return resident
 
 
 def measure(
@@ -111,7 +118,7 @@ def measure(
     try:
         serving_benchmark.wait_ready(process, port, log)
         workers = psutil.Process(process.pid).children(recursive=True)
-        before = {worker.pid: peak_resident_mib(worker) for worker in workers}
+        before = {worker.pid: resident_now_mib(worker) for worker in workers}
         headers = {"Authorization": f"Bearer {os.environ['BENCH_API_KEY']}"}
 
         def send(_: int) -> int:
@@ -133,7 +140,7 @@ def measure(
         with ThreadPoolExecutor(max_workers=uploads) as pool:
             statuses = list(pool.map(send, range(uploads)))
         wall_s = time.perf_counter() - started
-        growth = max(peak_resident_mib(worker) - before[worker.pid] for worker in workers)
+        growth = max(status_mib(worker, "VmHWM") - before[worker.pid] for worker in workers)
     finally:
         servers.stop(process)
     return {

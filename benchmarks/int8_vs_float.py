@@ -57,7 +57,7 @@ def main(
     for column in (
         "variant",
         "version",
-        "size (KiB)",
+        "size (MiB)",
         "batch 1 (ms)",
         "batch 32 (images/s)",
         "val AUC",
@@ -88,7 +88,7 @@ def main(
         table.add_row(
             variant,
             row["version"],
-            f"{row['size_bytes'] / 1024:.0f}",
+            f"{row['size_bytes'] / 2**20:.1f}",
             f"{row['batch1_ms']:.2f}",
             f"{row['batch32_images_per_s']:.0f}",
             f"{row['selected_val_auc']:.4f}",

@@ -98,6 +98,7 @@ def test_member_count_out_of_range_is_named(members: int):
         load_recipe(QUICK_RECIPE, [f"model.ensemble_members={members}"])
 
 
+@pytest.mark.slow
 def test_trained_ensemble_exports_one_graph_that_averages_its_members(medmnist_dir: Path):
     from training import export_and_register, load_recipe, train_recipe
     from training.runs import load_run_context

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import (
     QUICK_RECIPE,
     TINY_TRAINING,
+    free_port,
     medscreen_command,
     medscreen_error_line,
     registration_tags,
@@ -375,29 +376,31 @@ def test_a_registry_error_just_before_the_alias_write_leaves_no_approval(
     registered_model, monkeypatch
 ):
     """It was taken for a missing model: the approval stayed, and no repair would remove it."""
-    from mlflow.exceptions import MlflowException
+    import sqlite3
 
     from training import registry
 
     name, version = registered_model.model_name, registered_model.version
+    database = mlflow.get_tracking_uri().removeprefix("sqlite:///")
     still_pending = registry._still_pending
 
-    def registry_fails(client, model_name, move):
-        def reset(*args, **kwargs):
-            raise MlflowException("connection reset by peer")
-
-        client.get_registered_model = reset  # this call only, after the approval was written
+    def registry_locked(client, model_name, move):
+        # A real registry failure, after the approval was written: the store's database is
+        # locked by another connection while this one check reads it (MLflow gives up in 20 s).
+        lock = sqlite3.connect(database, isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")
         try:
             still_pending(client, model_name, move)
         finally:
-            del client.get_registered_model
+            lock.execute("ROLLBACK")
+            lock.close()
 
-    monkeypatch.setattr(registry, "_still_pending", registry_fails)
+    monkeypatch.setattr(registry, "_still_pending", registry_locked)
     with pytest.raises(registry.GovernanceError) as failure:
         registry.promote(name, version, alias="hiccup", approver="ci", reason="registry error")
     message = str(failure.value)
     assert "failed to check that the move is still pending" in message, message
-    assert "connection reset by peer" in message and "no registered model" not in message
+    assert "database is locked" in message and "no registered model" not in message
     monkeypatch.undo()
     assert "hiccup" not in _client().get_registered_model(name).aliases
     version_tags = _client().get_model_version(name, version).tags
@@ -606,11 +609,9 @@ def test_an_unreachable_registry_withdraws_nothing(registered_model, monkeypatch
     alias = f"unreachable-{next(_ALIAS_NUMBERS)}"
     promote(name, version, alias=alias, approver="ci", reason="registry hiccup test")
     pool = _watched_pool(f"{name}@{alias}")
-
-    def unreachable(*args, **kwargs):
-        raise mlflow.exceptions.MlflowException("API request failed: connection refused")
-
-    monkeypatch.setattr(MlflowClient, "get_registered_model", unreachable)
+    # A real registry address where nothing answers, asked once rather than with retries.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(pool, "_tracking", f"http://127.0.0.1:{free_port()}")
     with caplog.at_level("WARNING", logger="medscreen.serving"):
         assert pool.refresh() == []
     assert [served.model.version for served in pool.all()] == [version]
@@ -646,16 +647,28 @@ def test_the_watchers_unforeseen_failure_is_logged_without_the_registrys_passwor
 
 
 def test_a_stopped_pool_swaps_in_nothing_and_leaves_no_runner(
-    registered_model, second_float_version
+    registered_model, second_float_version, monkeypatch
 ):
+    """Shutdown begins while the watcher loads a moved alias's version: it is closed, not used."""
+    import serving.pool
     from training.registry import promote
 
     name, version = registered_model.model_name, registered_model.version
     promote(name, version, alias="stopping", approver="ci", reason="shutdown test")
     pool = _watched_pool(f"{name}@stopping")
-    pool.stop()  # the service is shutting down and closes the batchers of pool.all()
     promote(name, second_float_version.version, alias="stopping", approver="ci", reason="test")
+    loaded = []
+
+    def load_then_shut_down(*args, **kwargs):
+        model = load_served_model(*args, **kwargs)  # the real load, to the end
+        loaded.append(model.version)
+        pool.stop()  # the service closes the batchers of pool.all() from here on
+        return model
+
+    load_served_model = serving.pool.load_served_model
+    monkeypatch.setattr(serving.pool, "load_served_model", load_then_shut_down)
     assert pool.refresh() == []
+    assert loaded == [second_float_version.version]  # the race was reached
     assert [served.model.version for served in pool.all()] == [version]
     runner = f"onnxruntime-{name}-{second_float_version.version}"
     deadline = time.monotonic() + 10

@@ -777,15 +777,19 @@ def test_alias_move_switches_version_without_restart_or_failed_requests(
     def traffic() -> None:
         with requests.Session() as session:
             while not stop.is_set():
-                response = session.post(
-                    f"{served_model.url}/v1/screen",
-                    files={"file": ("case.png", content)},
-                    data={"model": name},
-                    headers=_auth(service_keys.all_models),
-                    timeout=60,
-                )
-                body = response.json()
-                seen.append((response.status_code, body.get("model", {}).get("version")))
+                try:
+                    response = session.post(
+                        f"{served_model.url}/v1/screen",
+                        files={"file": ("case.png", content)},
+                        data={"model": name},
+                        headers=_auth(service_keys.all_models),
+                        timeout=60,
+                    )
+                    version = response.json().get("model", {}).get("version")
+                except Exception as error:  # a reset or a body that is no JSON: a failure too
+                    seen.append((repr(error), None))
+                    return
+                seen.append((response.status_code, version))
 
     def serving_version() -> str:
         models = requests.get(
