@@ -35,6 +35,7 @@ import psutil
 import pydicom
 import requests
 import typer
+from proc_memory import resident_mib_with_peak_reset, status_mib
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, SecondaryCaptureImageStorage
 from rich.console import Console
 from rich.table import Table
@@ -86,21 +87,6 @@ def nested_json_array(megabytes: float) -> bytes:
     return ('{"array": [' + ",".join([unit] * count) + "]}").encode()
 
 
-def status_mib(process: psutil.Process, field: str) -> float:
-    """A memory field of the process's status (``VmHWM``: peak resident; ``VmRSS``), in MiB."""
-    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} for process {process.pid}")
-
-
-def resident_now_mib(process: psutil.Process) -> float:
-    """The resident memory now, with the peak reset to it: start-up's peak is not counted."""
-    resident = status_mib(process, "VmRSS")
-    Path(f"/proc/{process.pid}/clear_refs").write_text("5")
-    return resident
-
-
 def measure(
     servers: serving_benchmark.Servers,
     workdir: Path,
@@ -118,7 +104,7 @@ def measure(
     try:
         serving_benchmark.wait_ready(process, port, log)
         workers = psutil.Process(process.pid).children(recursive=True)
-        before = {worker.pid: resident_now_mib(worker) for worker in workers}
+        before = {worker.pid: resident_mib_with_peak_reset(worker.pid) for worker in workers}
         headers = {"Authorization": f"Bearer {os.environ['BENCH_API_KEY']}"}
 
         def send(_: int) -> int:
@@ -140,7 +126,7 @@ def measure(
         with ThreadPoolExecutor(max_workers=uploads) as pool:
             statuses = list(pool.map(send, range(uploads)))
         wall_s = time.perf_counter() - started
-        growth = max(status_mib(worker, "VmHWM") - before[worker.pid] for worker in workers)
+        growth = max(status_mib("VmHWM", worker.pid) - before[worker.pid] for worker in workers)
     finally:
         servers.stop(process)
     return {

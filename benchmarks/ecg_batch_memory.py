@@ -24,23 +24,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from proc_memory import resident_mib_with_peak_reset, status_mib
 from rich.console import Console
 from rich.table import Table
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    """Set the peak (``VmHWM``) to the resident memory now: what came before is not counted."""
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 def measure(onnx_path: str, beats: int, piece: int) -> dict[str, float]:
@@ -68,14 +56,14 @@ def measure(onnx_path: str, beats: int, piece: int) -> dict[str, float]:
     batcher = MicroBatcher(lambda batch: session.run([output], batch)[0], max_batch_size=piece)
     asyncio.run(batcher.submit(feeds(2)))  # warm up
     request = feeds(beats)
-    before = _status_mib("VmRSS")
-    _reset_peak()  # else memory freed while the inputs were made would hide the request's
+    # Reset: else memory freed while the inputs were made would hide the request's.
+    before = resident_mib_with_peak_reset()
     started = time.perf_counter()
     rows = asyncio.run(batcher.submit(request))
     seconds = time.perf_counter() - started
     batcher.close()
     assert len(rows) == beats
-    return {"seconds": seconds, "peak_growth_mib": _status_mib("VmHWM") - before}
+    return {"seconds": seconds, "peak_growth_mib": status_mib("VmHWM") - before}
 
 
 def main(

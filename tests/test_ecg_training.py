@@ -259,7 +259,8 @@ def test_ecg_export_registers_a_beat_graph_with_its_card(ecg_model, shared_datas
     )
     rows = card.training_data.split_rows
     assert rows["val_detected"] > 0.9 * rows["val"]
-    # Each annotated beat is either found (counted in val_detected) or missed, never both.
+    # Each annotated beat is matched to one detected beat or counted as missed; detections
+    # with no annotated beat count too, hence >=.
     assert rows["val_missed_by_detector"] < 0.1 * rows["val"]
     assert rows["val_detected"] + rows["val_missed_by_detector"] >= rows["val"]
     assert "val_served_S_sensitivity" in card.metrics
