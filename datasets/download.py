@@ -31,15 +31,19 @@ _PLAIN_TEXT_ANSWER = ("WRONG_VERSION_NUMBER", "record layer failure")
 _PROGRESS_CONSOLE = Console(stderr=True)
 # The password runs to the authority's last "@": clients take "user:p@ss@host" as "p@ss".
 _URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:'\"]*):[^/?#\s'\"]*@")
+# User information without a password: often a token alone ("https://TOKEN@host").
+_URL_USER_ONLY = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s:'\"]+@")
 
 
 def hide_passwords(text: str) -> str:
-    """Return ``text`` with the password of every URL in it replaced by ``***``.
+    """Return ``text`` with the secret of every URL in it replaced by ``***``.
 
-    For messages that name a configured URL (``http://user:password@host``): an error line or
-    a log must not carry the secret. The user name stays, to say which account was used.
+    For messages that name a configured URL: an error line or a log must not carry the secret.
+    In ``http://user:password@host`` the user name stays, to say which account was used; user
+    information without a password (``https://TOKEN@host``) may be a token, so it is hidden
+    whole, as pip hides it.
     """
-    return _URL_PASSWORD.sub(r"\1:***@", text)
+    return _URL_USER_ONLY.sub(r"\1***@", _URL_PASSWORD.sub(r"\1:***@", text))
 
 
 def default_cache_dir() -> Path:

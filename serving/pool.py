@@ -36,6 +36,9 @@ from serving.model import (
 
 logger = logging.getLogger("medscreen.serving")
 DEFAULT_ALIAS = "champion"
+# Why a model was withdrawn, as its 503 says it to a hospital.
+_DELETED = "its alias or registered model was deleted from the registry"
+_UNAPPROVED = "the version it served is no longer approved"
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,8 @@ class Served:
 class Withdrawal:
     """A model the service stopped answering with, and why."""
 
-    reason: str
+    reason: str  # for the operator's log: names the registry's refusal
+    cause: str  # for the client's 503: what happened, without registry details
     since: str  # ISO 8601, UTC
     is_monitoring: bool
 
@@ -244,14 +248,14 @@ class ModelPool:
             version = find_version(parsed, tracking=self._tracking)
         except ModelLoadError as error:
             if error.missing and current is not None:
-                return self._withdraw(name, current, str(error))
+                return self._withdraw(name, current, str(error), cause=_DELETED)
             raise
         target = (name, str(version.version))
         try:
             check_governance(reference, parsed, version)
         except ModelLoadError as error:
             if current is not None and target[1] == current.model.version:
-                return self._withdraw(name, current, str(error))
+                return self._withdraw(name, current, str(error), cause=_UNAPPROVED)
             raise  # a move it may not follow: the current version stays
         if current is not None and target[1] == current.model.version:
             return None
@@ -294,11 +298,12 @@ class ModelPool:
         logger.info("switched %s", change)
         return change
 
-    def _withdraw(self, name: str, current: Served, reason: str) -> str | None:
+    def _withdraw(self, name: str, current: Served, reason: str, *, cause: str) -> str | None:
         """Stop answering with ``name``; requests already running finish on it."""
         reason = hide_passwords(reason)
         withdrawal = Withdrawal(
             reason=reason,
+            cause=cause,
             since=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             is_monitoring=current.model.card.is_monitoring,
         )
@@ -339,8 +344,8 @@ class ModelPool:
 
 def _withdrawn_error(name: str, withdrawal: Withdrawal) -> RequestError:
     return RequestError(
-        f"model {shown(name)} was withdrawn from this service at {withdrawal.since} (its "
-        "approval is no longer in force); the service operator must approve a version before it "
-        "answers again",
+        f"model {shown(name)} was withdrawn from this service at {withdrawal.since} "
+        f"({withdrawal.cause}); the service operator must approve a version before it answers "
+        "again",
         HTTPStatus.SERVICE_UNAVAILABLE,
     )

@@ -316,6 +316,49 @@ def test_show_lists_every_version_with_its_aliases(registered_model, second_floa
     assert "shown-too" in rows[second].split(", ")
 
 
+def test_each_export_of_a_run_keeps_its_own_card_in_the_run(registered_model, second_float_version):
+    import json
+
+    client = _client()
+    run_id = registered_model.card.provenance.run_id
+    assert second_float_version.card.provenance.run_id == run_id  # the same run, exported twice
+    for exported in (registered_model, second_float_version):
+        source = client.get_model_version(exported.model_name, exported.version).source
+        model_id = source.removeprefix("models:/")  # the logged model the version was made from
+        folder = f"card/float32/{model_id}"
+        files = {Path(artifact.path).name for artifact in client.list_artifacts(run_id, folder)}
+        assert files == {"card.json", "card.md"}, folder
+        card = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{folder}/card.json"))
+        assert card == json.loads(exported.card.model_dump_json())
+
+
+def test_a_graph_that_is_not_the_one_that_passed_the_gate_is_not_registered(
+    registered_model, tmp_path: Path
+):
+    import onnx
+
+    from training.export import ExportError, image_signature, register_version
+
+    client = _client()
+    name = registered_model.model_name
+    versions_before = {v.version for v in client.search_model_versions(f"name='{name}'")}
+    graph_dir = mlflow.artifacts.download_artifacts(
+        f"models:/{name}/{registered_model.version}", dst_path=str(tmp_path)
+    )
+    graph = onnx.load(str(Path(graph_dir) / "model.onnx"))
+    graph.doc_string = "changed after the gate"  # the card's SHA-256 is of the gated bytes
+    with pytest.raises(ExportError, match="is not the graph that passed the gate"):
+        register_version(
+            graph,
+            registered_model.card,
+            image_signature((1, 28, 28), 2),
+            description="a graph changed after its gate",
+            extra_tags={},
+        )
+    versions_after = {v.version for v in client.search_model_versions(f"name='{name}'")}
+    assert versions_after == versions_before
+
+
 def test_show_prints_an_undefined_card_metric_as_n_a(registered_model, tmp_path: Path):
     """A metric with no value (PPV where nothing was called positive) is null in the card."""
     import json
@@ -569,6 +612,8 @@ def test_a_pinned_version_whose_approval_moved_on_is_withdrawn_and_comes_back(
     assert pool.all() == [] and list(pool.withdrawn()) == [name]
     refusal = _withdrawal_refusal(pool, name)
     assert "withdrawn from this service" in refusal and "approve a version" in refusal
+    assert "the version it served is no longer approved" in refusal
+    assert "deleted" not in refusal
     said = [record.getMessage() for record in caplog.records if name in record.getMessage()]
     assert len(said) == 1, said  # once, not at every poll
     promote(name, version, alias=alias, approver="ci", reason="approved again")
@@ -591,7 +636,9 @@ def test_a_deleted_alias_withdraws_its_model_and_a_new_approval_brings_it_back(
     _client().delete_registered_model_alias(name, alias)
     (change,) = pool.refresh()
     assert f"has no alias {alias!r}" in change and pool.all() == []
-    assert "withdrawn" in _withdrawal_refusal(pool, name)
+    refusal = _withdrawal_refusal(pool, name)
+    assert "withdrawn" in refusal and "alias or registered model was deleted" in refusal
+    assert "no longer approved" not in refusal and alias not in refusal  # no registry details
     # An alias recreated by hand, without an approval, does not bring it back.
     _client().set_registered_model_alias(name, alias, second_float_version.version)
     assert pool.refresh() == [] and pool.all() == []

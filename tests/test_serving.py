@@ -847,6 +847,7 @@ def test_a_withdrawn_model_answers_503_until_an_approved_version_is_back(
         refused = wait_for(503)
         message = refused.json()["error"]
         assert "withdrawn from this service" in message and "approve a version" in message
+        assert "alias or registered model was deleted" in message
         record = next(
             record
             for record in reversed(_log_records())

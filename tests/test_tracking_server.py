@@ -367,7 +367,11 @@ def test_passwords_in_addresses_are_hidden() -> None:
     assert hide_passwords("http://u:p@ss@h:1/x@y and http://v:w@k/") == (
         "http://u:***@h:1/x@y and http://v:***@k/"
     )
-    for unchanged in ("http://host:5000/a@b", "http://alice@host/", "sqlite:///tmp/mlflow.db"):
+    # Without a password, the user information may be a token: hidden whole.
+    assert hide_passwords("https://ghp_T0ken@host:5000/x@y, http://t@k@h/") == (
+        "https://***@host:5000/x@y, http://***@h/"
+    )
+    for unchanged in ("http://host:5000/a@b", "http://[::1]:5000/", "sqlite:///tmp/mlflow.db"):
         assert hide_passwords(unchanged) == unchanged
 
 

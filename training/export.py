@@ -401,8 +401,23 @@ def register_version(
             extra_files=[str(card_path), str(markdown_path)],
             metadata={"medscreen_card_schema": card.card_schema, "medscreen_kind": card.kind},
         )
-        client.log_artifact(run_id, str(card_path), f"card/{card.onnx.variant}")
-        client.log_artifact(run_id, str(markdown_path), f"card/{card.onnx.variant}")
+        # MLflow writes the graph again from the proto: register it only if those bytes are the
+        # ones that passed the gate, or serving would refuse the version later.
+        logged_graph = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{logged_model.artifact_location}/{card.onnx.filename}",
+                dst_path=card_dir,
+            )
+        )
+        if (logged_sha256 := file_sha256(logged_graph)) != card.onnx.sha256:
+            raise ExportError(
+                f"the logged {card.onnx.filename} (SHA-256 {logged_sha256}) is not the graph that "
+                f"passed the gate (SHA-256 {card.onnx.sha256}); nothing was registered"
+            )
+        # One folder per export: a second export of the run must not replace the first's card.
+        run_card_dir = f"card/{card.onnx.variant}/{model_info.model_id}"
+        client.log_artifact(run_id, str(card_path), run_card_dir)
+        client.log_artifact(run_id, str(markdown_path), run_card_dir)
 
     tags = {
         GATE_PASSED_TAG: "passed",
