@@ -22,6 +22,7 @@ from scipy import ndimage
 from datasets.images import (
     DecodedImage,
     ImageDecodeError,
+    check_contrast,
     check_upload_size,
     is_dicom,
     untrusted_input,
@@ -272,7 +273,7 @@ def decode_volume(data: bytes, *, depth: int, height: int, width: int) -> Decode
 
     Raises:
         ImageDecodeError: 400 empty; 413 too large; 415 not NIfTI; 422 a NIfTI file that is
-            corrupt, not 3D, constant, or otherwise unusable.
+            corrupt, not 3D, constant, nearly blank once resized, or otherwise unusable.
     """
     check_upload_size(data)
     if data[:2] == _GZIP_MAGIC:
@@ -285,4 +286,7 @@ def decode_volume(data: bytes, *, depth: int, height: int, width: int) -> Decode
         )
     values, stored_shape = _voxels(_load(data), len(data))
     volume = resize_volume(intensities_to_uint8(values), depth, height, width)
+    # A few bright voxels can fall between the resized grid's samples: the model would score
+    # an empty volume. JSON volumes get the same check.
+    check_contrast(volume[None], noun="volume")
     return DecodedImage(pixels=volume[None], source_format="nifti", source_shape=stored_shape)

@@ -76,6 +76,18 @@ def test_sparse_mask_is_scaled_over_its_range(anatomy: nib.Nifti1Image):
     assert decoded.pixels.max() == 255 and (decoded.pixels == 255).sum() == 4
 
 
+def test_a_volume_blank_once_resized_is_a_422():
+    mask = np.zeros((200, 200, 200), dtype=np.uint8)
+    mask[100, 100, 100:103] = 1  # falls between the samples of a 28^3 grid
+    with pytest.raises(ImageDecodeError, match="nearly blank") as failure:
+        decode_volume(nifti_bytes(mask, np.eye(4)), **VESSEL_INPUT)
+    assert failure.value.status == HTTPStatus.UNPROCESSABLE_ENTITY
+    # The same three voxels in a volume the model's size are kept.
+    small = np.zeros((28, 28, 28), dtype=np.uint8)
+    small[14, 14, 13:16] = 1
+    assert decode_volume(nifti_bytes(small, np.eye(4)), **VESSEL_INPUT).pixels.max() == 255
+
+
 def test_4d_time_series_is_a_422(nifti_dir: Path):
     with pytest.raises(ImageDecodeError, match="4D") as failure:
         decode_volume((nifti_dir / "example4d.nii.gz").read_bytes(), **VESSEL_INPUT)
