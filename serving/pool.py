@@ -16,7 +16,7 @@ import logging
 import threading
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 
 from mlflow.entities.model_registry import ModelVersion
@@ -39,6 +39,7 @@ DEFAULT_ALIAS = "champion"
 # Why a model was withdrawn, as its 503 says it to a hospital.
 _DELETED = "its alias or registered model was deleted from the registry"
 _UNAPPROVED = "the version it served is no longer approved"
+_ALIAS_UNAPPROVED = "its alias points at a version without an approval"
 
 
 @dataclass(frozen=True)
@@ -249,6 +250,8 @@ class ModelPool:
         except ModelLoadError as error:
             if error.missing and current is not None:
                 return self._withdraw(name, current, str(error), cause=_DELETED)
+            if error.missing:  # withdrawn for another cause, and now deleted as well
+                self._still_withdrawn(name, str(error), cause=_DELETED)
             raise
         target = (name, str(version.version))
         try:
@@ -256,6 +259,9 @@ class ModelPool:
         except ModelLoadError as error:
             if current is not None and target[1] == current.model.version:
                 return self._withdraw(name, current, str(error), cause=_UNAPPROVED)
+            if current is None:  # e.g. an alias recreated by hand: the 503 says so now
+                cause = _UNAPPROVED if parsed.is_version else _ALIAS_UNAPPROVED
+                self._still_withdrawn(name, str(error), cause=cause)
             raise  # a move it may not follow: the current version stays
         if current is not None and target[1] == current.model.version:
             return None
@@ -319,6 +325,15 @@ class ModelPool:
         change = f"{name} version {current.model.version} withdrawn: {reason}"
         logger.error("%s; its requests get 503 until an approved version is back", change)
         return change
+
+    def _still_withdrawn(self, name: str, reason: str, *, cause: str) -> None:
+        """Keep a withdrawn model's 503 true to the registry as it is now, not as it was."""
+        with self._swap_lock:
+            withdrawal = self._withdrawn.get(name)
+            if withdrawal is None or withdrawal.cause == cause or self._stop.is_set():
+                return
+            updated = replace(withdrawal, reason=hide_passwords(reason), cause=cause)
+            self._withdrawn = {**self._withdrawn, name: updated}
 
     def start_watching(self) -> None:
         """Start the thread that follows alias moves."""

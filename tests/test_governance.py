@@ -639,9 +639,19 @@ def test_a_deleted_alias_withdraws_its_model_and_a_new_approval_brings_it_back(
     refusal = _withdrawal_refusal(pool, name)
     assert "withdrawn" in refusal and "alias or registered model was deleted" in refusal
     assert "no longer approved" not in refusal and alias not in refusal  # no registry details
-    # An alias recreated by hand, without an approval, does not bring it back.
+    # An alias recreated by hand, without an approval, does not bring it back, and the 503
+    # now gives that cause, not the deletion.
     _client().set_registered_model_alias(name, alias, second_float_version.version)
     assert pool.refresh() == [] and pool.all() == []
+    refusal = _withdrawal_refusal(pool, name)
+    assert "its alias points at a version without an approval" in refusal
+    assert "deleted" not in refusal and alias not in refusal
+    assert "without a recorded approval" in pool.withdrawn()[name].reason  # the operator's view
+    _client().delete_registered_model_alias(name, alias)  # and deleted again
+    assert pool.refresh() == []
+    assert "alias or registered model was deleted" in _withdrawal_refusal(pool, name)
+    _client().set_registered_model_alias(name, alias, second_float_version.version)
+    assert pool.refresh() == []
     promote(name, second_float_version.version, alias=alias, approver="ci", reason="back")
     (change,) = pool.refresh()
     assert change.startswith(f"{name}@{alias} is served again, by version ")
