@@ -126,9 +126,10 @@ _ARRAY_FIELDS = tuple(ArrayRequest.model_fields)
 _MONITOR_FIELDS = tuple(MonitorRequest.model_fields)
 # BentoML answers a request still running after REQUEST_TIMEOUT_S with a 504 that bypasses the
 # prediction log, so the service keeps its own, earlier deadlines, each answered and logged: a
-# slow upload is a 408, and a request not answered within ANSWER_DEADLINE_S a 503. Once its
-# record is being written a request is no longer cut short (the record and the answer must
-# agree); BentoML's timeout stays only as a backstop for a stalled disk.
+# slow upload is a 408, and a request not answered within ANSWER_DEADLINE_S of its upload's end
+# a 503 (from the end: a slow link must not eat the time its input needs). Once its record is
+# being written a request is no longer cut short (the record and the answer must agree);
+# BentoML's timeout stays only as a backstop for a stalled disk.
 UPLOAD_TIMEOUT_S = 45.0
 ANSWER_DEADLINE_S = 55.0
 REQUEST_TIMEOUT_S = 120
@@ -307,6 +308,7 @@ class _Exchange:
     """What one request has established so far, for its answer and its log record."""
 
     route: str
+    request: Request | None = None  # None where no client waits (the service's own tests)
     request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     started: float = field(default_factory=time.perf_counter)
     key: ApiKey | None = None
@@ -318,17 +320,33 @@ class _Exchange:
     def latency_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
 
+    async def check_client_waits(self) -> None:
+        """Refuse to go on for a client that hung up: its answer would never be delivered.
+
+        Raises:
+            RequestError: if the client disconnected, so the log records a failure, not an
+                answer nobody received.
+        """
+        if self.request is not None and await self.request.is_disconnected():
+            raise RequestError("the client disconnected before its answer was ready")
+
 
 def error_body(request_id: str, status: HTTPStatus, message: str) -> dict[str, Any]:
     """The JSON body of a refused request: ``error`` says what to change."""
     return {"error": message, "status": status.value, "request_id": request_id}
 
 
-async def _read_body(request: Request, timeout_s: float = UPLOAD_TIMEOUT_S) -> bytes:
+async def _read_body(
+    request: Request,
+    timeout_s: float = UPLOAD_TIMEOUT_S,
+    *,
+    answer_deadline: asyncio.Timeout | None = None,
+) -> bytes:
     """The request body, refused with 413 past the upload limit (checked while reading).
 
     An upload still arriving after ``timeout_s`` is refused with 408 (and logged), before
-    BentoML's own request timeout would answer 504 with nothing in the prediction log.
+    BentoML's own request timeout would answer 504 with nothing in the prediction log. Once the
+    upload is complete, ``answer_deadline`` (the request's) is set ``ANSWER_DEADLINE_S`` ahead.
     """
     declared = request.headers.get("content-length", "")
     limit = MAX_UPLOAD_BYTES + 64 * 1024  # room for the multipart envelope
@@ -358,11 +376,17 @@ async def _read_body(request: Request, timeout_s: float = UPLOAD_TIMEOUT_S) -> b
         raise RequestError(
             f"the client disconnected before the upload was complete ({size} bytes arrived)"
         ) from None
+    if answer_deadline is not None:
+        answer_deadline.reschedule(asyncio.get_running_loop().time() + ANSWER_DEADLINE_S)
     return b"".join(chunks)
 
 
 async def _multipart(
-    request: Request, route: str, accepted: tuple[str, ...]
+    request: Request,
+    route: str,
+    accepted: tuple[str, ...],
+    *,
+    answer_deadline: asyncio.Timeout | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """The ``file`` part and the text fields of a multipart upload whose fields are ``accepted``."""
     content_type = request.headers.get("content-type", "")
@@ -376,7 +400,7 @@ async def _multipart(
             f"(got Content-Type {content_type or 'none'!r})",
             HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
         )
-    body = await _read_body(request)
+    body = await _read_body(request, answer_deadline=answer_deadline)
     _check_closed(body, boundary)
     # starlette's form parser reads the cached body
     request._body = _without_preamble(body, boundary)
@@ -500,7 +524,9 @@ def _json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return marked
 
 
-async def _read_json_body(request: Request, route: str) -> bytes:
+async def _read_json_body(
+    request: Request, route: str, *, answer_deadline: asyncio.Timeout | None = None
+) -> bytes:
     """The raw bytes of a JSON body (refused with 415 under another content type)."""
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("application/json"):
@@ -508,7 +534,7 @@ async def _read_json_body(request: Request, route: str) -> bytes:
             f"{route} takes application/json (got Content-Type {content_type or 'none'!r})",
             HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
         )
-    return await _read_body(request)
+    return await _read_body(request, answer_deadline=answer_deadline)
 
 
 def _json_memory_estimate(body: bytes) -> int:
@@ -705,7 +731,9 @@ class Screening:
         """Answer ``POST /v1/screen``."""
 
         async def decode(exchange: _Exchange) -> tuple[Served, DecodedImage]:
-            data, fields = await _multipart(request, exchange.route, _SCREEN_FIELDS)
+            data, fields = await _multipart(
+                request, exchange.route, _SCREEN_FIELDS, answer_deadline=exchange.deadline
+            )
             served = self._select(exchange, _model_field(fields), monitoring=False)
             exchange.input_sha256 = hashlib.sha256(data).hexdigest()
             card_input = served.model.card.input
@@ -744,7 +772,7 @@ class Screening:
         """Answer ``POST /v1/screen/array``."""
 
         async def decode(exchange: _Exchange) -> tuple[Served, DecodedImage]:
-            body = await _read_json_body(request, exchange.route)
+            body = await _read_json_body(request, exchange.route, answer_deadline=exchange.deadline)
             cost = _budgeted(_json_memory_estimate(body))
             async with self.decode_memory.hold(cost) as reservation:
                 payload = await _json_object(reservation, body, exchange.route, _ARRAY_FIELDS)
@@ -767,7 +795,7 @@ class Screening:
 
         async def read(exchange: _Exchange) -> tuple[Served, EcgSignal]:
             # The parsed lists, many times the samples' size, are gone when this returns.
-            body = await _read_json_body(request, exchange.route)
+            body = await _read_json_body(request, exchange.route, answer_deadline=exchange.deadline)
             cost = _budgeted(_json_memory_estimate(body))
             async with self.decode_memory.hold(cost) as reservation:
                 payload = await _json_object(reservation, body, exchange.route, _MONITOR_FIELDS)
@@ -787,7 +815,9 @@ class Screening:
         """Answer ``POST /v1/monitor/dicom``."""
 
         async def decode(exchange: _Exchange) -> tuple[Served, Any]:
-            data, fields = await _multipart(request, exchange.route, _MONITOR_DICOM_FIELDS)
+            data, fields = await _multipart(
+                request, exchange.route, _MONITOR_DICOM_FIELDS, answer_deadline=exchange.deadline
+            )
             served = self._select(exchange, _model_field(fields), monitoring=True)
             exchange.input_sha256 = hashlib.sha256(data).hexdigest()
             card_signal = served.model.card.signal
@@ -854,7 +884,7 @@ class Screening:
             }
             return await self._answer(exchange, answer, score=probability, decision=decision)
 
-        return await self._guarded(_Exchange(route), predict)
+        return await self._guarded(_Exchange(route, request), predict)
 
     async def _monitor(
         self,
@@ -874,6 +904,8 @@ class Screening:
                     strict=True,
                 )
             )
+            # An hour of beats takes seconds to run; an image, a millisecond (not worth a check).
+            await exchange.check_client_waits()
             probabilities = await served.batcher.submit(feeds)
             answer, score, summary = monitoring_answer(model, beats, probabilities)
             answer = {"request_id": exchange.request_id, **answer}
@@ -881,7 +913,7 @@ class Screening:
                 exchange, answer, score=_finite(score), decision=answer["decision"], summary=summary
             )
 
-        return await self._guarded(_Exchange(route), predict)
+        return await self._guarded(_Exchange(route, request), predict)
 
     async def _guarded(
         self, exchange: _Exchange, handle: Callable[[_Exchange], Awaitable[JSONResponse]]
@@ -895,8 +927,8 @@ class Screening:
         except Exception as error:
             if isinstance(error, TimeoutError) and exchange.deadline.expired():
                 failure = RequestError(
-                    f"the service could not answer within {ANSWER_DEADLINE_S:g} s (it is "
-                    "overloaded); try again later",
+                    f"the service could not answer within {ANSWER_DEADLINE_S:g} s of the upload "
+                    "(it is overloaded); try again later",
                     HTTPStatus.SERVICE_UNAVAILABLE,
                 )
             else:
@@ -942,6 +974,7 @@ class Screening:
     ) -> JSONResponse:
         assert exchange.served is not None and exchange.key is not None
         model = exchange.served.model
+        await exchange.check_client_waits()  # no record of an answer nobody will receive
         response = self._json(exchange, answer)  # serialised before it is recorded as sent
         latency_ms = exchange.latency_ms()
         if exchange.deadline is not None:

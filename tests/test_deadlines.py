@@ -18,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from starlette.requests import Request
 
 from serving import service
 from serving.decode_memory import DecodeMemory
@@ -52,7 +53,8 @@ def _answered(exchange) -> None:
 
 def test_the_service_deadlines_come_before_bentomls_timeout():
     # Reversed, BentoML's unlogged 504 would answer first and the prediction log never hear of it.
-    assert service.UPLOAD_TIMEOUT_S < service.ANSWER_DEADLINE_S < service.REQUEST_TIMEOUT_S
+    # The answer deadline counts from the upload's end, so the two add up.
+    assert service.UPLOAD_TIMEOUT_S + service.ANSWER_DEADLINE_S < service.REQUEST_TIMEOUT_S
     assert service.Screening.config["traffic"]["timeout"] == service.REQUEST_TIMEOUT_S
 
 
@@ -67,6 +69,75 @@ def test_a_request_past_the_deadline_is_a_logged_503(screening):
     assert "could not answer within 0.3 s" in json.loads(response.body)["error"]
     (record,) = _records(screening)
     assert record["outcome"] == "failed" and record["status"] == 503
+
+
+def _slow_upload(chunks: int, gap_s: float, *, then_disconnect: bool = False) -> Request:
+    """A client that sends ``chunks`` chunks ``gap_s`` apart, then waits (or hangs up)."""
+    sent = 0
+
+    async def receive() -> dict:
+        nonlocal sent
+        if sent < chunks:
+            sent += 1
+            await asyncio.sleep(gap_s)
+            return {"type": "http.request", "body": b"x", "more_body": sent < chunks}
+        if then_disconnect:
+            return {"type": "http.disconnect"}
+        await asyncio.sleep(3600)
+        raise AssertionError("never reached")
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/monitor", "headers": []}
+    return Request(scope, receive)
+
+
+def test_a_slow_upload_leaves_the_answer_its_whole_deadline(screening):
+    """The deadline counts from the upload's end: a slow link is not called an overload."""
+
+    async def answer(exchange):
+        _answered(exchange)
+        body = await service._read_body(exchange.request, answer_deadline=exchange.deadline)
+        await asyncio.sleep(DEADLINE_S * 0.6)  # decoding and inference
+        answer = {"request_id": exchange.request_id, "decision": "positive", "bytes": len(body)}
+        return await screening._answer(exchange, answer, score=0.9, decision="positive")
+
+    upload = _slow_upload(chunks=4, gap_s=DEADLINE_S * 0.2)  # 0.8 of the deadline
+    started = time.monotonic()
+    response = asyncio.run(screening._guarded(service._Exchange("/v1/monitor", upload), answer))
+    assert time.monotonic() - started > DEADLINE_S  # past a deadline counted from the start
+    assert response.status_code == 200 and json.loads(response.body)["bytes"] == 4
+    assert _records(screening)[-1]["outcome"] == "prediction"
+
+
+def test_a_request_still_running_a_deadline_after_its_upload_is_a_503(screening):
+    async def stuck(exchange):
+        await service._read_body(exchange.request, answer_deadline=exchange.deadline)
+        await asyncio.sleep(10)
+
+    upload = _slow_upload(chunks=2, gap_s=DEADLINE_S * 0.4)
+    started = time.monotonic()
+    response = asyncio.run(screening._guarded(service._Exchange("/v1/monitor", upload), stuck))
+    assert DEADLINE_S * 1.7 < time.monotonic() - started < 5
+    assert response.status_code == 503
+    assert "within 0.3 s of the upload" in json.loads(response.body)["error"]
+    assert _records(screening)[-1]["status"] == 503
+
+
+def test_a_client_gone_before_its_answer_is_logged_as_failed_not_answered(screening):
+    """Its answer is never delivered, so no record may say it was."""
+
+    async def answer(exchange):
+        _answered(exchange)
+        await service._read_body(exchange.request)
+        answer = {"request_id": exchange.request_id, "decision": "positive"}
+        return await screening._answer(exchange, answer, score=0.9, decision="positive")
+
+    gone = _slow_upload(chunks=1, gap_s=0, then_disconnect=True)
+    response = asyncio.run(screening._guarded(service._Exchange("/v1/monitor", gone), answer))
+    assert response.status_code == 400
+    (record,) = _records(screening)
+    assert (record["outcome"], record["status"]) == ("failed", 400)
+    assert "disconnected before its answer was ready" in record["error"]
+    assert record["score"] is None and record["decision"] is None
 
 
 def test_a_record_being_written_at_the_deadline_is_not_cut_short(screening):

@@ -331,6 +331,34 @@ def test_ecg_samples_get_per_beat_classes_and_an_alert_summary(
     assert record["summary"]["signal_kurtosis"] == summary["signal_quality"]["kurtosis"]
 
 
+def test_a_client_that_hangs_up_before_its_answer_is_logged_as_failed(
+    served_model, service_keys, shared_datasets: Path
+):
+    """A gone client's answer is never delivered: no record may say it was, or carry a score."""
+    payload, _ = _ecg_payload(shared_datasets, 1800, 360)  # half an hour: seconds of decoding
+    body = json.dumps(payload).encode()
+    head = (
+        "POST /v1/monitor HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {service_keys.all_models}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    host, port = served_model.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as connection:
+        connection.sendall(head.encode() + body)
+        time.sleep(0.5)  # the upload is in; its decoding has begun
+    from serving.settings import prediction_log_path
+
+    digest, deadline = hashlib.sha256(body).hexdigest(), time.monotonic() + 60
+    while not prediction_log_path().exists() or not (
+        records := [r for r in _log_records() if r["input_sha256"] == digest]
+    ):
+        assert time.monotonic() < deadline, "the request left no record"
+        time.sleep(0.2)
+    (record,) = records
+    assert (record["outcome"], record["status"]) == ("failed", 400)
+    assert record["error"] == "the client disconnected before its answer was ready"
+    assert record["score"] is None and record["decision"] is None
+
+
 def test_noise_is_a_signal_quality_alarm_not_a_beat_report(served_model, service_keys):
     # Gaussian noise has "beats" for a QRS detector; it used to come back as ectopic beats.
     noise = np.random.default_rng(0).normal(0.0, 0.3, 360 * 30)
