@@ -214,10 +214,17 @@ def read_dicom_dataset(data: bytes, *, tags: list[str] | None = None) -> pydicom
             read_preamble(stream, False)
             # The meta alone first (pydicom has no public reader of it for bytes).
             syntax = _read_file_meta_info(stream).get("TransferSyntaxUID")
-            if syntax != DeflatedExplicitVRLittleEndian:
+            # pydicom reads a file cut right after its header as an empty dataset.
+            header_only = stream.tell() >= len(data)
+            if not header_only and syntax != DeflatedExplicitVRLittleEndian:
                 return pydicom.dcmread(io.BytesIO(data), specific_tags=tags)
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError) as error:
         raise ImageDecodeError(f"unreadable DICOM file ({type(error).__name__})") from error
+    if header_only:
+        raise ImageDecodeError(
+            f"the DICOM file ends after its header ({len(data)} bytes, no data element): it is "
+            "truncated or corrupt; send the whole file"
+        )
     raise ImageDecodeError(
         f"DICOM transfer syntax {_shown_uid(syntax)} (Deflated Explicit VR Little Endian) is not "
         "accepted; re-send the file uncompressed (Explicit VR Little Endian)",

@@ -144,6 +144,15 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _is_finite_number(value: object) -> bool:
+    if not _is_number(value):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # a JSON integer too large for a float
+        return False
+
+
 def check_lead_name(lead: str, field: str) -> str:
     """Refuse a lead name no lead has (422), before any regex sees it; return it stripped."""
     if len(lead) > MAX_LEAD_NAME_CHARS:
@@ -216,7 +225,7 @@ def ecg_from_json(payload: dict) -> EcgSignal:
     if missing:
         raise _unprocessable(f"missing field(s): {', '.join(missing)}")
     rate, lead, samples = payload["sampling_rate_hz"], payload["lead"], payload["samples"]
-    if not _is_number(rate) or not math.isfinite(rate):
+    if not _is_finite_number(rate):
         raise _unprocessable("field 'sampling_rate_hz' must be a number (samples per second)")
     if not MIN_SAMPLING_RATE_HZ <= rate <= MAX_SAMPLING_RATE_HZ:
         raise _unprocessable(
@@ -342,6 +351,8 @@ def ecg_from_dicom(data: bytes, lead: str = "II") -> EcgSignal:
             f"{MIN_SAMPLING_RATE_HZ:g} and {MAX_SAMPLING_RATE_HZ:g} Hz"
         )
     to_millivolts = _millivolts_per_unit(channel)
+    if not group.get("WaveformData"):  # pydicom reads an empty element as None
+        raise _unprocessable("the DICOM ECG's Waveform Data is empty; send the recorded samples")
     try:
         # pydicom applies sensitivity, correction factor and baseline: values are in the
         # channel's sensitivity unit (microvolts in most ECGs), not millivolts.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import zlib
 from collections.abc import Iterator
+from functools import partial
 from http import HTTPStatus
 from pathlib import Path
 
@@ -155,6 +156,21 @@ def test_a_dicom_without_pixels_shows_only_numbers_of_its_size(shared_datasets: 
         decode_image(dataset_bytes(dataset), **INPUT_28)
     assert str(failure.value).startswith("the DICOM file describes an image but holds no pixel")
     assert "DOE" not in str(failure.value)
+
+
+def test_a_dicom_file_cut_right_after_its_header_is_a_400(shared_datasets: Path):
+    """pydicom reads it as an empty dataset, which looked like a structured report (422)."""
+    from datasets.waveforms import ecg_from_dicom
+
+    data = (shared_datasets / DICOM_DIR / "pydicom_CT_small.dcm").read_bytes()
+    meta = io.BytesIO()
+    pydicom.filewriter.write_file_meta_info(meta, pydicom.dcmread(io.BytesIO(data)).file_meta)
+    for cut in (data[:132], data[:132] + meta.getvalue()):  # after "DICM"; after the meta group
+        for decode in (partial(decode_image, **INPUT_28), ecg_from_dicom):
+            with pytest.raises(ImageDecodeError) as failure:
+                decode(cut)
+            assert failure.value.status == HTTPStatus.BAD_REQUEST
+            assert f"ends after its header ({len(cut)} bytes" in str(failure.value)
 
 
 def test_truncated_pixel_data_is_a_422(shared_datasets: Path):

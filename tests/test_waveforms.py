@@ -162,6 +162,10 @@ def _no_waveform(dataset: pydicom.Dataset) -> None:
     del dataset.WaveformSequence
 
 
+def _empty_samples(dataset: pydicom.Dataset) -> None:
+    dataset.WaveformSequence[0].WaveformData = b""  # read back as None: pydicom's TypeError
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -169,6 +173,7 @@ def _no_waveform(dataset: pydicom.Dataset) -> None:
         (_truncated_samples, "waveform data cannot be decoded"),
         (_no_sampling_frequency, "Sampling Frequency"),
         (_no_waveform, "no waveform"),
+        (_empty_samples, "Waveform Data is empty"),
     ],
 )
 def test_unusable_dicom_ecg_is_a_422(ecg_dicom: bytes, edit, message: str):
@@ -206,6 +211,8 @@ def body(samples: object = TEN_SECONDS, rate: object = 360, lead: object = "II")
         (body(samples=_MISSING, lead=_MISSING), 422, "missing field.*samples, lead"),
         (body(rate="360"), 422, "'sampling_rate_hz' must be a number"),
         (body(rate=True), 422, "'sampling_rate_hz' must be a number"),
+        # Valid JSON; too large for a float (math.isfinite's OverflowError was the message).
+        (body(rate=10**400), 422, "'sampling_rate_hz' must be a number"),
         (body(rate=50), 422, "between 100 and 2000"),
         (body(lead=""), 422, "'lead'"),
         (body(lead=2), 422, "'lead'"),
