@@ -38,6 +38,7 @@ from email.message import Message
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import bentoml
 import numpy as np
@@ -139,6 +140,8 @@ api = FastAPI(
     description="Screening and monitoring models, trained once and shared by every region.",
     docs_url=None,  # FastAPI's page loads Swagger UI from a CDN: /docs below serves it from here
     openapi_url="/openapi.json",
+    # A slash redirect sends the upload and its key again, to a URL built from the Host header.
+    redirect_slashes=False,
 )
 # The Swagger UI files that BentoML ships: the docs page loads nothing from another origin, in
 # a browser on the hospital's network where integrators paste their key.
@@ -162,7 +165,9 @@ async def _route_error(request: Request, error: StarletteHTTPException) -> JSONR
     """Unknown routes and methods answer in the same JSON form as every other mistake."""
     status = HTTPStatus(error.status_code)
     if status == HTTPStatus.NOT_FOUND:
-        message = f"no route {request.url.path}; the routes are listed at /v1/docs"
+        path = request.url.path
+        hint = "; routes take no trailing slash" if path.endswith("/") else ""
+        message = f"no route {path}{hint}; the routes are listed at /v1/docs"
     elif status == HTTPStatus.METHOD_NOT_ALLOWED:
         message = f"{request.method} is not allowed on {request.url.path}"
     else:
@@ -201,11 +206,13 @@ class JsonNotFound:
                 plain_404 = message["status"] == 404 and headers.get(
                     b"content-type", b""
                 ).startswith(b"text/plain")
-                slash_redirect = message["status"] == 307 and scope["path"].endswith("/")
+                slash_redirect = message["status"] == 307 and _only_a_slash_apart(
+                    scope["path"], headers.get(b"location", b"").decode("latin-1")
+                )
                 if plain_404 or slash_redirect:
                     replaced = True
                     request_id = str(uuid.uuid4())
-                    hint = "; routes take no trailing slash" if slash_redirect else ""
+                    hint = "; routes take no trailing slash" if scope["path"].endswith("/") else ""
                     body = json.dumps(
                         error_body(
                             request_id,
@@ -231,6 +238,12 @@ class JsonNotFound:
             await send(message)
 
         await self.app(scope, receive, send_json_404)
+
+
+def _only_a_slash_apart(path: str, location: str) -> bool:
+    """Whether ``location`` is Starlette's redirect of ``path`` with a slash added or removed."""
+    moved_to = urlsplit(location).path
+    return moved_to != path and moved_to.rstrip("/") == path.rstrip("/")
 
 
 # Every path that is no route is one label on /metrics: a path can carry anything (an MRN, a
@@ -381,6 +394,13 @@ async def _read_body(
     return b"".join(chunks)
 
 
+def _content_type_header(content_type: str) -> Message:
+    """A Content-Type parsed (media type lower-cased; "multipart/form-dataX" is not multipart)."""
+    header = Message()
+    header["content-type"] = content_type
+    return header
+
+
 async def _multipart(
     request: Request,
     route: str,
@@ -390,11 +410,10 @@ async def _multipart(
 ) -> tuple[bytes, dict[str, str]]:
     """The ``file`` part and the text fields of a multipart upload whose fields are ``accepted``."""
     content_type = request.headers.get("content-type", "")
-    header = Message()
-    header["content-type"] = content_type
+    header = _content_type_header(content_type)
     # Parameter names are case-insensitive: "Boundary=" is a boundary too.
     boundary = header.get_param("boundary")
-    if not content_type.lower().startswith(_MULTIPART) or not isinstance(boundary, str):
+    if header.get_content_type() != _MULTIPART or not isinstance(boundary, str):
         raise RequestError(
             f"{route} takes {_MULTIPART} with the upload in a field named 'file' "
             f"(got Content-Type {content_type or 'none'!r})",
@@ -529,7 +548,7 @@ async def _read_json_body(
 ) -> bytes:
     """The raw bytes of a JSON body (refused with 415 under another content type)."""
     content_type = request.headers.get("content-type", "")
-    if not content_type.lower().startswith("application/json"):
+    if _content_type_header(content_type).get_content_type() != "application/json":
         raise RequestError(
             f"{route} takes application/json (got Content-Type {content_type or 'none'!r})",
             HTTPStatus.UNSUPPORTED_MEDIA_TYPE,

@@ -214,6 +214,22 @@ def test_the_boundary_parameter_is_named_in_any_case():
         assert data == b"content" and fields == {"model": "a"}
 
 
+def test_a_media_type_is_matched_whole_not_by_its_prefix():
+    body = _closed(_part("model", b"a"), _part("file", b"content", "x.png"))
+    # "multipart/form-dataX" parsed as multipart found no parts and blamed the fields (422).
+    error = _refusal(
+        _multipart(_posted(body, f"multipart/form-dataX; boundary={BOUNDARY}"), "/v1/screen", ())
+    )
+    assert error.status == HTTPStatus.UNSUPPORTED_MEDIA_TYPE and "takes multipart/form-data" in str(
+        error
+    )
+    for content_type in ("application/jsonX", "application/json-seq"):
+        error = _refusal(_read_json_body(_posted(b"{}", content_type), "/v1/monitor"))
+        assert error.status == HTTPStatus.UNSUPPORTED_MEDIA_TYPE, content_type
+    for content_type in ("Application/JSON", "application/json; charset=utf-8"):
+        assert asyncio.run(_read_json_body(_posted(b"{}", content_type), "/v1/monitor")) == b"{}"
+
+
 def test_a_client_value_is_echoed_cut_short():
     # A 1 MB JSON key given twice: the answer names it, but not whole.
     key = "k" * 1_000_000
@@ -261,6 +277,14 @@ def test_a_trailing_slash_is_no_route_and_no_redirect(served_model, service_keys
         )
         assert response.status_code in (404, 405), (path, response.status_code)
         assert "location" not in response.headers and "error" in response.json()
+    # Nor does a folder of files without its slash (Starlette's mount redirected it).
+    response = requests.get(
+        f"{served_model.url}/v1/docs-assets", headers=headers, timeout=30, allow_redirects=False
+    )
+    assert response.status_code == 404 and "location" not in response.headers
+    assert "no route /v1/docs-assets;" in response.json()["error"]
+    response = requests.get(f"{served_model.url}/v1/models/", headers=headers, timeout=30)
+    assert "routes take no trailing slash" in response.json()["error"]
 
 
 @pytest.mark.slow
