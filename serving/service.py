@@ -946,8 +946,8 @@ class Screening:
         except Exception as error:
             if isinstance(error, TimeoutError) and exchange.deadline.expired():
                 failure = RequestError(
-                    f"the service could not answer within {ANSWER_DEADLINE_S:g} s of the upload "
-                    "(it is overloaded); try again later",
+                    f"the service could not answer within {ANSWER_DEADLINE_S:g} s of receiving "
+                    "the request (it is overloaded); try again later",
                     HTTPStatus.SERVICE_UNAVAILABLE,
                 )
             else:

@@ -118,7 +118,7 @@ def test_a_request_still_running_a_deadline_after_its_upload_is_a_503(screening)
     response = asyncio.run(screening._guarded(service._Exchange("/v1/monitor", upload), stuck))
     assert DEADLINE_S * 1.7 < time.monotonic() - started < 5
     assert response.status_code == 503
-    assert "within 0.3 s of the upload" in json.loads(response.body)["error"]
+    assert "within 0.3 s of receiving the request" in json.loads(response.body)["error"]
     assert _records(screening)[-1]["status"] == 503
 
 
