@@ -169,12 +169,18 @@ def test_ctrl_c_during_a_download_says_aborted_and_keeps_nothing(http_server: st
     from tests.conftest import medscreen_command
 
     arguments = ["--cache-dir", str(tmp_path), "--url", f"{http_server}/slow.bin"]
-    process = subprocess.Popen(
-        [*medscreen_command(), "datasets", "fetch", "pneumoniamnist", *arguments],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # A suite run as a background job ignores SIGINT, and so would the command it starts: a
+    # handler (reset to the default by exec) is what the command gets instead.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(
+            [*medscreen_command(), "datasets", "fetch", "pneumoniamnist", *arguments],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob(".*.part")) and time.monotonic() < deadline:
         time.sleep(0.1)
