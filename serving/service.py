@@ -160,14 +160,18 @@ async def _docs() -> HTMLResponse:
     )
 
 
+def _no_route(path: str) -> str:
+    """The 404 message, for the API's own routes and for BentoML's paths alike."""
+    hint = "; routes take no trailing slash" if path.endswith("/") else ""
+    return f"no route {path}{hint}; the routes are listed at /v1/docs"
+
+
 @api.exception_handler(StarletteHTTPException)
 async def _route_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
     """Unknown routes and methods answer in the same JSON form as every other mistake."""
     status = HTTPStatus(error.status_code)
     if status == HTTPStatus.NOT_FOUND:
-        path = request.url.path
-        hint = "; routes take no trailing slash" if path.endswith("/") else ""
-        message = f"no route {path}{hint}; the routes are listed at /v1/docs"
+        message = _no_route(request.url.path)
     elif status == HTTPStatus.METHOD_NOT_ALLOWED:
         message = f"{request.method} is not allowed on {request.url.path}"
     else:
@@ -212,13 +216,8 @@ class JsonNotFound:
                 if plain_404 or slash_redirect:
                     replaced = True
                     request_id = str(uuid.uuid4())
-                    hint = "; routes take no trailing slash" if scope["path"].endswith("/") else ""
                     body = json.dumps(
-                        error_body(
-                            request_id,
-                            HTTPStatus.NOT_FOUND,
-                            f"no route {scope['path']}{hint}; the routes are listed at /v1/docs",
-                        )
+                        error_body(request_id, HTTPStatus.NOT_FOUND, _no_route(scope["path"]))
                     ).encode()
                     await send(
                         {
