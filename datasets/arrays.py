@@ -26,6 +26,8 @@ from datasets.images import (
 from datasets.volumes import resize_volume
 
 MAX_ARRAY_ELEMENTS = 16 * 1024 * 1024
+# numpy's limit on axes; deeper lists would otherwise be reported as ragged.
+_MAX_ARRAY_AXES = 64
 _PICTURE_CHANNELS = (1, 3)
 
 
@@ -74,6 +76,11 @@ def _to_uint8(payload: object) -> np.ndarray:
         raise _error(
             f"{'x'.join(map(str, claimed))} values exceed the limit of {MAX_ARRAY_ELEMENTS}",
             HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        )
+    if len(claimed) > _MAX_ARRAY_AXES:
+        raise _error(
+            f"the nested lists are at least {len(claimed)} deep; an image is (H, W) or (C, H, W) "
+            "and a volume (D, H, W), optionally with leading axes of size 1"
         )
     try:
         values = np.array(payload)

@@ -216,9 +216,10 @@ class JsonNotFound:
                 if plain_404 or slash_redirect:
                     replaced = True
                     request_id = str(uuid.uuid4())
-                    body = json.dumps(
+                    # Rendered as the API's own 404s are, byte for byte alike in form.
+                    body = JSONResponse(
                         error_body(request_id, HTTPStatus.NOT_FOUND, _no_route(scope["path"]))
-                    ).encode()
+                    ).body
                     await send(
                         {
                             "type": "http.response.start",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 from http import HTTPStatus
 from pathlib import Path
@@ -75,6 +76,7 @@ def test_other_volume_sizes_are_zoomed(vessel: np.ndarray):
     ("payload", "shape", "message"),
     [
         ([[0, 1], [2]], GRAY, "ragged"),
+        (functools.reduce(lambda inner, _: [inner], range(70), [1, 2]), GRAY, "at least 71 deep"),
         ([[0, "1"], [2, 3]], GRAY, "strings"),
         ([[0, None], [2, 3]], GRAY, "not numbers"),
         ([[True, False], [False, True]], GRAY, "booleans"),
