@@ -2,6 +2,7 @@
 
 import logging
 import os
+import signal
 import sys
 
 import typer
@@ -37,13 +38,37 @@ app.command("serve")(serve_command)
 app.command("predict")(predict_command)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread as Ctrl-C is, so that every ``with`` and ``finally`` runs.
+
+    Not a ``KeyboardInterrupt``: Lightning turns that into exit code 1 during training.
+    """
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main() -> None:
     """The ``medscreen`` command: click's own usage errors are one line, as every other error."""
+    # Killed by default, a command left its MLflow run RUNNING for good and a partial download
+    # on disk; unwound, the run is marked FAILED and the partial file removed. (``serve``
+    # replaces this process with BentoML's, which resets the handler.)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         code = app(standalone_mode=False, prog_name="medscreen")
     except (typer.Abort, KeyboardInterrupt):  # Ctrl-C: one line, as click's own handling gave
         typer.echo("aborted", err=True)
         sys.exit(130)
+    except Terminated:
+        typer.echo("terminated", err=True)
+        sys.exit(128 + signal.SIGTERM)
+    except SystemExit as leaving:
+        # Lightning answers Ctrl-C during training with its own exit code 1, after cleaning up.
+        if isinstance(leaving.__context__, KeyboardInterrupt):
+            typer.echo("aborted", err=True)
+            sys.exit(130)
+        raise
     except TrackingServerError as error:  # any command that reads or writes the tracking store
         typer.echo(f"error: {error}", err=True)
         sys.exit(2)

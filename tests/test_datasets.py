@@ -162,7 +162,14 @@ def test_an_unreadable_local_file_is_named(tmp_path: Path):
         readable_sha256(tmp_path / "pneumoniamnist.npz")
 
 
-def test_ctrl_c_during_a_download_says_aborted_and_keeps_nothing(http_server: str, tmp_path: Path):
+@pytest.mark.parametrize(
+    ("signal_name", "exit_code", "last_line"),
+    [("SIGINT", 130, "aborted"), ("SIGTERM", 143, "terminated")],
+)
+def test_a_signal_during_a_download_says_so_and_keeps_nothing(
+    http_server: str, tmp_path: Path, signal_name: str, exit_code: int, last_line: str
+):
+    """Ctrl-C, and SIGTERM (a scheduler's or a service manager's stop), both unwind the command."""
     import signal
     import subprocess
 
@@ -184,10 +191,10 @@ def test_ctrl_c_during_a_download_says_aborted_and_keeps_nothing(http_server: st
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob(".*.part")) and time.monotonic() < deadline:
         time.sleep(0.1)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(getattr(signal, signal_name))
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130
-    assert stderr.strip().splitlines()[-1] == "aborted"  # typer's own exit 130 said nothing
+    assert process.returncode == exit_code
+    assert stderr.strip().splitlines()[-1] == last_line  # typer's own exit 130 said nothing
     assert _leftovers(tmp_path) == []
 
 

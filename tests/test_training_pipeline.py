@@ -263,3 +263,54 @@ def test_train_prints_the_run_id_whole_above_its_summary(medmnist_dir: Path):
     assert len(run_id) == 32
     # A narrow terminal once wrapped the id inside the table's title.
     assert f"run {run_id} (pneumonia-quick)" in result.stderr.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("signal_name", "exit_code", "last_line"),
+    [("SIGINT", 130, "aborted"), ("SIGTERM", 143, "terminated")],
+)
+def test_a_stopped_training_run_is_marked_failed_not_left_running(
+    medmnist_dir: Path, signal_name: str, exit_code: int, last_line: str
+):
+    """Ctrl-C or a scheduler's SIGTERM unwinds ``train``: its run ends FAILED, not RUNNING."""
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import medscreen_command
+
+    overrides = [
+        *TINY_TRAINING,
+        "optimisation.max_epochs=1000",  # still training when the signal comes
+        f"data.data_dir={medmnist_dir}",
+        f"experiment=stopped-training-{signal_name}",
+    ]
+    # As in the download test: the command must not inherit a background job's ignored SIGINT.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(
+            [*medscreen_command(), "train", str(QUICK_RECIPE), "--no-progress"]
+            + [f"--set={override}" for override in overrides],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    client = _client()
+    running = []
+    deadline = time.monotonic() + 180
+    while not running and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        experiment = client.get_experiment_by_name(f"stopped-training-{signal_name}")
+        if experiment is not None:
+            running = client.search_runs(
+                [experiment.experiment_id], "attributes.status = 'RUNNING'"
+            )
+    assert running, "the training run never started"
+    time.sleep(3)  # into the epochs
+    process.send_signal(getattr(signal, signal_name))
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == exit_code, stderr
+    assert stderr.strip().splitlines()[-1] == last_line
+    assert client.get_run(running[0].info.run_id).info.status == "FAILED"
