@@ -195,8 +195,27 @@ class ServedModel:
                 if self.card.is_monitoring
                 else ["/v1/screen", "/v1/screen/array"]
             ),
-            "card": self.card.model_dump(mode="json"),
+            "card": _without_local_paths(self.card.model_dump(mode="json")),
         }
+
+
+LOCAL_PATH_SHOWN_AS = "a file of the training site (its path is not served)"
+
+
+def _without_local_paths(value: Any) -> Any:
+    """The card as served: ``file:`` URIs (a hospital manifest's path) become a placeholder.
+
+    A training site's folder names can carry an MRN or a patient's name, and they are no
+    business of other regions; the registry's own card keeps the path for auditors, and the
+    file's SHA-256 stays in the served card.
+    """
+    if isinstance(value, dict):
+        return {key: _without_local_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_local_paths(item) for item in value]
+    if isinstance(value, str) and value[:5].lower() == "file:":
+        return LOCAL_PATH_SHOWN_AS
+    return value
 
 
 def check_governance(reference: str, parsed: ModelReference, version: ModelVersion) -> None:

@@ -184,6 +184,17 @@ def test_manifest_run_exports_and_checks_the_manifest(
     assert card.positive_finding == "pneumonia" and card.positive_classes == [1]
     tags = _client().get_run(result.run_id).data.tags
     assert card.training_data.split_fingerprints["val"] == tags["medscreen.data.val.fingerprint"]
+    # The registry's card names the manifest for auditors; the card served to regions does not
+    # (a training site's folder names can carry an MRN), though it keeps the file's SHA-256.
+    assert card.training_data.url == hospital_manifest.resolve().as_uri()
+    from serving.model import LOCAL_PATH_SHOWN_AS, load_served_model
+    from training.registry import promote
+
+    promote(exported.model_name, exported.version, alias="champion", approver="ci", reason="t")
+    served = load_served_model(f"{exported.model_name}@champion").describe()
+    assert served["card"]["training_data"]["url"] == LOCAL_PATH_SHOWN_AS
+    assert served["card"]["training_data"]["file_sha256"] == card.training_data.file_sha256
+    assert str(hospital_manifest.parent) not in json.dumps(served)
     # A moved copy, byte for byte, rebuilds the same splits from the data directory ...
     moved = tmp_path / "moved"
     shutil.copytree(hospital_manifest.parent, moved)
