@@ -63,9 +63,13 @@ def test_bad_override_is_named(override: str, message: str):
     ],
 )
 def test_wrong_or_unknown_field_is_named(tmp_path: Path, text: str, field: str):
-    base = QUICK_RECIPE.read_text()
+    import yaml
+
+    tree = yaml.safe_load(QUICK_RECIPE.read_text())
+    for section, fields in yaml.safe_load(text).items():
+        tree[section] = {**tree.get(section, {}), **fields}
     broken = tmp_path / "broken.yaml"
-    broken.write_text(base + "\n" + text)
+    broken.write_text(yaml.safe_dump(tree))
     with pytest.raises(RecipeError, match=f"{broken}: field '{field}"):
         load_recipe(broken)
 
@@ -116,7 +120,9 @@ MANIFEST_RECIPE = PROJECT_ROOT / "training" / "recipes" / "hospital-manifest-exa
     ],
 )
 def test_manifest_recipe_errors_name_the_field(overrides: list[str], field: str):
-    with pytest.raises(RecipeError, match=f"{MANIFEST_RECIPE}: field '{field}"):
+    # Each case's error comes from its last override, and the error names it.
+    named = re.escape(f"override {overrides[-1]!r}: field '")
+    with pytest.raises(RecipeError, match=f"^{named}{field}"):
         load_recipe(MANIFEST_RECIPE, overrides)
 
 
@@ -141,6 +147,54 @@ def test_missing_recipe_and_bad_yaml(tmp_path: Path):
     (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(tmp_path / "bad.yaml")
+    # PyYAML's own loader kept the last of two keys, silently.
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(
+        QUICK_RECIPE.read_text().replace("max_epochs: 6", "max_epochs: 6\n  max_epochs: 7")
+    )
+    with pytest.raises(
+        RecipeError, match=rf"^{twice}:\d+:3: not valid YAML: field 'max_epochs' is given twice$"
+    ):
+        load_recipe(twice)
+    with pytest.raises(
+        RecipeError, match=re.escape("override 'model={a: 1, a: 2}': the value is field 'a' is")
+    ):
+        load_recipe(QUICK_RECIPE, ["model={a: 1, a: 2}"])
+    # Nesting past Python's recursion limit was a RecursionError traceback.
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("name: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(RecipeError, match="not valid YAML: nested too deeply"):
+        load_recipe(deep)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        # Infinity passes the learning rate's lower bound; NaN a field without bounds.
+        (
+            "optimisation.learning_rate=inf",
+            "field 'optimisation.learning_rate': Input should be a finite number",
+        ),
+        (
+            "optimisation.learning_rate=.inf",
+            "field 'optimisation.learning_rate': Input should be a finite number",
+        ),
+        (
+            "model.intensity_mean=.nan",
+            "field 'model.intensity_mean': Input should be a finite number",
+        ),
+        # An override's error names the override, not the recipe file it did not come from.
+        ("name=", "field 'name': Input should be a valid string"),
+        (
+            "optimisation={max_epochs: 0}",
+            "field 'optimisation.max_epochs': Input should be greater than 0",
+        ),
+    ],
+)
+def test_an_overridden_field_is_named_with_its_override(override: str, message: str):
+    with pytest.raises(RecipeError) as refused:
+        load_recipe(QUICK_RECIPE, [override, "seed=1"])  # the one at fault, not the last
+    assert str(refused.value) == f"override {override!r}: {message}"
 
 
 def test_train_cli_prints_one_line_naming_the_field():
@@ -345,6 +399,6 @@ def test_network_params_medscreen_does_not_set_are_accepted():
     ],
 )
 def test_ecg_block_sizes_must_be_positive(override: str, field: str):
-    with pytest.raises(RecipeError, match=rf"{ECG_RECIPE}: field '{field}': "):
+    with pytest.raises(RecipeError, match=re.escape(f"override {override!r}: field '{field}': ")):
         load_recipe(ECG_RECIPE, [override])
     assert load_recipe(ECG_RECIPE, ["model.block_config=[1, 2]"]).model.block_config == [1, 2]

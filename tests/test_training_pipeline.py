@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -314,3 +315,34 @@ def test_a_stopped_training_run_is_marked_failed_not_left_running(
     assert process.returncode == exit_code, stderr
     assert stderr.strip().splitlines()[-1] == last_line
     assert client.get_run(running[0].info.run_id).info.status == "FAILED"
+
+
+def test_a_diverging_training_stops_with_one_line_naming_the_learning_rate(medmnist_dir: Path):
+    """A NaN loss stopped nothing: every epoch trained on NaN, then threshold selection raised."""
+    import subprocess
+
+    from tests.conftest import medscreen_command
+
+    overrides = [
+        *TINY_TRAINING,
+        f"data.data_dir={medmnist_dir}",
+        "optimisation.learning_rate=1e30",
+        "experiment=diverging-training",
+    ]
+    completed = subprocess.run(
+        [*medscreen_command(), "train", str(QUICK_RECIPE), "--no-progress"]
+        + [f"--set={override}" for override in overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 2, completed.stderr
+    last_line = completed.stderr.strip().splitlines()[-1]
+    assert re.match(
+        r"error: training diverged: the loss was (nan|-?inf) at epoch 0, batch ", last_line
+    )
+    assert last_line.endswith("; lower optimisation.learning_rate (now 1e+30)")
+    client = _client()
+    experiment = client.get_experiment_by_name("diverging-training")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FAILED"

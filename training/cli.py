@@ -33,6 +33,7 @@ def train_command(
     from rich.table import Table
 
     from training.recipe import EcgRecipe
+    from training.train import TrainingDivergedError
 
     try:
         if isinstance(resolved, EcgRecipe):
@@ -53,7 +54,7 @@ def train_command(
                 "test_specificity",
                 "test_accuracy",
             ]
-    except (DatasetError, RecipeError) as error:
+    except (DatasetError, RecipeError, TrainingDivergedError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     table = Table("metric", "value")

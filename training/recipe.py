@@ -7,6 +7,7 @@ import inspect
 import re
 import types
 import typing
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,7 +31,8 @@ class _FieldError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Infinity passes a lower bound, and NaN any field without one (an intensity mean).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 DEFAULT_SPLIT_FRACTION = 0.15
@@ -515,6 +517,16 @@ def _describe(error: ValidationError, source: str) -> str:
     return f"{source}: field '{field}': {message}{more}"
 
 
+def _source_of(error: ValidationError, path: str, overrides: list[str]) -> str:
+    """The override that set the first failing field (or one of its sections), else the file."""
+    location = [str(part) for part in error.errors()[0]["loc"]]
+    for text in reversed(overrides):  # the last override of a field is the one that counts
+        key = text.partition("=")[0].strip().split(".")
+        if location and (location[: len(key)] == key or key[: len(location)] == location):
+            return f"override {text!r}"
+    return path
+
+
 def _line_and_column(text: str | bytes, offset: int) -> tuple[int, int]:
     """1-based line and column of ``offset`` in ``text``."""
     newline = "\n" if isinstance(text, str) else b"\n"
@@ -538,6 +550,35 @@ def _describe_yaml(error: yaml.YAMLError, path: Path, text: str) -> str:
     return f"{where}: not valid YAML: {' '.join(str(problem).split())}"
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping.
+
+    PyYAML keeps the last of duplicate keys silently: a recipe trained on a value that its
+    reader, reading from the top, did not see.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"field {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _parse_yaml(text: str) -> Any:
+    """Parse recipe YAML with :class:`_RecipeLoader`.
+
+    Raises:
+        yaml.YAMLError: if the text is not valid YAML or repeats a key.
+        RecursionError: if it nests deeper than Python's recursion limit.
+    """
+    return yaml.load(text, Loader=_RecipeLoader)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``a.b.c=value`` into its path and a YAML-parsed value.
 
@@ -548,10 +589,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not separator or not key.strip():
         raise RecipeError(f"override {text!r}: expected KEY=VALUE with a dotted KEY")
     try:
-        value = yaml.safe_load(raw_value) if raw_value else None
+        value = _parse_yaml(raw_value) if raw_value else None
     except yaml.YAMLError as error:
         problem = getattr(error, "problem", None) or "not valid YAML"
         raise RecipeError(f"override {text!r}: the value is {problem}") from error
+    except RecursionError:
+        raise RecipeError(f"override {text[:80]!r}...: the value is nested too deeply") from None
     return key.strip().split("."), value
 
 
@@ -623,17 +666,22 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> AnyRecipe:
             "save the recipe as UTF-8"
         ) from error
     try:
-        tree = yaml.safe_load(text)
+        tree = _parse_yaml(text)
     except yaml.YAMLError as error:
         raise RecipeError(_describe_yaml(error, path, text)) from error
+    except RecursionError:
+        raise RecipeError(f"{path}: not valid YAML: nested too deeply for a recipe") from None
     if not isinstance(tree, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping of fields")
     recipe_class = EcgRecipe if tree.get("kind") == "ecg-monitoring" else Recipe
-    tree = apply_overrides(tree, overrides or [], recipe_class)
+    overrides = overrides or []
+    tree = apply_overrides(tree, overrides, recipe_class)
     try:
         recipe = recipe_class.model_validate(tree)
     except ValidationError as error:
-        raise RecipeError(_describe(error, str(path))) from error
+        raise RecipeError(_describe(error, _source_of(error, str(path), overrides))) from error
+    except RecursionError:
+        raise RecipeError(f"{path}: a field is nested too deeply for a recipe") from None
     # Here, not in the model: the recipe a run logged is read as it was trained, so that runs
     # from before this check can still be exported and evaluated.
     try:

@@ -57,6 +57,33 @@ class EpochMetricsToMlflow(Callback):
         mlflow.log_metrics(metrics, step=trainer.current_epoch)
 
 
+class TrainingDivergedError(RuntimeError):
+    """The training loss stopped being a finite number: nothing sound can be chosen from it."""
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stops at the first batch whose loss is NaN or infinite, naming what to change.
+
+    Without it a diverged run trained every epoch on NaN and died in threshold selection with
+    a traceback; the run is marked FAILED either way.
+    """
+
+    def __init__(self, learning_rate: float) -> None:
+        super().__init__()
+        self.learning_rate = learning_rate
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, _: pl.LightningModule, outputs: object, __: object, batch: int
+    ) -> None:
+        """Check the batch's loss (Lightning hands it over as ``outputs["loss"]``)."""
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss).all()):
+            raise TrainingDivergedError(
+                f"training diverged: the loss was {float(loss)} at epoch {trainer.current_epoch}, "
+                f"batch {batch}; lower optimisation.learning_rate (now {self.learning_rate:g})"
+            )
+
+
 def build_trainer(
     optimisation: OptimisationSection, callbacks: list[Callback], *, show_progress: bool
 ) -> pl.Trainer:
@@ -66,7 +93,7 @@ def build_trainer(
         accelerator="cpu",
         deterministic=True,
         logger=False,
-        callbacks=callbacks,
+        callbacks=[*callbacks, StopOnNonFiniteLoss(optimisation.learning_rate)],
         enable_progress_bar=show_progress,
         enable_model_summary=False,
         limit_train_batches=optimisation.limit_train_batches,
