@@ -346,3 +346,36 @@ def test_a_diverging_training_stops_with_one_line_naming_the_learning_rate(medmn
     experiment = client.get_experiment_by_name("diverging-training")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FAILED"
+
+
+def test_an_interrupted_export_leaves_its_logged_model_failed_not_pending(
+    trained_run, monkeypatch: pytest.MonkeyPatch
+):
+    import mlflow.onnx
+    from mlflow.entities import LoggedModelStatus
+
+    from training import export_and_register
+
+    recipe, result = trained_run
+    client = _client()
+    name = recipe.registration.model_name
+    versions_before = len(client.search_model_versions(f"name='{name}'"))
+    logged_for_real = mlflow.onnx.log_model
+
+    def log_then_interrupt(*args, **kwargs):
+        logged_for_real(*args, **kwargs)
+        raise KeyboardInterrupt  # Ctrl-C just after the graph and card were logged
+
+    monkeypatch.setattr(mlflow.onnx, "log_model", log_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export_and_register(result.run_id)
+    experiment_id = client.get_run(result.run_id).info.experiment_id
+    logged = mlflow.search_logged_models(
+        experiment_ids=[experiment_id],
+        filter_string=f"source_run_id = '{result.run_id}'",
+        output_format="list",
+    )
+    newest = max(logged, key=lambda model: model.creation_timestamp)
+    # Before: READY here (PENDING if cut inside log_model), for a model never registered.
+    assert newest.status == LoggedModelStatus.FAILED
+    assert len(client.search_model_versions(f"name='{name}'")) == versions_before

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
+from mlflow.entities import LoggedModel, LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
@@ -371,8 +372,33 @@ def register_version(
     The version carries the tags that serving and governance check (release gate passed,
     threshold, variant, ONNX SHA-256, run and training-data fingerprint).
     """
-    run_id = card.provenance.run_id
     client = MlflowClient()
+    run = client.get_run(card.provenance.run_id)
+    # Created in the training run's experiment: left to log_model, an MLFLOW_EXPERIMENT_NAME
+    # or _ID in the environment would put the logged model in another experiment.
+    logged_model = mlflow.initialize_logged_model(
+        name=f"{REGISTRY_ARTIFACT_NAME}-{card.onnx.variant}",
+        source_run_id=run.info.run_id,
+        params=run.data.params,
+        experiment_id=run.info.experiment_id,
+    )
+    with _failed_unless_registered(logged_model.model_id):
+        return _log_and_register(
+            client, logged_model, onnx_model, card, signature, description, extra_tags
+        )
+
+
+def _log_and_register(
+    client: MlflowClient,
+    logged_model: LoggedModel,
+    onnx_model: onnx.ModelProto,
+    card: ModelCard,
+    signature: ModelSignature,
+    description: str,
+    extra_tags: dict[str, str],
+) -> ExportResult:
+    """:func:`register_version`'s steps, into a logged model already created."""
+    run_id = card.provenance.run_id
     # Logged to the finished training run without reopening it: a reopened run is RUNNING until
     # closed (FAILED if an error closes it), so an interrupted export left it unusable.
     with tempfile.TemporaryDirectory() as card_dir:
@@ -381,15 +407,6 @@ def register_version(
         card_sha256 = file_sha256(card_path)
         markdown_path = Path(card_dir) / CARD_MARKDOWN_FILENAME
         markdown_path.write_text(card.to_markdown())
-        # Created in the training run's experiment: left to log_model, an MLFLOW_EXPERIMENT_NAME
-        # or _ID in the environment would put the logged model in another experiment.
-        run = client.get_run(run_id)
-        logged_model = mlflow.initialize_logged_model(
-            name=f"{REGISTRY_ARTIFACT_NAME}-{card.onnx.variant}",
-            source_run_id=run_id,
-            params=run.data.params,
-            experiment_id=run.info.experiment_id,
-        )
         model_info = mlflow.onnx.log_model(
             onnx_model,
             name=f"{REGISTRY_ARTIFACT_NAME}-{card.onnx.variant}",
@@ -451,6 +468,21 @@ def register_version(
     )
     version = str(created.version)
     return ExportResult(model_name=card.model_name, version=version, card=card)
+
+
+@contextlib.contextmanager
+def _failed_unless_registered(model_id: str) -> Iterator[None]:
+    """Mark a logged model FAILED if its version is not registered (an error, Ctrl-C, SIGTERM).
+
+    Left alone, an interrupted export's logged model stayed PENDING for good in the run's
+    experiment, a model that looks on its way to the registry but never arrives.
+    """
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):  # the first error is the one to report
+            mlflow.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+        raise
 
 
 def _register(
