@@ -248,6 +248,14 @@ def test_export_cli_names_an_unknown_run():
     assert "run '00000000000000000000000000000000' not found" in line
 
 
+def test_export_cli_refuses_the_other_kinds_data_option(trained_run, tmp_path: Path):
+    """An image run's export ignored --records-dir and registered a version anyway."""
+    line = medscreen_error_line(
+        "export", "--run-id", trained_run[1].run_id, "--records-dir", str(tmp_path)
+    )
+    assert line == "error: --records-dir is for ECG runs; give an image run's --data-dir"
+
+
 def test_train_prints_the_run_id_whole_above_its_summary(medmnist_dir: Path):
     from typer.testing import CliRunner
 

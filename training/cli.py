@@ -100,10 +100,14 @@ def export_command(
         if read_run_recipe(run_id).get("kind") == "ecg-monitoring":
             if int8:
                 raise RunError("--int8 is for image models; ECG graphs are exported as float32")
+            if data_dir is not None:
+                raise RunError("--data-dir is for image runs; give an ECG run's --records-dir")
             from training.ecg_export import export_ecg_and_register
 
             result = export_ecg_and_register(run_id, records_dir=records_dir)
         else:
+            if records_dir is not None:  # silently ignored before: not the data it was told
+                raise RunError("--records-dir is for ECG runs; give an image run's --data-dir")
             from training.export import export_and_register
 
             result = export_and_register(run_id, data_dir=data_dir)

@@ -159,6 +159,7 @@ def _version(client: MlflowClient, name: str, version: str) -> ModelVersion:
     try:
         return client.get_model_version(name, version)
     except MlflowException as error:
+        _registered_model(client, name)  # "no registered model" rather than "no version 1"
         raise GovernanceError(f"model {name!r} has no version {version!r}") from error
 
 
