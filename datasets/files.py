@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 
 def write_atomically(path: Path, data: bytes, *, sync_directory: bool = True) -> None:
@@ -45,3 +48,59 @@ def write_atomically(path: Path, data: bytes, *, sync_directory: bool = True) ->
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def file_kind(mode: int) -> str | None:
+    """What a file of this ``st_mode`` is, e.g. ``"a character device"``; None if regular.
+
+    Args:
+        mode: ``st_mode`` from ``os.stat``.
+
+    Returns:
+        None for a regular file, else a phrase naming its kind.
+    """
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in _FILE_KINDS if test(mode)), "an unknown kind of file")
+
+
+class NotRegularFileError(OSError):
+    """A path to read that is a device, a pipe, a directory or a socket, not a regular file."""
+
+
+def open_regular_file(path: Path) -> BinaryIO:
+    """Open a file for reading in binary, refusing anything that is not a regular file.
+
+    ``/dev/zero`` never ends and a named pipe blocks its reader: neither is a key store, a
+    prediction log or its head file. Opened non-blocking, so a pipe cannot hang the open.
+
+    Args:
+        path: The file to open (a symbolic link is followed).
+
+    Returns:
+        The open file.
+
+    Raises:
+        NotRegularFileError: if it is not a regular file; its ``strerror`` reads e.g.
+            ``"is a character device, not a regular file"``.
+        OSError: if it cannot be opened.
+    """
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        kind = file_kind(os.fstat(descriptor).st_mode)
+        if kind is not None:
+            raise NotRegularFileError(errno.EINVAL, f"is {kind}, not a regular file", str(path))
+        os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise

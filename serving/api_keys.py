@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import (
     BaseModel,
@@ -32,7 +32,7 @@ from pydantic import (
     field_validator,
 )
 
-from datasets.files import write_atomically
+from datasets.files import NotRegularFileError, open_regular_file, write_atomically
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")
 # The name part of a serving reference (``serving.model``), so every servable model can be granted.
@@ -42,6 +42,8 @@ KEY_PREFIX = "msk_"
 _PRESENTED_KEY = re.compile(r"msk_(?P<key_id>[0-9a-f]{12})_[A-Za-z0-9_-]{32,128}")
 _BEARER = re.compile(r"^bearer(\s+|$)", re.IGNORECASE)
 _ISSUE_HINT = "keys are issued with `medscreen keys create`"
+# Far beyond any store in use (a key takes about 300 bytes): a larger file is not read whole.
+MAX_STORE_BYTES = 64 << 20
 
 
 class AuthError(Exception):
@@ -64,6 +66,17 @@ class KeyStoreError(ValueError):
 
 class UnknownKeyError(KeyStoreError):
     """No key with the given key id exists in the store."""
+
+
+class WrongSecretError(KeyStoreError):
+    """A whole key was given whose secret is not that of the stored key with its id."""
+
+
+class Revocation(NamedTuple):
+    """What :meth:`KeyStore.revoke_key` did: the key, and whether it was revoked before."""
+
+    key: ApiKey
+    already_revoked: bool
 
 
 def check_name(field: str, value: str) -> str:
@@ -228,16 +241,23 @@ class KeyStore:
     def _read(self) -> tuple[tuple[int, int, int] | None, dict[str, ApiKey]]:
         """Read the file as it is now, with the stamp of exactly the bytes read."""
         try:
-            stream = self.path.open("rb")
+            stream = open_regular_file(self.path)
         except FileNotFoundError:
             return None, {}
+        except NotRegularFileError as error:
+            message = f"{self.path}: cannot read the key store: it {error.strerror}"
+            raise KeyStoreError(message) from None
         except OSError as error:
             raise KeyStoreError(f"{self.path}: cannot read the key store: {error}") from None
         with stream:
             # fstat of the open file, so the stamp belongs to the content we parse even if a
             # writer replaces the file in between.
             info = os.fstat(stream.fileno())
-            raw = stream.read()
+            raw = stream.read(MAX_STORE_BYTES + 1)
+        if len(raw) > MAX_STORE_BYTES:
+            raise KeyStoreError(
+                f"{self.path}: not a valid key store: longer than {MAX_STORE_BYTES} bytes"
+            )
         try:
             document = _StoreDocument.model_validate_json(raw)
         except ValidationError as error:
@@ -358,20 +378,51 @@ class KeyStore:
             UnknownKeyError: if no key has that id.
             KeyStoreError: if the store cannot be read or written.
         """
+        return self.revoke_key(key_id).key
+
+    def revoke_key(self, key_id: str, *, whole_key: str | None = None) -> Revocation:
+        """Revoke a key, saying whether it was revoked already (then nothing changes).
+
+        Args:
+            key_id: The 12-character key id shown by ``medscreen keys list``.
+            whole_key: The whole key (``msk_<key_id>_<secret>``), when that is what was given:
+                it must be the stored key itself, or nothing is revoked.
+
+        Returns:
+            The key record with ``revoked_at`` set, and whether it was set before.
+
+        Raises:
+            UnknownKeyError: if no key has that id.
+            WrongSecretError: if ``whole_key`` is not the key stored under that id.
+            KeyStoreError: if the store cannot be read or written.
+        """
         if not self.path.exists():
             # Checked before locking: revoking must not leave a lock file where no store is.
             raise UnknownKeyError(f"no API key with id {key_id!r}: {self.path} does not exist")
+        already = False
 
         def mark(keys: dict[str, ApiKey]) -> ApiKey:
+            nonlocal already
             key = keys.get(key_id)
             if key is None:
                 raise UnknownKeyError(f"no API key with id {key_id!r} in {self.path}")
-            if not key.revoked:
+            # A key with another secret is another store's, or a mangled copy: revoking the key
+            # that happens to share its id would cut off a hospital nobody meant to.
+            if whole_key is not None and not hmac.compare_digest(
+                _sha256(whole_key), key.key_sha256
+            ):
+                raise WrongSecretError(
+                    f"the secret does not match key {key_id} in {self.path}; revoke by the key "
+                    f"id (`medscreen keys revoke {key_id}`) if that is the key meant"
+                )
+            already = key.revoked
+            if not already:
                 key = key.model_copy(update={"revoked_at": utc_timestamp()})
                 keys[key_id] = key
             return key
 
-        return self._update(mark)
+        key = self._update(mark)
+        return Revocation(key, already)
 
     # Checking requests ---------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -12,7 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from datasets.download import hide_passwords
-from serving.api_keys import KeyStore, KeyStoreError, UnknownKeyError
+from datasets.files import NotRegularFileError, file_kind
+from serving.api_keys import KeyStore, KeyStoreError, UnknownKeyError, WrongSecretError
 from serving.prediction_log import head_path_for, parse_head, verify_log
 from serving.settings import (
     PREDICTION_LOG_ENV,
@@ -55,8 +57,9 @@ def _store(path: Path | None, *, new_file_allowed: bool = False) -> KeyStore:
         The store.
     """
     store = path or key_store_path()
-    if store.is_dir():
-        _fail(f"--store: {store} is a directory, not a key store file")
+    with contextlib.suppress(OSError):  # missing or unreadable: named below or by the store
+        if kind := file_kind(store.stat().st_mode):
+            _fail(f"--store: {store} is {kind}, not a key store file")
     if path is not None and not store.exists():
         if not new_file_allowed:
             _fail(f"--store: {store}: no such key store")
@@ -185,20 +188,32 @@ def revoke_command(
     key_id: Annotated[str, typer.Argument(help="Key id shown by `medscreen keys list`.")],
     store: StoreOption = None,
 ) -> None:
-    """Revoke a key; the running service refuses it from its next request on."""
+    """Revoke a key; the running service refuses it from its next request on.
+
+    The whole key (a leaked one, say) may be given instead of its id: it is revoked only if it
+    is the stored key itself.
+    """
+    whole_key = None
     if pasted := re.fullmatch(r"msk_([0-9a-f]{12})_.*", key_id.strip(), flags=re.DOTALL):
-        key_id = pasted[1]  # the whole key was given (a leaked one, say): revoke it by its id
+        whole_key, key_id = pasted[0], pasted[1]
     elif not re.fullmatch(r"[0-9a-f]{12}", key_id):
         # Not echoed: it may be a secret pasted by mistake.
         _fail("KEY_ID: not a key id (12 hexadecimal digits, as `medscreen keys list` shows)")
     key_store = _store(store)
     try:
-        key = key_store.revoke(key_id)
-    except UnknownKeyError as error:
+        key, already = key_store.revoke_key(key_id, whole_key=whole_key)
+    except (UnknownKeyError, WrongSecretError) as error:
         _fail(f"KEY_ID: {error}")
     except KeyStoreError as error:
         _fail(str(error))
-    typer.echo(f"revoked key {key.key_id} of {key.hospital} ({key.region}) at {key.revoked_at}")
+    # Exit 0 either way: the key is revoked, as asked; only the wording tells the two apart.
+    if already:
+        typer.echo(
+            f"key {key.key_id} of {key.hospital} ({key.region}) was already revoked at "
+            f"{key.revoked_at}"
+        )
+    else:
+        typer.echo(f"revoked key {key.key_id} of {key.hospital} ({key.region}) at {key.revoked_at}")
 
 
 @audit_app.command("verify")
@@ -246,10 +261,14 @@ def verify_command(
     if not path.exists() and not head_path_for(path).exists():
         # A mistyped path, variable or state dir must not pass as an empty, intact log.
         _fail(f"{named}: no such prediction log (and no head file){source}")
-    if path.is_dir():
-        _fail(f"{named} is a directory, not a prediction log{source}")
+    # /dev/zero would be read for ever and a pipe would block: only a regular file is a log.
+    with contextlib.suppress(OSError):  # a log that cannot be read is named just below
+        if kind := file_kind(path.stat().st_mode):
+            _fail(f"{named} is {kind}, not a prediction log{source}")
     try:
         result = verify_log(path, kept_head=kept_head)
+    except NotRegularFileError as error:  # swapped in since the check above
+        _fail(f"{named} {error.strerror}{source}")
     except OSError as error:
         _fail(f"{named}: {error.strerror or error}{source}")
     for note in result.notes:

@@ -28,9 +28,10 @@ import os
 import re
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, BinaryIO, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -41,14 +42,21 @@ from pydantic import (
     model_validator,
 )
 
-from datasets.files import write_atomically
+from datasets.files import NotRegularFileError, open_regular_file, write_atomically
 from serving.api_keys import NAME_PATTERN, check_model_name, check_name
 
 logger = logging.getLogger("medscreen.serving")
 GENESIS_HASH = "0" * 64
 _HEX64 = r"^[0-9a-f]{64}$"
+# Longer than any line the writer builds: the closed schema bounds every field, so the largest
+# record it admits (64 summary entries of 4300-digit integers, a 1000-character error of
+# astral characters) is under 300 KB as ASCII JSON; records in service are a few hundred bytes.
+# A longer line is not a record: verify reports it without holding it whole in memory.
+MAX_LINE_BYTES = 1 << 20
 # Longest line the writer looks back over to find where the chain ends.
-_MAX_TAIL_BYTES = 1 << 20
+_MAX_TAIL_BYTES = MAX_LINE_BYTES
+# A head file is one short JSON object; anything longer is not one, and is not read whole.
+_MAX_HEAD_BYTES = 4096
 
 
 # The field by which the first record after a crash commits to the lines the crash left.
@@ -255,11 +263,16 @@ def _chain_position(line: Any) -> tuple[int, str, str] | None:
 def _read_head(head_file: Path) -> tuple[tuple[int, str] | None, str | None]:
     """``((seq, hash), None)`` from a head file, ``(None, None)`` if absent, else a problem."""
     try:
-        raw = head_file.read_bytes()
+        with open_regular_file(head_file) as stream:
+            raw = stream.read(_MAX_HEAD_BYTES + 1)
     except FileNotFoundError:
         return None, None
+    except NotRegularFileError as error:
+        return None, f"{head_file.name}: the head file {error.strerror}"
     except OSError as error:
         return None, f"{head_file.name}: cannot read the head file: {error}"
+    if len(raw) > _MAX_HEAD_BYTES:
+        return None, f"{head_file.name}: the head file is longer than {_MAX_HEAD_BYTES} bytes"
     try:
         head = _parse_json(raw)
     except ValueError:
@@ -342,7 +355,7 @@ class PredictionLog:
 
         Opens what the first commit opens (the folder, the lock file, an existing log) without
         writing a record or creating the log: a log that does not exist yet stays absent, so
-        ``audit verify`` keeps telling a new deployment from an intact empty log.
+        ``audit verify`` keeps telling a new deployment (no log) from an emptied log.
 
         Raises:
             OSError: what the first commit would have met.
@@ -633,6 +646,35 @@ class VerificationResult:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _Overlong:
+    """A line longer than :data:`MAX_LINE_BYTES`: only its length is kept, never its text."""
+
+    length: int
+
+
+def _bounded_lines(stream: BinaryIO) -> Iterator[bytes | _Overlong]:
+    """Each line of the stream without its newline, or :class:`_Overlong` for one too long.
+
+    A line over :data:`MAX_LINE_BYTES` is skipped in pieces, so memory stays bounded however
+    long it is (a 300 MB file without a newline took 780 MB when read whole).
+    """
+    while True:
+        piece = stream.readline(MAX_LINE_BYTES + 1)
+        if not piece:
+            return
+        if piece.endswith(b"\n"):
+            yield piece[:-1]
+        elif len(piece) <= MAX_LINE_BYTES:
+            yield piece  # the last line, without its newline
+        else:
+            length = len(piece)
+            while piece and not piece.endswith(b"\n"):
+                piece = stream.readline(1 << 16)
+                length += len(piece)
+            yield _Overlong(length - (1 if piece.endswith(b"\n") else 0))
+
+
 def parse_head(text: str) -> tuple[int, str]:
     """Parse a kept head, ``SEQ:HASH`` (as ``audit verify`` prints it).
 
@@ -650,7 +692,9 @@ def verify_log(path: Path, *, kept_head: tuple[int, str] | None = None) -> Verif
 
     Reports edited records (hash mismatch), inserted, deleted or reordered records (seq gap or
     ``prev_hash`` mismatch), records removed from the end (head file beyond the last record),
-    lines that are not JSON, and a missing log or head file where the other exists.
+    lines that are not JSON or longer than any record (:data:`MAX_LINE_BYTES`), and a missing
+    log or head file where the other exists. A log that holds no records and has no head file
+    is a problem too: a log emptied, its head file deleted, cannot be told from a new one.
 
     A writer that dies mid-write (a crash, ``kill -9``) leaves the start of a record line; the
     next writer continues the chain from the last whole record, and its first record commits
@@ -667,9 +711,11 @@ def verify_log(path: Path, *, kept_head: tuple[int, str] | None = None) -> Verif
 
     Returns:
         ``ok`` with the number of records, and one message per problem. A missing log with no
-        head file is 0 records and ok.
+        head file is 0 records and ok (the writer creates the log with its first record;
+        ``audit verify`` refuses such a path before it gets here).
 
     Raises:
+        NotRegularFileError: if the log is not a regular file (``/dev/zero``, a pipe).
         OSError: if the log exists but cannot be read.
     """
     path = Path(path)
@@ -699,35 +745,39 @@ def verify_log(path: Path, *, kept_head: tuple[int, str] | None = None) -> Verif
     }
     hashes_at: dict[int, str] = {}
     notes: list[str] = []
+    line_problems = _LineProblems()
     # Lines after the last record: a crash's, if the next record commits to them.
-    left: list[tuple[int, bytes]] = []
+    unchained = _Unchained()
     records, last_seq, last_hash = 0, 0, GENESIS_HASH
-    with path.open("rb") as stream:
-        for number, raw in enumerate(stream, start=1):
-            text = raw.rstrip(b"\n")
+    with open_regular_file(path) as stream:
+        for number, text in enumerate(_bounded_lines(stream), start=1):
+            if isinstance(text, _Overlong):
+                unchained.add(number, text, None)
+                continue
             line = _parse_json_or_none(text)
             position = _chain_position(line)
             if position is None:
-                left.append((number, text))
+                unchained.add(number, text, line)
                 continue
             claimed = line.get(INTERRUPTED_WRITE_FIELD)
-            if left or claimed is not None:
+            if unchained or claimed is not None:
                 torn = (
                     claimed is not None
-                    and claimed == _commitment_of(left)
+                    and claimed == unchained.commitment()
                     and position[:2] == (last_seq + 1, last_hash)
                 )
                 if torn:
-                    notes.append(_interrupted_write(left, f"seq {position[0]} records them"))
+                    notes.append(unchained.note(f"seq {position[0]} records them"))
                 else:
-                    problems.extend(_not_records(left))
+                    line_problems.merge(unchained.problems)
                     if claimed is not None:
-                        problems.append(
+                        line_problems.add(
+                            number,
                             f"line {number} (seq {position[0]}): it records lines left by an "
                             "interrupted write that the lines before it are not: lines were "
-                            "inserted, removed or changed"
+                            "inserted, removed or changed",
                         )
-                left = []
+                unchained = _Unchained()
             records += 1
             seq, prev_hash, digest = position
             body = {key: value for key, value in line.items() if key != "hash"}
@@ -736,34 +786,40 @@ def verify_log(path: Path, *, kept_head: tuple[int, str] | None = None) -> Verif
             except ValueError:  # NaN or infinity: the writer never produces them
                 recomputed = None
             if recomputed != digest:
-                problems.append(
+                line_problems.add(
+                    number,
                     f"line {number} (seq {seq}): the record was altered after it was written "
-                    "(hash mismatch)"
+                    "(hash mismatch)",
                 )
             elif canonical_json(line).encode("ascii") != text:
                 # The values hash right but the text differs (a shadowing duplicate key, say):
                 # whoever reads the text could be shown what the chain never recorded.
-                problems.append(
-                    f"line {number} (seq {seq}): not the text the writer wrote (not canonical JSON)"
+                line_problems.add(
+                    number,
+                    f"line {number} (seq {seq}): not the text the writer wrote "
+                    "(not canonical JSON)",
                 )
             if seq != last_seq + 1:
-                problems.append(
+                line_problems.add(
+                    number,
                     f"line {number}: seq {seq} where {last_seq + 1} was expected: records were "
-                    "deleted, inserted or reordered"
+                    "deleted, inserted or reordered",
                 )
             elif prev_hash != last_hash:
-                problems.append(
+                line_problems.add(
+                    number,
                     f"line {number} (seq {seq}): prev_hash is not the previous record's hash: "
-                    "a record was replaced, inserted or reordered"
+                    "a record was replaced, inserted or reordered",
                 )
             if any(seq == position[0] for position in heads.values()):
                 hashes_at.setdefault(seq, digest)
             last_seq, last_hash = seq, digest
     # At the end, a crash's lines are not committed to yet; records cut are caught by the heads.
-    if left and _all_torn(left):
-        notes.append(_interrupted_write(left, "no record follows them yet"))
+    if unchained.commitment() is not None:
+        notes.append(unchained.note("no record follows them yet"))
     else:
-        problems.extend(_not_records(left))
+        line_problems.merge(unchained.problems)
+    problems.extend(line_problems.listed())
 
     for (name, what), (head_seq, head_hash) in heads.items():
         if head_seq > last_seq:
@@ -776,10 +832,17 @@ def verify_log(path: Path, *, kept_head: tuple[int, str] | None = None) -> Verif
                 f"{name}: the record with seq {head_seq} does not have the hash {what} "
                 "records: the log was rewritten"
             )
-    if head is None and records and not head_problem:
-        problems.append(
-            f"{head_file.name} is missing: records removed from the end cannot be ruled out"
-        )
+    if head is None and not head_problem:
+        if records:
+            problems.append(
+                f"{head_file.name} is missing: records removed from the end cannot be ruled out"
+            )
+        else:
+            # The writer creates the log only to write a record, and the head right after it.
+            problems.append(
+                f"{path.name} holds no records and {head_file.name} is missing: a log emptied "
+                "and its head file deleted cannot be told from a new one"
+            )
     return VerificationResult(
         ok=not problems,
         records=records,
@@ -797,36 +860,102 @@ def _parse_json_or_none(text: bytes) -> Any:
         return None
 
 
-def _all_torn(left: list[tuple[int, bytes]]) -> bool:
-    """Whether each line is what a writer killed mid-write leaves: the start of a record."""
-    return all(_TORN_LINE.fullmatch(text) for _, text in left)
+# Problems of single lines listed at most; a log of millions of bad lines is counted past it.
+_MAX_LINE_PROBLEMS = 10_000
 
 
-def _commitment_of(left: list[tuple[int, bytes]]) -> dict[str, int | str] | None:
-    """The commitment a writer makes to these lines; None if a crash cannot have left them."""
-    if not _all_torn(left):
-        return None
-    return interrupted_write_commitment(b"\n".join(text for _, text in left))
+class _LineProblems:
+    """Problems of single lines, in order: the first :data:`_MAX_LINE_PROBLEMS`, then a count."""
 
+    def __init__(self) -> None:
+        self._listed: list[tuple[int, str]] = []
+        self._unlisted = 0
+        self._last_unlisted = 0
 
-def _not_records(left: list[tuple[int, bytes]]) -> list[str]:
-    problems = []
-    for number, text in left:
-        if not text.strip():
-            problems.append(f"line {number}: empty line")
-        elif _parse_json_or_none(text) is None:
-            problems.append(f"line {number}: not JSON")
+    def add(self, number: int, problem: str) -> None:
+        """Keep the problem of line ``number``, or only count it once enough are kept."""
+        if len(self._listed) < _MAX_LINE_PROBLEMS:
+            self._listed.append((number, problem))
         else:
+            self._unlisted += 1
+            self._last_unlisted = number
+
+    def merge(self, other: _LineProblems) -> None:
+        """Add another's problems after these (they are of later lines)."""
+        for number, problem in other._listed:
+            self.add(number, problem)
+        if other._unlisted:
+            self._unlisted += other._unlisted
+            self._last_unlisted = other._last_unlisted
+
+    def listed(self) -> list[str]:
+        """The problems kept, and a last line saying how many more there were."""
+        problems = [problem for _, problem in self._listed]
+        if self._unlisted:
             problems.append(
-                f"line {number}: not a prediction log record (no valid seq, prev_hash, hash)"
+                f"{self._unlisted} more problems of lines up to line {self._last_unlisted}, "
+                f"not listed (the first {_MAX_LINE_PROBLEMS} are)"
             )
-    return problems
+        return problems
 
 
-def _interrupted_write(left: list[tuple[int, bytes]], what_follows: str) -> str:
-    first, last = left[0][0], left[-1][0]
-    lines = f"line {first}" if first == last else f"lines {first}-{last}"
-    return (
-        f"{lines}: the start of a record whose write was interrupted (a writer stopped "
-        f"mid-write); {what_follows}, and the chain continues intact around them"
-    )
+class _Unchained:
+    """The lines since the last record that are not records.
+
+    A crash's, if each is the start of a record and the next record commits to them; else
+    each is a problem. Only their numbers, SHA-256 and problems are kept, not the lines, so
+    memory does not follow how many there are.
+    """
+
+    def __init__(self) -> None:
+        self.first = self.last = 0
+        self.problems = _LineProblems()
+        self._torn = True  # each line so far is the start of a record line, as a crash leaves
+        self._digest = hashlib.sha256()
+
+    def __bool__(self) -> bool:
+        return self.last > 0
+
+    def add(self, number: int, text: bytes | _Overlong, parsed: Any) -> None:
+        """Take the next line: its number, text (or length) and its JSON (None if not JSON)."""
+        if not self:
+            self.first = number
+        self.last = number
+        if isinstance(text, _Overlong):
+            self._torn = False
+            self.problems.add(
+                number,
+                f"line {number}: {text.length} bytes long, longer than any record "
+                f"(at most {MAX_LINE_BYTES}): not a prediction log record",
+            )
+            return
+        if self._torn and _TORN_LINE.fullmatch(text):
+            # The writer commits to the lines joined by newlines: hash them the same way.
+            self._digest.update(text if number == self.first else b"\n" + text)
+        else:
+            self._torn = False
+        if not text.strip():
+            self.problems.add(number, f"line {number}: empty line")
+        elif parsed is None:
+            self.problems.add(number, f"line {number}: not JSON")
+        else:
+            self.problems.add(
+                number,
+                f"line {number}: not a prediction log record (no valid seq, prev_hash, hash)",
+            )
+
+    def commitment(self) -> dict[str, int | str] | None:
+        """What a writer records of these lines; None if none, or if a crash cannot leave them."""
+        if not self or not self._torn:
+            return None
+        return {"lines": self.last - self.first + 1, "sha256": self._digest.hexdigest()}
+
+    def note(self, what_follows: str) -> str:
+        """The note for lines a crash left, naming them."""
+        lines = (
+            f"line {self.first}" if self.first == self.last else f"lines {self.first}-{self.last}"
+        )
+        return (
+            f"{lines}: the start of a record whose write was interrupted (a writer stopped "
+            f"mid-write); {what_follows}, and the chain continues intact around them"
+        )

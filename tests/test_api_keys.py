@@ -13,7 +13,14 @@ import pytest
 from typer.testing import CliRunner
 
 from medscreen_cli import app
-from serving.api_keys import AuthError, KeyStore, KeyStoreError, UnknownKeyError
+from serving.api_keys import (
+    MAX_STORE_BYTES,
+    AuthError,
+    KeyStore,
+    KeyStoreError,
+    UnknownKeyError,
+    WrongSecretError,
+)
 from tests.conftest import medscreen_error_line
 
 MODEL = "pneumonia-screening"
@@ -373,3 +380,65 @@ def test_a_store_written_by_root_keeps_its_owner(tmp_path: Path) -> None:
     owner = store.path.stat()
     assert (owner.st_uid, owner.st_gid) == (65534, 65534)
     assert stat.S_IMODE(owner.st_mode) == 0o600
+
+
+def test_revoking_a_revoked_key_says_it_was_revoked_already(tmp_path: Path) -> None:
+    """A second revocation must not read like a fresh one, at a time long past."""
+    path = tmp_path / "keys.json"
+    key, plaintext = KeyStore(path).create("St Mary", "eu-west", [MODEL])
+    runner = CliRunner()
+    first = runner.invoke(app, ["keys", "revoke", key.key_id, "--store", str(path)])
+    assert first.exit_code == 0, first.output
+    revoked_at = KeyStore(path).list()[0].revoked_at
+    assert first.stdout.strip() == f"revoked key {key.key_id} of St Mary (eu-west) at {revoked_at}"
+    for given in (key.key_id, plaintext):
+        again = runner.invoke(app, ["keys", "revoke", given, "--store", str(path)])
+        assert again.exit_code == 0, again.output  # the key is revoked, as asked
+        assert again.stdout.strip() == (
+            f"key {key.key_id} of St Mary (eu-west) was already revoked at {revoked_at}"
+        )
+    assert KeyStore(path).revoke_key(key.key_id).already_revoked
+    assert KeyStore(path).list()[0].revoked_at == revoked_at
+
+
+def test_a_whole_key_with_another_secret_revokes_nothing(tmp_path: Path) -> None:
+    """Another store's key, or a mangled copy, must not revoke the key that shares its id."""
+    path = tmp_path / "keys.json"
+    store = KeyStore(path)
+    key, plaintext = store.create("St Mary", "eu-west", [MODEL])
+    wrong = f"msk_{key.key_id}_{'A' * 43}"
+    line = medscreen_error_line("keys", "revoke", wrong, "--store", str(path))
+    assert line == (
+        f"error: KEY_ID: the secret does not match key {key.key_id} in {path}; revoke by the "
+        f"key id (`medscreen keys revoke {key.key_id}`) if that is the key meant"
+    )
+    assert "A" * 43 not in line
+    assert store.authenticate(plaintext).key_id == key.key_id  # still valid
+    with pytest.raises(WrongSecretError):
+        store.revoke_key(key.key_id, whole_key=wrong)
+    assert not store.list()[0].revoked
+    # By its id alone, or as the whole key, it is revoked.
+    revoked = CliRunner().invoke(app, ["keys", "revoke", key.key_id, "--store", str(path)])
+    assert revoked.exit_code == 0, revoked.output
+    assert _refused(store, plaintext).status == HTTPStatus.UNAUTHORIZED
+
+
+def test_a_store_that_is_a_device_or_pipe_is_one_line_not_a_hang(tmp_path: Path) -> None:
+    """/dev/zero was read for ever (MemoryError), and a named pipe blocked `keys list`."""
+    pipe = tmp_path / "keys.json"
+    os.mkfifo(pipe)
+    for store, kind in (("/dev/zero", "a character device"), (str(pipe), "a named pipe")):
+        assert medscreen_error_line("keys", "list", "--store", store) == (
+            f"error: --store: {store} is {kind}, not a key store file"
+        )
+    # The service reads $MEDSCREEN_KEY_STORE the same way: an error it can answer 5xx with.
+    with pytest.raises(KeyStoreError, match="is a named pipe, not a regular file"):
+        KeyStore(pipe).authenticate("msk_0123456789ab_" + "A" * 43)
+
+
+def test_a_store_too_large_to_be_one_is_not_read_whole(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    with path.open("wb") as stream:
+        stream.truncate(MAX_STORE_BYTES + 1)
+    with pytest.raises(KeyStoreError, match=f"longer than {MAX_STORE_BYTES} bytes"):
+        KeyStore(path).list()

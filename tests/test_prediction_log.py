@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import multiprocessing
 import os
 import stat
+import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -18,12 +21,17 @@ from typer.testing import CliRunner
 from medscreen_cli import app
 from serving.prediction_log import (
     GENESIS_HASH,
+    INTERRUPTED_WRITE_FIELD,
+    MAX_LINE_BYTES,
     PredictionLog,
     PredictionLogError,
     PredictionRecord,
+    canonical_json,
+    chain_hash,
     head_path_for,
     verify_log,
 )
+from tests.conftest import medscreen_error_line
 
 
 def _record(number: int, hospital: str = "St Mary") -> PredictionRecord:
@@ -674,9 +682,172 @@ def test_a_missing_log_named_by_the_environment_or_state_dir_is_not_an_intact_lo
     )
 
 
-def test_an_empty_log_prints_no_head_to_keep(tmp_path: Path) -> None:
+def test_an_empty_log_is_never_reported_intact(tmp_path: Path) -> None:
+    """Emptied, its head file deleted, a log looks new: it must not pass as "0 records, intact"."""
     path = tmp_path / "predictions.jsonl"
     path.touch()
+    runner = CliRunner()
+    result = runner.invoke(app, ["audit", "verify", "--log", str(path)])
+    assert result.exit_code == 1
+    assert result.stdout.splitlines() == [
+        f"{path}: predictions.jsonl holds no records and predictions.jsonl.head.json is "
+        "missing: a log emptied and its head file deleted cannot be told from a new one"
+    ]
+    assert "intact" not in result.stdout
+
+    # With a head file naming records, an emptied log is records removed from the end.
+    with PredictionLog(path) as log:
+        for number in range(3):
+            log.append(_record(number))
+    path.write_bytes(b"")
+    result = runner.invoke(app, ["audit", "verify", "--log", str(path)])
+    assert result.exit_code == 1
+    assert result.stdout.splitlines() == [
+        f"{path}: predictions.jsonl.head.json records seq 3 but the last record is seq 0: "
+        "records were removed from the end of the log"
+    ]
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/null"])
+def test_audit_verify_refuses_a_device_in_one_line(device: str) -> None:
+    """/dev/zero never ends: read as a log, it grew to 9.4 GB in 15 s."""
+    assert medscreen_error_line("audit", "verify", "--log", device) == (
+        f"error: --log: {device} is a character device, not a prediction log"
+    )
+
+
+def test_audit_verify_refuses_a_named_pipe_and_survives_a_pipe_as_head_file(
+    tmp_path: Path, log_path: Path
+) -> None:
+    """Opening a pipe blocks until someone writes to it: a planted one must not hang the check."""
+    pipe = tmp_path / "pipe.jsonl"
+    os.mkfifo(pipe)
+    assert medscreen_error_line("audit", "verify", "--log", str(pipe)) == (
+        f"error: --log: {pipe} is a named pipe, not a prediction log"
+    )
+    head = head_path_for(log_path)
+    head.unlink()
+    os.mkfifo(head)
+    assert verify_log(log_path).problems == [
+        "predictions.jsonl.head.json: the head file is a named pipe, not a regular file"
+    ]
+    # The writer reads the head file too: it must go on appending, and replace the pipe.
+    appended = threading.Thread(target=lambda: PredictionLog(log_path).append(_record(11)))
+    appended.daemon = True
+    appended.start()
+    appended.join(timeout=30)
+    assert not appended.is_alive(), "the writer hangs on a named pipe as head file"
+    assert verify_log(log_path).ok and verify_log(log_path).records == 11
+
+
+def test_a_head_file_too_long_to_be_one_is_not_read_whole(log_path: Path) -> None:
+    head_path_for(log_path).write_bytes(b" " * 10_000_000 + b"{}")
+    assert verify_log(log_path).problems == [
+        "predictions.jsonl.head.json: the head file is longer than 4096 bytes"
+    ]
+
+
+def test_the_largest_record_the_schema_admits_is_far_below_the_line_limit(
+    tmp_path: Path,
+) -> None:
+    """MAX_LINE_BYTES must never call a record the writer wrote too long."""
+    largest = PredictionRecord(
+        request_id="r" * 128,
+        outcome="failed",
+        status=599,
+        route="/" + "a" * 127,
+        hospital="H" * 64,
+        region="R" * 64,
+        key_id="0" * 12,
+        model_name="m" * 128,
+        model_version="v" * 64,
+        model_alias="a" * 64,
+        model_sha256="f" * 64,
+        input_sha256="e" * 64,
+        input_format="x" * 64,
+        threshold=-1.2345678901234567e-300,
+        # The largest int Python writes as JSON by default has 4300 digits.
+        summary={f"{i:02d}" + "k" * 62: -int("9" * 4300) for i in range(64)},
+        latency_ms=1.7976931348623157e308,
+        error="\U0001f600" * 1000,  # 12 bytes each as ASCII JSON
+    )
+    path = tmp_path / "predictions.jsonl"
+    with PredictionLog(path) as log:
+        log.append(largest)
+    assert 250_000 < path.stat().st_size < MAX_LINE_BYTES // 3
+    assert verify_log(path).ok
+
+
+def test_a_line_longer_than_any_record_is_named_without_reading_it_whole(
+    log_path: Path,
+) -> None:
+    records = _lines(log_path)
+    lines = records.copy()
+    lines.insert(2, "x" * MAX_LINE_BYTES + "\n")  # as long as a line may be: merely not JSON
+    lines.insert(3, "y" * (MAX_LINE_BYTES + 1) + "\n")
+    log_path.write_text("".join(lines))
+    # The rest of the log is still checked.
+    assert verify_log(log_path).problems == [
+        "line 3: not JSON",
+        f"line 4: {MAX_LINE_BYTES + 1} bytes long, longer than any record (at most "
+        f"{MAX_LINE_BYTES}): not a prediction log record",
+    ]
+
+    # 64 MiB without a newline at the end (a 300 MB one took 780 MB when read whole).
+    log_path.write_text("".join(records))
+    with log_path.open("r+b") as stream:
+        stream.truncate(log_path.stat().st_size + (64 << 20))
+    tracemalloc.start()
+    try:
+        result = verify_log(log_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.records == 10
+    assert result.problems == [
+        f"line 11: {64 << 20} bytes long, longer than any record (at most {MAX_LINE_BYTES}): "
+        "not a prediction log record"
+    ]
+    assert peak < 8 << 20, f"verify held {peak} bytes"
+
+
+def test_many_bad_lines_are_counted_not_held(log_path: Path) -> None:
+    """Memory must not follow how many lines are not records either."""
+    lines = _lines(log_path)
+    junk = b'{"' + b"j" * 997 + b"\n"  # looks like the start of a record: kept for a while
+    with log_path.open("wb") as stream:
+        stream.write("".join(lines[:5]).encode())
+        stream.write(junk * 20_000)
+        stream.write("".join(lines[5:]).encode())
+    tracemalloc.start()
+    try:
+        result = verify_log(log_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.records == 10
+    assert len(result.problems) == 10_001
+    assert result.problems[:2] == ["line 6: not JSON", "line 7: not JSON"]
+    assert result.problems[-1] == (
+        "10000 more problems of lines up to line 20005, not listed (the first 10000 are)"
+    )
+    assert peak < 8 << 20, f"verify held {peak} bytes"
+
+
+def test_a_record_claiming_a_crash_that_left_nothing_is_a_problem(tmp_path: Path) -> None:
+    """Forged, such a record made `audit verify` crash with an IndexError."""
+    path = tmp_path / "predictions.jsonl"
+    with PredictionLog(path) as log:
+        log.append(_record(1))
+    record = json.loads(path.read_text())
+    record.pop("hash")
+    record[INTERRUPTED_WRITE_FIELD] = {"lines": 1, "sha256": hashlib.sha256(b"").hexdigest()}
+    record["hash"] = chain_hash(GENESIS_HASH, record)
+    path.write_text(canonical_json(record) + "\n")
+    head_path_for(path).write_text(json.dumps({"seq": 1, "hash": record["hash"]}))
     result = CliRunner().invoke(app, ["audit", "verify", "--log", str(path)])
-    assert result.exit_code == 0
-    assert result.stdout.strip() == f"prediction log {path}: 0 records, hash chain intact"
+    assert result.exit_code == 1, result.output
+    assert result.stdout.splitlines() == [
+        f"{path}: line 1 (seq 1): it records lines left by an interrupted write that the lines "
+        "before it are not: lines were inserted, removed or changed"
+    ]
