@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import socket
+import sqlite3
 import time
 import urllib.parse
 from http import HTTPStatus
@@ -216,24 +218,36 @@ def unreachable_reason(url: str, *, timeout_s: float = 10.0) -> str | None:
 _DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
 _DATABASE_URI = re.compile(rf"({'|'.join(_DATABASE_PORTS)})(\+[a-z0-9]+)?://")
 _REMEDY = "start it or correct the address"
+# A cheap call every MLflow tracking server answers (GET and POST since MLflow 2).
+_MLFLOW_PROBE = "/api/2.0/mlflow/experiments/search"
+# All that MLflow's answer to the probe may hold; another server's JSON holds something else.
+_PROBE_FIELDS = frozenset({"experiments", "next_page_token"})
+# A login in the way: whether MLflow is behind it is for the client and its credentials.
+_LOGIN_STATUSES = frozenset({401, 403, 407})
+_PROBE_MAX_BYTES = 1 << 20
 
 
 def tracking_address_problem(uri: str, *, timeout_s: float = 10.0) -> str | None:
     """Say why a tracking address (not ``sqlite:``) cannot be used, or return None.
 
     One check, at start: MLflow retries a server or database that does not answer for
-    minutes, silently, and takes a mistyped address for a store it cannot open.
+    minutes, silently, and takes a mistyped address for a store it cannot open. A server that
+    answers HTTP is also asked one MLflow question: another web server's 404 reached users as
+    a traceback, or as "no registered model", blaming the model rather than the address.
 
     Args:
         uri: ``http(s)://`` (a tracking server) or a database URI (``postgresql://`` ...).
         timeout_s: How long to wait for an answer.
 
     Returns:
-        The problem in words, without the address; None if it answers.
+        The problem in words, without the address; None if it answers (a server: as MLflow
+        does, or behind a login).
     """
     if uri.startswith(("http://", "https://")):
         problem = unreachable_reason(uri, timeout_s=timeout_s)
-        return f"the tracking server does not answer ({problem}); {_REMEDY}" if problem else None
+        if problem:
+            return f"the tracking server does not answer ({problem}); {_REMEDY}"
+        return _not_mlflow_reason(uri, timeout_s=timeout_s)
     if not _DATABASE_URI.match(uri):
         return (
             "not a tracking store medscreen uses: give http(s)://HOST:PORT (a tracking "
@@ -251,6 +265,97 @@ def tracking_address_problem(uri: str, *, timeout_s: float = 10.0) -> str | None
     except (OSError, ValueError) as error:
         reason = getattr(error, "strerror", None) or error
         return f"the database does not answer ({reason}); {_REMEDY}"
+
+
+def _not_mlflow_reason(uri: str, *, timeout_s: float) -> str | None:
+    """Say why the HTTP server at ``uri`` is not an MLflow tracking server, or return None.
+
+    None also when it cannot tell (a login, a certificate the check does not trust, a failure
+    of this second request): the MLflow client, with its own settings, reports those.
+    """
+    try:
+        with requests.get(
+            f"{uri.rstrip('/')}{_MLFLOW_PROBE}",
+            params={"max_results": 1},
+            timeout=timeout_s,
+            stream=True,
+        ) as answer:
+            status = answer.status_code
+            # A bound: a wrong address may serve anything.
+            content = answer.raw.read(_PROBE_MAX_BYTES, decode_content=True)
+    except requests.RequestException:
+        return None
+    if status in _LOGIN_STATUSES:
+        return None
+    try:
+        body = json.loads(content)
+    except ValueError:  # HTML, or nothing
+        body = None
+    if isinstance(body, dict) and (
+        "error_code" in body or (status == 200 and body.keys() <= _PROBE_FIELDS)
+    ):
+        return None  # MLflow's answer, or MLflow's own error (which the client reports)
+    try:
+        answered = f"HTTP {status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        answered = f"HTTP {status}"
+    if status == 200:
+        answered += ", not MLflow's JSON"
+    return (
+        f"answers HTTP but is not an MLflow tracking server (GET {_MLFLOW_PROBE} answered "
+        f"{answered}); correct the address (where `mlflow server` listens)"
+    )
+
+
+def sqlite_store_problem(database: Path, *, create: bool) -> str | None:
+    """Say why ``database`` cannot be MLflow's sqlite store, or return None.
+
+    Checked with sqlite itself, before MLflow opens it: MLflow answers a file that is not a
+    database with a traceback, and one it cannot open (a read-only directory, a directory
+    given as the file) with minutes of silent retries.
+
+    Args:
+        database: The sqlite file.
+        create: Whether a missing file may be created (``False``: opened read-only).
+
+    Returns:
+        The problem in words, naming the file and what to do; None if it looks usable (or
+        is busy: a lock is MLflow's to wait for).
+    """
+    if database.is_dir():
+        return f"{database} is a directory, not an sqlite file; give the path of a file"
+    address = f"file:{urllib.parse.quote(os.fspath(database))}?mode={'rwc' if create else 'ro'}"
+    try:
+        connection = sqlite3.connect(address, uri=True, timeout=30)
+        try:
+            tables = {
+                name
+                for (name,) in connection.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'"
+                )
+            }
+        finally:
+            connection.close()
+    except sqlite3.OperationalError as error:
+        if "unable to open" not in str(error):
+            return None  # busy or locked: MLflow waits for it
+        return (
+            f"cannot open the tracking store {database} ({error}); check the permissions "
+            "of the file and its directory, or point the setting at another store"
+        )
+    except sqlite3.DatabaseError as error:  # "file is not a database"
+        return (
+            f"{database} is not an MLflow sqlite store ({error}); point the setting at "
+            "another store"
+        )
+    if tables and not tables & {"experiments", "alembic_version"}:
+        # MLflow would add its own tables to another application's database.
+        others = ", ".join(sorted(tables)[:3])
+        return (
+            f"{database} is not an MLflow sqlite store (it holds another application's "
+            f"tables: {others}); point the setting at another store"
+        )
+    return None
 
 
 def _remove_stale_partials(destination: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from datasets.download import hide_passwords, tracking_address_problem
+from datasets.download import hide_passwords, sqlite_store_problem, tracking_address_problem
 from serving.settings import (
     MODELS_ENV,
     PREDICTION_LOG_ENV,
@@ -116,19 +116,21 @@ def serve_command(
         typer.echo(f"error: {STATE_DIR_ENV}: {state_dir()} is not a directory", err=True)
         raise typer.Exit(2)
     uri = tracking_uri()
+    try:
+        references_by_name(model or [])  # a malformed reference needs no store to be told
+    except ModelLoadError as error:
+        typer.echo(f"error: --model: {error}", err=True)
+        raise typer.Exit(2) from None
     # Checked once here: MLflow's retries would keep the start silent for minutes.
-    if not uri.startswith("sqlite:///") and (problem := tracking_address_problem(uri)):
-        typer.echo(
-            f"error: MLFLOW_TRACKING_URI={hide_passwords(uri)}: {problem}; or unset the "
-            f"variable to use the embedded store in {state_dir()}",
-            err=True,
-        )
+    if problem := _tracking_store_problem(uri, model or []):
+        typer.echo(f"error: {problem}", err=True)
         raise typer.Exit(2)
     try:
         references = model or default_references(uri)
         if not references:
             raise ModelLoadError(
-                "no registered model has a 'champion' alias; name one with --model NAME@ALIAS"
+                f"no registered model has a 'champion' alias in the tracking store "
+                f"{hide_passwords(uri)}; name one with --model NAME@ALIAS"
             )
         # The same checks the service makes at start-up (registry, approvals, card, checksum),
         # so a bad reference is one line here rather than a traceback from BentoML.
@@ -170,6 +172,36 @@ def serve_command(
     os.execvpe(command[0], command, environment)
 
 
+def _tracking_store_problem(uri: str, wanted: list[str]) -> str | None:
+    """Say, naming the setting, why the service cannot use the tracking store; None if it can.
+
+    The checks training makes at start-up, without its lock or writes: the service only reads
+    the store, and a start that is refused writes nothing.
+
+    Args:
+        uri: The tracking store.
+        wanted: The models asked for (``--model``); none: those with a 'champion' alias.
+    """
+    source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else STATE_DIR_ENV
+    if not uri.startswith("sqlite:///"):
+        if problem := tracking_address_problem(uri):
+            return (
+                f"MLFLOW_TRACKING_URI={hide_passwords(uri)}: {problem}; or unset the variable "
+                f"to use the embedded store in {state_dir()}"
+            )
+        return None
+    database = Path(uri.removeprefix("sqlite:///"))
+    if not database.exists() and not database.is_symlink():
+        # MLflow would create an empty store (and a mistyped directory) and find nothing in it.
+        models = ", ".join(wanted) or "model with a 'champion' alias"
+        return (
+            f"{source}: the tracking store {uri} does not exist, so it holds no {models}; "
+            "give the store that `medscreen export` registered models in"
+        )
+    problem = sqlite_store_problem(database, create=False)
+    return f"{source}: {problem}" if problem else None
+
+
 def _listen_problem(host: str, port: int, error: OSError) -> str:
     """Say which option keeps the server from listening, and why."""
     reason = error.strerror or str(error)
@@ -207,7 +239,8 @@ def predict_command(
     import requests
 
     if not upload.is_file():
-        typer.echo(f"error: {upload}: no such file", err=True)
+        what = "a directory, not a file" if upload.is_dir() else "no such file"
+        typer.echo(f"error: {upload}: {what}", err=True)
         raise typer.Exit(2)
     if api_key is not None and not re.fullmatch(r"[!-~]+", api_key):  # visible ASCII only
         # The key itself is never echoed: it is a secret.

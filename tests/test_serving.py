@@ -1043,6 +1043,24 @@ def test_serve_cli_names_a_port_in_use_in_one_line():
         (["predict", __file__, "--url", "localhost:3000"], "error: --url: 'localhost:3000' is not"),
         (["predict", __file__, "--url", "http://[::1"], "error: --url: 'http://[::1' is not"),
         (["predict", __file__, "--url", "http://127.0.0.1:99999"], "error: --url: 'http://127"),
+        # "no such file" misled about a folder that is there.
+        (["predict", str(Path(__file__).parent)], f"error: {Path(__file__).parent}: a directory"),
+        # "has no version '1'" blamed the version of a model that does not exist.
+        (
+            [
+                "models",
+                "promote",
+                "no-such-model",
+                "1",
+                "--to",
+                "champion",
+                "--approver",
+                "qa",
+                "--reason",
+                "r",
+            ],
+            "error: no registered model 'no-such-model'",
+        ),
     ],
 )
 def test_usage_errors_are_one_line_naming_the_option(arguments: list[str], expected: str):

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from datasets.download import hide_passwords, unreachable_reason
+from datasets.download import hide_passwords, tracking_address_problem, unreachable_reason
 from tests.conftest import (
     QUICK_RECIPE,
     TINY_TRAINING,
@@ -287,14 +287,21 @@ def _self_signed_certificate(directory: Path) -> tuple[Path, Path]:
 
 
 @contextlib.contextmanager
-def _answering(status: int, tls_directory: Path | None = None) -> Iterator[str]:
-    """A server that answers every GET with ``status``; over TLS (untrusted) given a folder."""
+def _answering(status: int, tls_directory: Path | None = None, body: bytes = b"") -> Iterator[str]:
+    """A server that answers every GET and POST with ``status`` and ``body``.
+
+    Over TLS (untrusted) given a folder.
+    """
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             self.send_response(status)
-            self.send_header("Content-Length", "0")
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:
+            self.do_GET()
 
         def log_message(self, *_: object) -> None:
             pass
@@ -356,6 +363,56 @@ def test_any_answer_but_a_gateways_failure_counts_as_a_server(tmp_path: Path) ->
             "the port speaks plain HTTP, not HTTPS: use an http:// address"
         )
     assert unreachable_reason(f"http://127.0.0.1:{free_port()}/") == "Connection refused"
+
+
+# What a web server that is not MLflow answered the review (any route under /api/2.0/mlflow).
+_NO_ROUTE = b'{"error": "no route /api/2.0/mlflow/experiments/search"}'
+_NOT_MLFLOW = "answers HTTP but is not an MLflow tracking server (GET /api/2.0/mlflow/"
+
+
+def test_an_http_server_that_is_not_mlflow_is_one_line_naming_the_address(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, medmnist_dir: Path
+) -> None:
+    # It was a RestException traceback, or "no registered model" (blaming the model).
+    monkeypatch.setenv("MEDSCREEN_STATE_DIR", str(tmp_path / "state"))
+    with _answering(HTTPStatus.NOT_FOUND, body=_NO_ROUTE) as url:
+        server = url.removesuffix("/health")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+        for command in (
+            ["models", "list"],
+            ["models", "history", "pneumonia-screening"],
+            ["models", "promote", "pneumonia-screening", "1", "--to", "champion",
+             "--approver", "ci-review", "--reason", "the address is wrong"],
+            ["train", str(QUICK_RECIPE), f"--set=data.data_dir={medmnist_dir}"],
+            ["serve", "--port", str(free_port())],
+        ):  # fmt: skip
+            line = medscreen_error_line(*command)
+            assert line.startswith(
+                f"error: MLFLOW_TRACKING_URI={server}: {_NOT_MLFLOW}experiments/search answered "
+                "HTTP 404 Not Found); correct the address"
+            ), (command, line)
+            assert line.endswith(f"use the embedded store in {tmp_path / 'state'}"), line
+    assert not (tmp_path / "state").exists()
+
+
+def test_only_a_server_that_may_be_mlflow_passes_the_check() -> None:
+    with _answering(HTTPStatus.OK, body=b"<html>another application</html>") as url:
+        problem = tracking_address_problem(url.removesuffix("/health"))
+        assert problem is not None and problem.startswith(_NOT_MLFLOW), problem
+        assert "HTTP 200 OK, not MLflow's JSON" in problem
+    with _answering(HTTPStatus.OK, body=b'{"status": "ok"}') as url:  # JSON, not MLflow's
+        problem = tracking_address_problem(url.removesuffix("/health"))
+        assert problem is not None and problem.startswith(_NOT_MLFLOW), problem
+    for login in (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN):
+        # MLflow may be behind the login: the client, with its credentials, finds out.
+        with _answering(login) as url:
+            assert tracking_address_problem(url.removesuffix("/health")) is None
+
+
+@pytest.mark.slow
+def test_a_real_tracking_server_passes_the_check(tracking_server: TrackingServer) -> None:
+    assert tracking_address_problem(tracking_server.url) is None
+    assert tracking_address_problem(f"{tracking_server.url}/") is None
 
 
 def test_passwords_in_addresses_are_hidden() -> None:

@@ -13,7 +13,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from datasets.download import hide_passwords, tracking_address_problem
+from datasets.download import hide_passwords, sqlite_store_problem, tracking_address_problem
 
 STATE_DIR_ENV = "MEDSCREEN_STATE_DIR"
 TRACKED_PACKAGES = (
@@ -85,28 +85,39 @@ def _check_store(uri: str) -> None:
             )
         return
     database = Path(uri.removeprefix("sqlite:///"))
+    source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else STATE_DIR_ENV
     try:
-        _open_embedded_store(uri, database)
+        problem = _open_embedded_store(uri, database)
     except OSError as error:  # the state dir is a file, read-only, or full
-        source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else STATE_DIR_ENV
         raise TrackingServerError(
             f"{source}: cannot open the tracking store {database} ({error.strerror or error}); "
             "point it at a writable directory"
         ) from error
+    if problem:
+        raise TrackingServerError(f"{source}: {problem}")
 
 
-def _open_embedded_store(uri: str, database: Path) -> None:
+def _open_embedded_store(uri: str, database: Path) -> str | None:
     """Open the sqlite store once, holding a lock while MLflow creates or upgrades its tables.
 
     MLflow creates the schema on first use without a lock: commands started together on a new
     state directory crashed, and the race could leave the schema half upgraded for good.
+
+    Returns:
+        Why the file cannot be MLflow's store (see :func:`sqlite_store_problem`), or None once
+        MLflow has opened it.
     """
+    if database.is_dir():  # said before a lock file is made beside it
+        return sqlite_store_problem(database, create=False)
     database.parent.mkdir(parents=True, exist_ok=True)
     with database.with_name(f"{database.name}.lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if problem := sqlite_store_problem(database, create=True):
+            return problem
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         client.search_experiments(max_results=1)  # the tracking tables
         client.search_registered_models(max_results=1)  # the registry tables
+    return None
 
 
 def ensure_experiment(name: str) -> str:
