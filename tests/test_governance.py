@@ -384,6 +384,33 @@ def test_show_prints_an_undefined_card_metric_as_n_a(registered_model, tmp_path:
     assert re.search(r"test_ppv\s+.\s+n/a\s+.\s+n/a to n/a", shown.stdout), shown.stdout
 
 
+@pytest.mark.parametrize(
+    ("card_bytes", "message"),
+    [
+        (b"\x89\x00binary", "its card.json is not JSON"),
+        (b'{"metrics": {}}', "its card.json has no release gate or metrics"),
+        (b'{"release_gate": [], "metrics": {}, "provenance": "x"}', "no release gate or metrics"),
+        (None, "has no card.json"),
+    ],
+)
+def test_show_names_a_version_whose_card_is_not_a_medscreen_card(
+    registered_model, tmp_path: Path, card_bytes: bytes | None, message: str
+):
+    """A version registered outside `medscreen export`, or a card edited: a traceback before."""
+    name = registered_model.model_name
+    source = _client().get_model_version(name, registered_model.version).source
+    copy = Path(mlflow.artifacts.download_artifacts(source, dst_path=str(tmp_path)))
+    card_path = copy / "extra_files" / "card.json"
+    if card_bytes is None:
+        card_path.unlink()
+    else:
+        card_path.write_bytes(card_bytes)
+    version = _client().create_model_version(name, str(copy)).version
+    line = medscreen_error_line("models", "show", f"{name}/{version}")
+    assert line.startswith(f"error: {name} version {version}") and message in line, line
+    assert line.endswith("not registered by `medscreen export`, or its card was changed")
+
+
 @pytest.mark.parametrize("alias", ["latest", "v2"])
 def test_promoting_to_a_reserved_alias_is_refused_and_leaves_no_history(registered_model, alias):
     from training.registry import GovernanceError, alias_history, promote

@@ -6,7 +6,8 @@ import datetime
 import json
 import os
 import re
-from typing import TYPE_CHECKING, Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -26,7 +27,7 @@ console = Console(
 )
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
 
@@ -142,14 +143,44 @@ def _show_model(client: MlflowClient, name: str) -> None:
         )
 
 
-def _show_version(version) -> None:
-    import mlflow
+def _read_card(version) -> dict:
+    """The version's card as JSON, or one line saying why it is not a medscreen card.
 
-    card_path = mlflow.artifacts.download_artifacts(
-        f"models:/{version.name}/{version.version}/extra_files/card.json"
+    A version registered outside ``medscreen export``, or an artifact store edited by hand,
+    ended in a traceback (a binary card, a card without its release gate).
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    where = f"{version.name} version {version.version}"
+    not_exported = "it was not registered by `medscreen export`, or its card was changed"
+    try:
+        card_path = mlflow.artifacts.download_artifacts(
+            f"models:/{version.name}/{version.version}/extra_files/card.json"
+        )
+    except (MlflowException, OSError):
+        _fail(f"{where} has no card.json: {not_exported}")
+    try:
+        card = json.loads(Path(card_path).read_bytes())
+    except (ValueError, OSError):  # UnicodeDecodeError is a ValueError
+        _fail(f"{where}: its card.json is not JSON: {not_exported}")
+    shaped = (
+        isinstance(card, dict)
+        and isinstance(card.get("release_gate"), list)
+        and all(isinstance(check, dict) for check in card["release_gate"])
+        and isinstance(card.get("metrics"), dict)
+        and all(
+            isinstance(card.get(section, {}), dict)
+            for section in ("provenance", "training_data", "operating_point")
+        )
     )
-    with open(card_path) as stream:
-        card = json.load(stream)
+    if not shaped:
+        _fail(f"{where}: its card.json has no release gate or metrics: {not_exported}")
+    return card
+
+
+def _show_version(version) -> None:
+    card = _read_card(version)
     console.print(
         f"{version.name} version {version.version} "
         f"(aliases: {', '.join(version.aliases) or 'none'})",
@@ -192,22 +223,28 @@ def _show_version(version) -> None:
     console.print(lineage)
     gate = Table("release gate check", "result", "detail")
     for check in card["release_gate"]:
-        gate.add_row(check["check"], "passed" if check["passed"] else "FAILED", check["detail"])
+        passed = "passed" if check.get("passed") is True else "FAILED"
+        gate.add_row(str(check.get("check", "?")), passed, str(check.get("detail", "")))
     console.print(gate)
     metrics = Table("metric", "value", "95% interval")
+    intervals = card.get("confidence_intervals")
     for metric, value in card["metrics"].items():
-        interval = card.get("confidence_intervals", {}).get(metric)
+        interval = intervals.get(metric) if isinstance(intervals, dict) else None
         metrics.add_row(
             metric,
             _figure(value),
-            f"{_figure(interval[0])} to {_figure(interval[1])}" if interval else "",
+            f"{_figure(interval[0])} to {_figure(interval[1])}"
+            if isinstance(interval, list) and len(interval) == 2
+            else "",
         )
     console.print(metrics)
 
 
 def _figure(value: float | None) -> str:
     """A card's metric; JSON holds an undefined one (PPV with no positive call) as null."""
-    return "n/a" if value is None else f"{value:.4f}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "n/a" if value is None else repr(value)[:40]
+    return f"{value:.4f}"
 
 
 def _approval_command(action: str):
