@@ -26,6 +26,7 @@ from serving.prediction_log import (
     PredictionLog,
     PredictionLogError,
     PredictionRecord,
+    VerificationResult,
     canonical_json,
     chain_hash,
     head_path_for,
@@ -778,6 +779,15 @@ def test_the_largest_record_the_schema_admits_is_far_below_the_line_limit(
     assert verify_log(path).ok
 
 
+def _verify_measuring_memory(log_path: Path) -> tuple[VerificationResult, int]:
+    """Verify the log; return the result and the peak of Python memory allocated meanwhile."""
+    tracemalloc.start()
+    try:
+        return verify_log(log_path), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_a_line_longer_than_any_record_is_named_without_reading_it_whole(
     log_path: Path,
 ) -> None:
@@ -797,12 +807,7 @@ def test_a_line_longer_than_any_record_is_named_without_reading_it_whole(
     log_path.write_text("".join(records))
     with log_path.open("r+b") as stream:
         stream.truncate(log_path.stat().st_size + (64 << 20))
-    tracemalloc.start()
-    try:
-        result = verify_log(log_path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    result, peak = _verify_measuring_memory(log_path)
     assert result.records == 10
     assert result.problems == [
         f"line 11: {64 << 20} bytes long, longer than any record (at most {MAX_LINE_BYTES}): "
@@ -819,12 +824,7 @@ def test_many_bad_lines_are_counted_not_held(log_path: Path) -> None:
         stream.write("".join(lines[:5]).encode())
         stream.write(junk * 20_000)
         stream.write("".join(lines[5:]).encode())
-    tracemalloc.start()
-    try:
-        result = verify_log(log_path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    result, peak = _verify_measuring_memory(log_path)
     assert result.records == 10
     assert len(result.problems) == 10_001
     assert result.problems[:2] == ["line 6: not JSON", "line 7: not JSON"]
