@@ -67,7 +67,12 @@ _TORN_LINE = re.compile(rb'\{"[\x20-\x7e]*')
 
 def interrupted_write_commitment(left: bytes) -> dict[str, int | str]:
     """What a record says of the lines a crash left before it: their count and SHA-256."""
-    return {"lines": left.count(b"\n") + 1, "sha256": hashlib.sha256(left).hexdigest()}
+    return _commitment(left.count(b"\n") + 1, hashlib.sha256(left).hexdigest())
+
+
+def _commitment(lines: int, sha256: str) -> dict[str, int | str]:
+    """The commitment's one form, for the writer and for ``verify`` (which hashes as it reads)."""
+    return {"lines": lines, "sha256": sha256}
 
 
 def _last_record(descriptor: int, size: int) -> tuple[tuple[int, str, str] | None, bytes]:
@@ -948,7 +953,7 @@ class _Unchained:
         """What a writer records of these lines; None if none, or if a crash cannot leave them."""
         if not self or not self._torn:
             return None
-        return {"lines": self.last - self.first + 1, "sha256": self._digest.hexdigest()}
+        return _commitment(self.last - self.first + 1, self._digest.hexdigest())
 
     def note(self, what_follows: str) -> str:
         """The note for lines a crash left, naming them."""
