@@ -183,6 +183,19 @@ def test_missing_recipe_and_bad_yaml(tmp_path: Path):
             "model.intensity_mean=.nan",
             "field 'model.intensity_mean': Input should be a finite number",
         ),
+        # pydantic would read true as 1: one epoch where a flag was meant.
+        (
+            "optimisation.max_epochs=true",
+            "field 'optimisation.max_epochs': expected a number, not true or false",
+        ),
+        (
+            "model.intensity_mean=false",
+            "field 'model.intensity_mean': expected a number, not true or false",
+        ),
+        (
+            "optimisation.limit_train_batches=true",
+            "field 'optimisation.limit_train_batches': expected a number, not true or false",
+        ),
         # An override's error names the override, not the recipe file it did not come from.
         ("name=", "field 'name': Input should be a valid string"),
         (
@@ -396,6 +409,7 @@ def test_network_params_medscreen_does_not_set_are_accepted():
         ("model.block_config=[-1]", "model.block_config.0"),
         ("model.block_config=[3, 0]", "model.block_config.1"),
         ("model.block_config=[]", "model.block_config"),
+        ("model.block_config=[true, 2]", "model.block_config"),
     ],
 )
 def test_ecg_block_sizes_must_be_positive(override: str, field: str):

@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # numpy's seeds (and so MONAI's set_determinism) take 0 to 2**32 - 1.
 SEED_MAX = 2**32 - 1
@@ -30,9 +38,41 @@ class _FieldError(ValueError):
         self.field = field
 
 
+def _is_number(annotation: Any) -> bool:
+    """Whether a field holds numbers only (``int``, ``float``, optional or annotated)."""
+    if annotation in (int, float):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _is_number(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return all(_is_number(arg) or arg is type(None) for arg in typing.get_args(annotation))
+    return False
+
+
+def _holds_booleans(value: Any) -> bool:
+    return isinstance(value, bool) or (
+        isinstance(value, list | tuple) and any(isinstance(item, bool) for item in value)
+    )
+
+
 class _Strict(BaseModel):
     # Infinity passes a lower bound, and NaN any field without one (an intensity mean).
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1 and false as 0: `max_epochs: true` would train one epoch.
+        annotation = cls.model_fields[info.field_name].annotation
+        origin = typing.get_origin(annotation)
+        numbers = _is_number(annotation) or (
+            origin in (list, tuple)
+            and all(_is_number(arg) for arg in typing.get_args(annotation) if arg is not Ellipsis)
+        )
+        if numbers and _holds_booleans(value):
+            raise ValueError("expected a number, not true or false")
+        return value
 
 
 DEFAULT_SPLIT_FRACTION = 0.15
