@@ -180,3 +180,37 @@ def test_serve_names_the_store_it_looked_in(tmp_path: Path) -> None:
         "error: --model: no registered model has a 'champion' alias in the tracking store "
         f"sqlite:///{empty}/mlflow.db; name one with --model NAME@ALIAS"
     ), line
+
+
+def test_a_read_only_store_serves_readers_and_refuses_writers_in_one_line(tmp_path: Path) -> None:
+    # sqlite opened the write-protected file read-only without a word, and a training's first
+    # write was a traceback ("attempt to write a readonly database").
+    prefix = _without_permission_override()
+    state = tmp_path / "archived"
+    _new_store(state)
+    database = state / "mlflow.db"
+    database.chmod(0o444)
+    before = database.read_bytes()
+    env = {"MEDSCREEN_STATE_DIR": str(state)}
+    environment = {**os.environ, **env}
+    environment.pop("MLFLOW_TRACKING_URI", None)
+    listed = subprocess.run(
+        [*prefix, *medscreen_command(), "models", "list"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert listed.returncode == 0, listed.stderr  # an auditor's archived copy still reads
+    refusal = (
+        f"error: MEDSCREEN_STATE_DIR: the tracking store {database} is read-only for this "
+        "user; this command writes to it: make it writable, or point the setting at another "
+        "store"
+    )
+    recipe = Path(__file__).parents[1] / "training" / "recipes" / "pneumonia-quick.yaml"
+    for command in (
+        ["train", str(recipe), "--no-progress"],
+        ["export", "--run-id", "0" * 32],
+    ):
+        assert _error_line(*command, env=env, prefix=prefix) == refusal, command
+    assert database.read_bytes() == before

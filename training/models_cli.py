@@ -64,7 +64,7 @@ def list_command() -> None:
 
     from training.tracking import configure_tracking
 
-    configure_tracking()
+    configure_tracking(writes=False)
     client = MlflowClient()
     table = Table("model", "versions", "aliases", "description")
     page = client.search_registered_models()

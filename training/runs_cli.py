@@ -59,7 +59,7 @@ def show_command(
 
     if not _RUN_ID.match(run_id):
         _fail("RUN_ID: not an MLflow run id (32 hexadecimal digits)")
-    configure_tracking()
+    configure_tracking(writes=False)
     client = MlflowClient()
     try:
         run = get_run(run_id)

@@ -47,31 +47,35 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_dir() / 'mlflow.db'}"
 
 
-# Stores this process has opened (their tables exist) or found answering: commands configure
-# tracking often.
-_OPENED_STORES: set[str] = set()
+# Stores this process has opened (their tables exist) or found answering, each with whether it
+# was checked for writing: commands configure tracking often.
+_OPENED_STORES: set[tuple[str, bool]] = set()
 
 
 class TrackingServerError(RuntimeError):
     """The configured tracking store cannot be used: no answer, a bad address or directory."""
 
 
-def configure_tracking() -> str:
+def configure_tracking(*, writes: bool = True) -> str:
     """Point MLflow at the configured store and return its URI.
+
+    Args:
+        writes: Whether the command writes to the store; a read-only store serves those
+            that only read (an auditor's archived copy).
 
     Raises:
         TrackingServerError: if the store cannot be used (see :func:`_check_store`).
     """
     uri = tracking_uri()
-    if uri not in _OPENED_STORES:
-        _check_store(uri)
-        _OPENED_STORES.add(uri)
+    if (uri, True) not in _OPENED_STORES and (uri, writes) not in _OPENED_STORES:
+        _check_store(uri, writes=writes)
+        _OPENED_STORES.add((uri, writes))
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
 
 
-def _check_store(uri: str) -> None:
+def _check_store(uri: str, *, writes: bool) -> None:
     """Open the embedded store, or check once that a server or database answers.
 
     Raises:
@@ -87,7 +91,7 @@ def _check_store(uri: str) -> None:
     database = Path(uri.removeprefix("sqlite:///"))
     source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else STATE_DIR_ENV
     try:
-        problem = _open_embedded_store(uri, database)
+        problem = _open_embedded_store(uri, database, writes=writes)
     except OSError as error:  # the state dir is a file, read-only, or full
         raise TrackingServerError(
             f"{source}: cannot open the tracking store {database} ({error.strerror or error}); "
@@ -97,7 +101,7 @@ def _check_store(uri: str) -> None:
         raise TrackingServerError(f"{source}: {problem}")
 
 
-def _open_embedded_store(uri: str, database: Path) -> str | None:
+def _open_embedded_store(uri: str, database: Path, *, writes: bool) -> str | None:
     """Open the sqlite store once, holding a lock while MLflow creates or upgrades its tables.
 
     MLflow creates the schema on first use without a lock: commands started together on a new
@@ -114,6 +118,13 @@ def _open_embedded_store(uri: str, database: Path) -> str | None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if problem := sqlite_store_problem(database, create=True):
             return problem
+        # sqlite opens a write-protected file read-only without a word; the first write of a
+        # training or an approval would fail with a traceback.
+        if writes and not os.access(database, os.W_OK):
+            return (
+                f"the tracking store {database} is read-only for this user; this command "
+                "writes to it: make it writable, or point the setting at another store"
+            )
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         client.search_experiments(max_results=1)  # the tracking tables
         client.search_registered_models(max_results=1)  # the registry tables
