@@ -8,12 +8,12 @@ import sys
 import typer
 
 from datasets.cli import app as datasets_app
+from datasets.download import TrackingServerError
 from serving.audit_cli import audit_app, keys_app
 from serving.cli import predict_command, serve_command
 from training.cli import evaluate_command, export_command, train_command
 from training.models_cli import app as models_app
 from training.runs_cli import app as runs_app
-from training.tracking import TrackingServerError
 
 # The embedded store announces its schema migrations on first use; an error must stay one line.
 for noisy in ("mlflow.store.db.utils", "alembic.runtime.migration"):

@@ -227,6 +227,14 @@ _LOGIN_STATUSES = frozenset({401, 403, 407})
 _PROBE_MAX_BYTES = 1 << 20
 
 
+class TrackingServerError(RuntimeError):
+    """The configured tracking store cannot be used: no answer, a bad address or directory.
+
+    Defined here, beside the checks, so that the command line catches it without loading
+    MLflow (a second of every start, `--help` included).
+    """
+
+
 def tracking_address_problem(uri: str, *, timeout_s: float = 10.0) -> str | None:
     """Say why a tracking address (not ``sqlite:``) cannot be used, or return None.
 

@@ -23,7 +23,7 @@ from datasets.download import file_sha256, hide_passwords
 from datasets.ecg import ECG_INPUTS
 from serving.card import CARD_FILENAME, ServedCard
 from serving.errors import ModelLoadError
-from serving.settings import configured_onnxruntime_threads, tracking_uri
+from serving.settings import configured_onnxruntime_threads, tracking_uri, usable_cores
 
 logger = logging.getLogger("medscreen.serving")
 
@@ -82,7 +82,7 @@ def onnxruntime_threads() -> int:
     if configured:
         return configured
     workers = max(1, int(os.environ.get("MEDSCREEN_WORKERS", "1")))
-    return max(1, (os.cpu_count() or 1) // workers - 1)
+    return max(1, usable_cores() // workers - 1)
 
 
 class ServedModel:

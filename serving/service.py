@@ -53,7 +53,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
 
-from serving.api_keys import ApiKey, AuthError, KeyStore, KeyStoreError
+from serving.api_keys import ApiKey, AuthError, KeyStore, KeyStoreError, is_bearer
 from serving.batching import FairLock, MicroBatcher
 from serving.decode_memory import DecodeMemory, Reservation
 from serving.errors import InputError, RequestError, shown
@@ -960,7 +960,13 @@ class Screening:
             return await self._refuse(exchange, failure)
 
     def _authenticate(self, request: Request, exchange: _Exchange) -> ApiKey:
-        presented = request.headers.get("authorization") or request.headers.get("x-api-key")
+        authorization = request.headers.get("authorization")
+        api_key = request.headers.get("x-api-key")
+        # A proxy's own Authorization (Basic, another scheme) must not hide the hospital's key.
+        if api_key and not is_bearer(authorization):
+            presented = api_key
+        else:
+            presented = authorization or api_key
         try:
             exchange.key = self.keys.authenticate(presented)
         except KeyStoreError as error:

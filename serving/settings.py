@@ -79,6 +79,28 @@ def max_batch_size() -> int:
     return configured or DEFAULT_MAX_BATCH
 
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota.
+
+    ``os.cpu_count()`` is the host's: a pod limited to 2 CPUs on a 64-core node would start 63
+    onnxruntime threads that take turns on 2.
+
+    Args:
+        cpu_max: The cgroup's ``cpu.max`` (``QUOTA PERIOD`` or ``max PERIOD``).
+    """
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))  # a part core counts as one
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota here: the affinity is the limit
+    return cores
+
+
 def configured_onnxruntime_threads() -> int | None:
     """Return ``$MEDSCREEN_ORT_THREADS``, or None for the service's default."""
     return _whole_number(ORT_THREADS_ENV, "threads", "the cores per worker less one")

@@ -44,3 +44,21 @@ def test_datasets_package_needs_no_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert completed.stdout.strip() == "False"
+
+
+def test_the_command_line_starts_without_the_heavy_stacks():
+    # MLflow alone took a second of every start, `--help` and `audit verify` included.
+    heavy = ("torch", "monai", "pytorch_lightning", "lightning", "mlflow", "bentoml", "onnxruntime")
+    code = (
+        "import sys, medscreen_cli\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r}))\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        cwd=PROJECT_ROOT,
+    )
+    assert completed.stdout.strip() == "[]"

@@ -10,6 +10,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,7 +26,13 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from datasets import get_dataset_spec, load_split
 from serving.schemas import ErrorAnswer, ModelList, MonitoringAnswer, ScreeningAnswer
-from tests.conftest import free_port, grayscale_dicom, medscreen_command, medscreen_error_line
+from tests.conftest import (
+    PROJECT_ROOT,
+    free_port,
+    grayscale_dicom,
+    medscreen_command,
+    medscreen_error_line,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -703,6 +710,17 @@ def test_keys_are_required_and_bound_to_their_models(
         url, files=files, data=data, headers=_auth(service_keys.pneumonia_only), timeout=30
     )
     assert granted.status_code == 200, granted.text
+    # X-API-Key alone, and beside a proxy's own Authorization, which hid it before.
+    for headers in (
+        {"X-API-Key": service_keys.pneumonia_only},
+        {"X-API-Key": service_keys.pneumonia_only, "Authorization": "Basic cHJveHk6c2VjcmV0"},
+    ):
+        response = requests.post(url, files=files, data=data, headers=headers, timeout=30)
+        assert response.status_code == 200, (headers.keys(), response.text)
+    proxy_only = requests.post(
+        url, files=files, data=data, headers={"Authorization": "Basic cHJveHk6c2VjcmV0"}, timeout=30
+    )
+    assert proxy_only.status_code == 401 and "malformed API key" in proxy_only.json()["error"]
     forbidden = requests.post(
         url,
         files=files,
@@ -961,6 +979,43 @@ def test_serve_cli_names_a_bad_setting_before_anything_starts(variable, value, w
     # These are read by the service's worker, which BentoML restarted again and again.
     line = medscreen_error_line("serve", "--port", str(free_port()), env={variable: value})
     assert line.startswith(f"error: {variable}={value!r}: give {wanted}"), line
+
+
+def test_the_default_threads_follow_the_cores_this_process_may_use(tmp_path: Path):
+    # os.cpu_count() is the host's: a 2-CPU container on a large node started a thread per
+    # host core.
+    from serving.settings import usable_cores
+
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    for written, cores in (
+        ("50000 100000\n", 1),  # half a core: one
+        ("150000 100000\n", min(2, affinity)),
+        ("max 100000\n", affinity),
+        ("not a quota\n", affinity),
+    ):
+        cpu_max.write_text(written)
+        assert usable_cores(cpu_max) == cores, written
+    assert usable_cores(tmp_path / "absent") == affinity
+    taskset = shutil.which("taskset")
+    if taskset is None or affinity < 2:
+        pytest.skip("taskset, and 2 CPUs, are needed to pin the command to one")
+    pinned = subprocess.run(
+        [
+            taskset,
+            "-c",
+            str(min(os.sched_getaffinity(0))),
+            sys.executable,
+            "-c",
+            "from serving.settings import usable_cores; print(usable_cores())",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=PROJECT_ROOT,
+    )
+    assert pinned.stdout.strip() == "1"
 
 
 def test_serve_cli_refuses_a_prediction_log_or_key_store_it_cannot_use(

@@ -13,7 +13,12 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from datasets.download import hide_passwords, sqlite_store_problem, tracking_address_problem
+from datasets.download import (
+    TrackingServerError,
+    hide_passwords,
+    sqlite_store_problem,
+    tracking_address_problem,
+)
 
 STATE_DIR_ENV = "MEDSCREEN_STATE_DIR"
 TRACKED_PACKAGES = (
@@ -50,10 +55,6 @@ def tracking_uri() -> str:
 # Stores this process has opened (their tables exist) or found answering, each with whether it
 # was checked for writing: commands configure tracking often.
 _OPENED_STORES: set[tuple[str, bool]] = set()
-
-
-class TrackingServerError(RuntimeError):
-    """The configured tracking store cannot be used: no answer, a bad address or directory."""
 
 
 def configure_tracking(*, writes: bool = True) -> str:
