@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -186,6 +187,16 @@ def medscreen_error_line(*args: str, env: dict[str, str] | None = None) -> str:
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1, completed.stderr
     return lines[0]
+
+
+def check_recorded_commit(commit: str, dirty: str) -> None:
+    """A recorded commit is one of this checkout's, whenever the checkout is a git one."""
+    if not (PROJECT_ROOT / ".git").exists():  # a copy without its history: nothing to name
+        assert (commit, dirty) == ("unknown", "unknown")
+        return
+    assert re.fullmatch(r"[0-9a-f]{40}", commit), commit
+    subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=PROJECT_ROOT, check=True)
+    assert dirty in ("true", "false")
 
 
 @dataclass

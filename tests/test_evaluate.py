@@ -19,7 +19,7 @@ from datasets import (
     load_split,
     patient_disjoint_split,
 )
-from tests.conftest import medscreen_command, medscreen_error_line
+from tests.conftest import check_recorded_commit, medscreen_command, medscreen_error_line
 
 SECRET = "PATIENT-SECRET-"
 
@@ -230,6 +230,7 @@ def test_evaluation_is_a_linked_run_without_patient_identifiers(
     shown = _runs_show(training.run_id)
     assert result.run_id in shown and "evaluations of this run" in shown
     commit = run.data.tags["medscreen.git_commit"]
+    check_recorded_commit(commit, run.data.tags["medscreen.git_dirty"])
     val_fingerprint = (
         MlflowClient().get_run(training.run_id).data.tags["medscreen.data.val.fingerprint"]
     )

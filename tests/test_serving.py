@@ -32,6 +32,7 @@ from tests.conftest import (
     grayscale_dicom,
     medscreen_command,
     medscreen_error_line,
+    running_server,
 )
 
 pytestmark = pytest.mark.slow
@@ -782,9 +783,23 @@ def test_keys_are_required_and_bound_to_their_models(
     assert "Jane Smith" not in record["error"] and "Jane Smith" not in served_model.log()
 
 
-def test_prediction_log_verifies_and_catches_tampering(served_model, tmp_path: Path):
+def test_prediction_log_verifies_and_catches_tampering(
+    served_model, service_keys, registered_model, pneumonia_case: np.ndarray, tmp_path: Path
+):
     from serving.settings import prediction_log_path
 
+    # Two predictions of this test's own, so that it needs no other test's records.
+    request_ids = []
+    for _ in range(2):
+        answer = requests.post(
+            f"{served_model.url}/v1/screen",
+            files={"file": ("case.png", _png(pneumonia_case[0]))},
+            data={"model": registered_model.model_name},
+            headers=_auth(service_keys.all_models),
+            timeout=60,
+        )
+        assert answer.status_code == 200, answer.text
+        request_ids.append(answer.json()["request_id"])
     log = prediction_log_path()
     verified = subprocess.run(
         [*medscreen_command(), "audit", "verify"], capture_output=True, text=True, timeout=60
@@ -795,9 +810,11 @@ def test_prediction_log_verifies_and_catches_tampering(served_model, tmp_path: P
     shutil.copy(log, copy)
     shutil.copy(log.with_name(log.name + ".head.json"), tmp_path / (copy.name + ".head.json"))
     lines = copy.read_text().splitlines()
-    edited = json.loads(lines[1])
-    edited["decision"] = "negative" if edited.get("decision") == "positive" else "positive"
-    lines[1] = json.dumps(edited)
+    (at,) = [i for i, line in enumerate(lines) if json.loads(line)["request_id"] == request_ids[0]]
+    edited = json.loads(lines[at])
+    assert edited["outcome"] == "prediction"
+    edited["decision"] = "negative" if edited["decision"] == "positive" else "positive"
+    lines[at] = json.dumps(edited)
     copy.write_text("\n".join(lines) + "\n")
     tampered = subprocess.run(
         [*medscreen_command(), "audit", "verify", "--log", str(copy)],
@@ -805,7 +822,7 @@ def test_prediction_log_verifies_and_catches_tampering(served_model, tmp_path: P
         text=True,
         timeout=60,
     )
-    assert tampered.returncode == 1 and "line 2" in tampered.stdout
+    assert tampered.returncode == 1 and f"line {at + 1}" in tampered.stdout, tampered.stdout
 
 
 def test_alias_move_switches_version_without_restart_or_failed_requests(
@@ -946,7 +963,13 @@ def test_predict_cli_prints_the_answer(
         env={**os.environ, "MEDSCREEN_API_KEY": service_keys.all_models},
     )
     assert completed.returncode == 0, completed.stderr
-    assert '"decision"' in completed.stdout
+    body = json.loads(completed.stdout)
+    _check_answer(body, registered_model)
+    assert body["input"]["format"] == "dicom"
+    assert "Covid0000" not in completed.stdout  # the file's PatientName and PatientID
+    (record,) = [r for r in _log_records() if r["request_id"] == body["request_id"]]
+    assert record["decision"] == body["decision"]
+    assert record["score"] == pytest.approx(body["probability"])
 
 
 def test_serve_cli_names_an_unknown_model_or_a_bad_reference():
@@ -1052,18 +1075,32 @@ def test_serve_cli_refuses_a_prediction_log_or_key_store_it_cannot_use(
     assert line.startswith(f"error: {not_a_store}: not a valid key store: ")
 
 
-def test_serve_cli_warns_of_a_key_store_without_a_usable_key(tmp_path: Path, monkeypatch):
+def test_serve_cli_warns_of_a_key_store_without_a_usable_key(
+    registered_model, tmp_path: Path, monkeypatch
+):
     from serving.api_keys import KeyStore
     from serving.cli import _check_local_state
+    from training.registry import promote
 
     store_path = tmp_path / "keys.json"
     monkeypatch.setenv("MEDSCREEN_KEY_STORE", str(store_path))
     monkeypatch.setenv("MEDSCREEN_PREDICTION_LOG", str(tmp_path / "log" / "predictions.jsonl"))
     assert _check_local_state() is False  # no store yet: no key
     store = KeyStore(store_path)
-    revoked, _ = store.create("Closed Clinic", "south", ["*"])
+    revoked, revoked_plain = store.create("Closed Clinic", "south", ["*"])
     store.revoke(revoked.key_id)
     assert _check_local_state() is False
+    # The operator is told at start, and the service still starts: keys can be added live.
+    name = registered_model.model_name
+    promote(name, registered_model.version, alias="candidate", approver="ci", reason="serve")
+    with monkeypatch.context() as served:
+        served.setenv("MEDSCREEN_PREDICTION_LOG", str(tmp_path / "served" / "predictions.jsonl"))
+        with running_server([f"{name}@candidate"], tmp_path) as server:
+            assert "holds no usable API key, so every request will get a 401" in server.log()
+            refused = requests.get(
+                f"{server.url}/v1/models", headers=_auth(revoked_plain), timeout=30
+            )
+            assert refused.status_code == 401, refused.text
     store.create("St Elsewhere", "north", ["*"])
     assert _check_local_state() is True
     # The check opens what the first record needs, and writes no log.

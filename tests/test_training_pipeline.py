@@ -13,7 +13,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from datasets import get_dataset_spec, load_split
-from tests.conftest import QUICK_RECIPE, TINY_TRAINING, medscreen_error_line
+from tests.conftest import (
+    QUICK_RECIPE,
+    TINY_TRAINING,
+    check_recorded_commit,
+    medscreen_error_line,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +66,7 @@ def test_run_records_recipe_metrics_lineage_and_provenance(trained_run, medmnist
     assert run.data.tags["medscreen.data.val.fingerprint"] == val.fingerprint
     # Provenance: the commit, package versions and seed.
     tags = run.data.tags
-    assert len(tags["medscreen.git_commit"]) in (40, len("unknown"))
+    check_recorded_commit(tags["medscreen.git_commit"], tags["medscreen.git_dirty"])
     assert tags["medscreen.version.torch"].startswith("2.13")
     assert tags["medscreen.version.monai"] != "not installed"
     assert tags["medscreen.version.pydicom"] != "not installed"  # decoders shape the data too
@@ -91,7 +96,9 @@ def test_export_registers_a_version_with_card_and_checked_onnx(
     assert client.get_run(result.run_id).info.status == "FINISHED"
     assert float(version.tags["medscreen.threshold"]) == pytest.approx(result.threshold, abs=1e-6)
     # What exported it, beside what trained it (the run's tags).
-    assert version.tags["medscreen.export.git_commit"] != ""
+    check_recorded_commit(
+        version.tags["medscreen.export.git_commit"], version.tags["medscreen.export.git_dirty"]
+    )
     assert version.tags["medscreen.export.version.onnxruntime"] != "not installed"
     card = registered_model.card
     assert card.positive_finding == "pneumonia" and card.positive_classes == [1]
@@ -166,6 +173,7 @@ def test_export_never_reopens_the_training_run(trained_run):
     client = _client()
     query = f"name='{recipe.registration.model_name}'"
     earlier = {version.version for version in client.search_model_versions(query)}
+    closed_at = client.get_run(result.run_id).info.end_time
     statuses: set[str] = set()
     seen_new: set[str] = set()
     exporting = threading.Thread(target=export_and_register, args=(result.run_id,))
@@ -183,6 +191,8 @@ def test_export_never_reopens_the_training_run(trained_run):
             break
         exporting.join(timeout=0.02)
     assert statuses == {"FINISHED"}
+    # A reopening between two polls would still have closed the run again, at a new time.
+    assert client.get_run(result.run_id).info.end_time == closed_at
     assert len(seen_new) == 1
 
 
