@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from datasets.files import NotRegularFileError, open_regular_file, write_atomically
+from serving.errors import shown
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")
 # The name part of a serving reference (``serving.model``), so every servable model can be granted.
@@ -102,8 +103,8 @@ def check_name(field: str, value: str) -> str:
     """
     if not NAME_PATTERN.fullmatch(value):
         raise KeyStoreError(
-            f"{field}: {value!r} is not a valid name (1-64 ASCII letters, digits, spaces, '_', "
-            "'.' or '-', starting with a letter or digit)"
+            f"{field}: {shown(value)} is not a valid name (1-64 ASCII letters, digits, spaces, "
+            "'_', '.' or '-', starting with a letter or digit)"
         )
     return value
 

@@ -316,6 +316,13 @@ def test_a_bad_hospital_name_is_one_line_naming_the_option(tmp_path: Path) -> No
         "--store", store,
     )  # fmt: skip
     assert line.startswith("error: --hospital: 'St Mary; DROP' is not a valid name")
+    # A name pasted by mistake (a whole document) is cut, not echoed whole.
+    line = medscreen_error_line(
+        "keys", "create", "--hospital", "A" * 5000, "--region", "eu", "--model", MODEL,
+        "--store", store,
+    )  # fmt: skip
+    assert line.startswith(f"error: --hospital: '{'A' * 64}...' is not a valid name"), line
+    assert len(line) < 300
     line = medscreen_error_line(
         "keys", "create", "--hospital", "A", "--region", "eu", "--store", store
     )
