@@ -73,6 +73,18 @@ def test_augmentation_fills_uncovered_corners_with_the_image_minimum(medmnist_di
         # Interpolation stays within the image's range; only rounding may cross it.
         assert int(augmented.min()) >= int(original.min()) - 1
         assert int(augmented.max()) <= int(original.max()) + 1
+    # A shift pinned to 6 rows and 3 columns (each draw's [min, max]) uncovers the last 6 rows
+    # and 3 columns whole: each must be the minimum, not an edge, a reflection or the mean.
+    shift = build_augmentation(AugmentationSection(translate_pixels=4), spatial_dims=2, seed=0)
+    (affine,) = shift.transforms
+    affine.rand_affine_grid.translate_range = ((6, 6), (3, 3))
+    shifted = ImageSplitDataset(split, shift)
+    for index in range(len(split)):
+        augmented = shifted[index][0].numpy()
+        original = split.images[index]
+        np.testing.assert_array_equal(augmented[:, :-6, :-3], original[:, 6:, 3:])
+        assert (augmented[:, -6:, :] == original.min()).all(), index
+        assert (augmented[:, :, -3:] == original.min()).all(), index
 
 
 def test_balanced_class_weights_are_scikit_learns_for_the_training_split(medmnist_dir: Path):

@@ -81,10 +81,18 @@ def test_ecg_evaluation_on_unseen_records_is_a_linked_run(ecg_run, shared_datase
     for seen in ("209", "220"):
         with pytest.raises(DatasetError, match=rf"\['{seen}'\] were used to train or select"):
             evaluate_ecg_records(ecg_run.run_id, shared_datasets / "mitdb", [seen, "223"])
-    # A training record named by a path, or with spaces, is still that record.
-    for spelling in (" 209", "./209"):
-        with pytest.raises(DatasetError, match=r"records: |\['209'\] were used to train"):
+    # With spaces, a training record is still that record; named by a path, it is no record
+    # name at all. Either way it is refused, each for its own reason.
+    refusals = {
+        " 209": f"records ['209'] were used to train or select run {ecg_run.run_id}; "
+        "evaluate on records it has never seen",
+        "./209": "records: './209' is not a record name: give the name of the record in its "
+        "directory (for example 118), without a path or a suffix",
+    }
+    for spelling, refusal in refusals.items():
+        with pytest.raises(DatasetError) as failure:
             evaluate_ecg_records(ecg_run.run_id, shared_datasets / "mitdb", [spelling, "223"])
+        assert str(failure.value) == refusal, spelling
     with pytest.raises(DatasetError, match=r"records: record 223 is listed twice"):
         evaluate_ecg_records(ecg_run.run_id, shared_datasets / "mitdb", ["223", "223"])
     assert run.data.tags["medscreen.overlap_check"].startswith(
@@ -149,7 +157,9 @@ def test_ecg_evaluation_refuses_a_renamed_copy_of_a_training_record(
     published = _published_sha256(shared_datasets)
     kept = lineage["record_files_sha256"]
     assert set(kept) == {"106", "118", "207", "209", "220"}
-    for files in kept.values():
+    for record, files in kept.items():
+        # Every file of the record, so that the loop below has each one to check.
+        assert set(files) == {f"{record}{suffix}" for suffix in SUFFIXES}, record
         for name, digest in files.items():
             assert digest == published[name], name
 

@@ -51,6 +51,13 @@ def _backbone_calls(module: ScreeningClassifier) -> list[tuple[torch.Tensor, tor
     return calls
 
 
+def _white_share_targets(inputs: torch.Tensor) -> torch.Tensor:
+    """Each black-and-white input's mixed label: the share of white it shows, as it must be."""
+    white_share = (inputs.mean(dim=(1, 2, 3)) + 1) / 2
+    assert not torch.isin(white_share, torch.tensor([0.0, 1.0])).all()  # some really mixed
+    return torch.stack([1 - white_share, white_share], dim=1)
+
+
 def test_the_loss_is_cross_entropy_on_labels_mixed_like_the_images():
     module = _classifier(0.4)
     images, labels = _black_and_white(8)
@@ -60,10 +67,7 @@ def test_the_loss_is_cross_entropy_on_labels_mixed_like_the_images():
 
     ((inputs, logits),) = calls
     # Each input is w * image + (1 - w) * partner, and so is its label: the share of white.
-    white_share = (inputs.mean(dim=(1, 2, 3)) + 1) / 2
-    assert not torch.isin(white_share, torch.tensor([0.0, 1.0])).all()  # some really mixed
-    targets = torch.stack([1 - white_share, white_share], dim=1)
-    torch.testing.assert_close(loss, functional.cross_entropy(logits, targets))
+    torch.testing.assert_close(loss, functional.cross_entropy(logits, _white_share_targets(inputs)))
 
 
 def test_without_mixup_the_step_sees_the_images_unmixed():
@@ -93,15 +97,23 @@ def test_class_weights_are_applied_as_for_hard_labels(smoothing: float):
 def test_the_draws_follow_the_seed_and_a_short_last_batch_is_mixed():
     images, labels = _black_and_white(8)
 
-    def mixed_inputs(seed: int, count: int) -> torch.Tensor:
+    def mixed_inputs(seed: int) -> torch.Tensor:
         module = _classifier(0.4, seed=seed)
         calls = _backbone_calls(module)
-        module.training_step((images[:count], labels[:count]), 0)
+        module.training_step((images, labels), 0)
         return calls[0][0]
 
-    torch.testing.assert_close(mixed_inputs(0, 8), mixed_inputs(0, 8))
-    assert not torch.equal(mixed_inputs(0, 8), mixed_inputs(1, 8))
-    assert mixed_inputs(0, 5).shape == (5, 1, 32, 32)
+    torch.testing.assert_close(mixed_inputs(0), mixed_inputs(0))
+    assert not torch.equal(mixed_inputs(0), mixed_inputs(1))
+    # As in training: the epoch's short last batch comes after a full one on the same module,
+    # and its images and labels are mixed as the full batch's are.
+    module = _classifier(0.4)
+    calls = _backbone_calls(module)
+    module.training_step((images, labels), 0)
+    loss = module.training_step((images[:5], labels[:5]), 1)
+    _, (inputs, logits) = calls
+    assert inputs.shape == (5, 1, 32, 32)
+    torch.testing.assert_close(loss, functional.cross_entropy(logits, _white_share_targets(inputs)))
 
 
 @pytest.mark.parametrize("alpha", [-0.1, 11])
