@@ -250,6 +250,8 @@ def test_the_gate_refuses_a_threshold_or_metrics_from_a_handful_of_cases(medmnis
         f"release gate failed: validation cases: {positives} positive and {12 - positives} "
         "negative case(s); at least 10 of each needed; nothing was registered"
     )
+    # The command says it in one line: torch's exporter warned on stderr before it.
+    assert medscreen_error_line("export", "--run-id", result.run_id) == f"error: {message}"
     assert len(client.search_model_versions(query)) == before
 
 

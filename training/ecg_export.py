@@ -10,7 +10,6 @@ chosen on the validation records for the recipe's sensitivity target.
 from __future__ import annotations
 
 import hashlib
-import logging
 import tempfile
 from pathlib import Path
 
@@ -60,6 +59,7 @@ from training.export import (
     parity_checks,
     register_version,
     utc_now,
+    write_onnx,
 )
 from training.tracking import package_versions
 from training.train import LINEAGE_ARTIFACT, read_run_json
@@ -99,17 +99,13 @@ def export_ecg_onnx(network: EcgNetwork, path: Path) -> None:
         torch.ones((2, 4)),
     )
     batch = torch.export.Dim("beats")
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    torch.onnx.export(
-        EcgProbabilityModel(network).eval(),
+    write_onnx(
+        EcgProbabilityModel(network),
         examples,
-        str(path),
+        path,
         input_names=list(ECG_INPUTS),
         output_names=[ECG_OUTPUT],
         dynamic_shapes=({0: batch}, {0: batch}, {0: batch}),
-        dynamo=True,
-        external_data=False,
-        verbose=False,
     )
 
 

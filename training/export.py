@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import logging
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,23 +84,49 @@ class ExportResult:
     card: ModelCard
 
 
+def write_onnx(
+    module: torch.nn.Module,
+    examples: tuple[torch.Tensor, ...],
+    path: Path,
+    *,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_shapes: tuple[dict[int, torch.export.Dim], ...],
+) -> None:
+    """Export ``module`` with torch's dynamo exporter to one self-contained ONNX file."""
+    # The exporter warns about every torchvision op it cannot register; none is used here.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        # torch's own pytree code, copied while tracing; nothing the caller can act on.
+        warnings.filterwarnings(
+            "ignore",
+            message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+            category=FutureWarning,
+        )
+        torch.onnx.export(
+            module.eval(),
+            examples,
+            str(path),
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+
+
 def export_onnx(
     network: torch.nn.Module, image_shape: tuple[int, ...], path: Path, temperature: float = 1.0
 ) -> None:
     """Write the probability graph (uint8 images in, dynamic batch) to ``path``."""
-    example = torch.zeros((2, *image_shape), dtype=torch.uint8)
-    # The exporter warns about every torchvision op it cannot register; none is used here.
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    torch.onnx.export(
-        ProbabilityModel(network, temperature).eval(),
-        (example,),
-        str(path),
+    write_onnx(
+        ProbabilityModel(network, temperature),
+        (torch.zeros((2, *image_shape), dtype=torch.uint8),),
+        path,
         input_names=[ONNX_INPUT],
         output_names=[ONNX_OUTPUT],
         dynamic_shapes=({0: torch.export.Dim("batch")},),
-        dynamo=True,
-        external_data=False,
-        verbose=False,
     )
 
 
