@@ -399,3 +399,20 @@ def test_an_interrupted_export_leaves_its_logged_model_failed_not_pending(
     # Before: READY here (PENDING if cut inside log_model), for a model never registered.
     assert newest.status == LoggedModelStatus.FAILED
     assert len(client.search_model_versions(f"name='{name}'")) == versions_before
+
+    # Cut just after the registry's write: the version exists, so its logged model stays READY.
+    monkeypatch.setattr(mlflow.onnx, "log_model", logged_for_real)
+    registered_for_real = MlflowClient.create_model_version
+
+    def register_then_interrupt(self, *args, **kwargs):
+        registered_for_real(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MlflowClient, "create_model_version", register_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export_and_register(result.run_id)
+    versions = client.search_model_versions(f"name='{name}'")
+    assert len(versions) == versions_before + 1
+    newest_version = max(versions, key=lambda version: int(version.version))
+    model_id = newest_version.source.removeprefix("models:/")
+    assert mlflow.get_logged_model(model_id).status == LoggedModelStatus.READY

@@ -409,7 +409,7 @@ def register_version(
         params=run.data.params,
         experiment_id=run.info.experiment_id,
     )
-    with _failed_unless_registered(logged_model.model_id):
+    with _failed_unless_registered(logged_model.model_id, card.model_name):
         return _log_and_register(
             client, logged_model, onnx_model, card, signature, description, extra_tags
         )
@@ -498,7 +498,7 @@ def _log_and_register(
 
 
 @contextlib.contextmanager
-def _failed_unless_registered(model_id: str) -> Iterator[None]:
+def _failed_unless_registered(model_id: str, model_name: str) -> Iterator[None]:
     """Mark a logged model FAILED if its version is not registered (an error, Ctrl-C, SIGTERM).
 
     Left alone, an interrupted export's logged model stayed PENDING for good in the run's
@@ -508,7 +508,12 @@ def _failed_unless_registered(model_id: str) -> Iterator[None]:
         yield
     except BaseException:
         with contextlib.suppress(Exception):  # the first error is the one to report
-            mlflow.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+            # Cut after the registry's write (or a server that wrote but did not answer): the
+            # version exists and serves from this logged model, which must not read FAILED.
+            # (A version's model_id reads None from the sqlite store; its source names it.)
+            versions = MlflowClient().search_model_versions(f"name='{model_name}'")
+            if f"models:/{model_id}" not in {version.source for version in versions}:
+                mlflow.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
         raise
 
 
