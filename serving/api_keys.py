@@ -44,14 +44,13 @@ _PRESENTED_KEY = re.compile(r"msk_(?P<key_id>[0-9a-f]{12})_[A-Za-z0-9_-]{32,128}
 _BEARER = re.compile(r"^bearer(\s+|$)", re.IGNORECASE)
 _ISSUE_HINT = "keys are issued with `medscreen keys create`"
 
+# Far beyond any store in use (a key takes about 300 bytes): a larger file is not read whole.
+MAX_STORE_BYTES = 64 << 20
+
 
 def is_bearer(authorization: str | None) -> bool:
     """Whether an ``Authorization`` header value uses the Bearer scheme (a medscreen key)."""
     return bool(authorization and _BEARER.match(authorization.strip()))
-
-
-# Far beyond any store in use (a key takes about 300 bytes): a larger file is not read whole.
-MAX_STORE_BYTES = 64 << 20
 
 
 class AuthError(Exception):

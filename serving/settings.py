@@ -103,7 +103,7 @@ def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
 
 def configured_onnxruntime_threads() -> int | None:
     """Return ``$MEDSCREEN_ORT_THREADS``, or None for the service's default."""
-    return _whole_number(ORT_THREADS_ENV, "threads", "the cores per worker less one")
+    return _whole_number(ORT_THREADS_ENV, "threads", "the usable cores per worker less one")
 
 
 def decode_memory_bytes() -> int:
