@@ -146,7 +146,9 @@ def main(
         Upload, typer.Option(help="A large DICOM picture, or a JSON body of nested lists.")
     ] = Upload.dicom,
     side: Annotated[
-        int, typer.Option(min=64, max=6000, help="Pixels per side of the DICOM.")
+        # The picture's steps are 64 pixels wide: under 128, it is one grey level, refused as
+        # blank, and nothing is decoded.
+        int, typer.Option(min=128, max=6000, help="Pixels per side of the DICOM.")
     ] = 6000,
     json_mb: Annotated[
         float, typer.Option(min=0.1, max=32, help="Size of the JSON body in MB.")
@@ -196,6 +198,9 @@ def main(
             f"{result['worker_peak_growth_mib']:,} MiB",
         )
     Console().print(table)
+    refused = sorted({status for result in results for status in result["statuses"]} - {200})
+    if refused:  # a refused upload is not decoded: the figures would measure nothing
+        raise SystemExit(f"error: the service answered {refused}, not 200: nothing was measured")
 
 
 if __name__ == "__main__":
