@@ -196,6 +196,11 @@ def test_missing_recipe_and_bad_yaml(tmp_path: Path):
             "optimisation.limit_train_batches=true",
             "field 'optimisation.limit_train_batches': expected a number, not true or false",
         ),
+        # A gate of `false` read as 0 would pass any model.
+        (
+            "registration.minimum_metrics={test_auc: false}",
+            "field 'registration.minimum_metrics': expected a number, not true or false",
+        ),
         # An override's error names the override, not the recipe file it did not come from.
         ("name=", "field 'name': Input should be a valid string"),
         (

@@ -50,9 +50,22 @@ def _is_number(annotation: Any) -> bool:
     return False
 
 
+def _holds_numbers(annotation: Any) -> bool:
+    """Whether a field holds numbers: itself, or each item of a list or tuple, or each value."""
+    if _is_number(annotation):
+        return True
+    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (list, tuple):
+        return all(_is_number(argument) for argument in arguments if argument is not Ellipsis)
+    if origin is dict:  # minimum_metrics: a gate of `false` would be 0, passing any model
+        return _is_number(arguments[1])
+    return False
+
+
 def _holds_booleans(value: Any) -> bool:
-    return isinstance(value, bool) or (
-        isinstance(value, list | tuple) and any(isinstance(item, bool) for item in value)
+    items = list(value.values()) if isinstance(value, dict) else value
+    return isinstance(items, bool) or (
+        isinstance(items, list | tuple) and any(isinstance(item, bool) for item in items)
     )
 
 
@@ -64,13 +77,7 @@ class _Strict(BaseModel):
     @classmethod
     def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         # pydantic reads true as 1 and false as 0: `max_epochs: true` would train one epoch.
-        annotation = cls.model_fields[info.field_name].annotation
-        origin = typing.get_origin(annotation)
-        numbers = _is_number(annotation) or (
-            origin in (list, tuple)
-            and all(_is_number(arg) for arg in typing.get_args(annotation) if arg is not Ellipsis)
-        )
-        if numbers and _holds_booleans(value):
+        if _holds_numbers(cls.model_fields[info.field_name].annotation) and _holds_booleans(value):
             raise ValueError("expected a number, not true or false")
         return value
 
