@@ -186,31 +186,49 @@ def test_a_read_only_store_serves_readers_and_refuses_writers_in_one_line(tmp_pa
     # sqlite opened the write-protected file read-only without a word, and a training's first
     # write was a traceback ("attempt to write a readonly database").
     prefix = _without_permission_override()
+    recipe = Path(__file__).parents[1] / "training" / "recipes" / "pneumonia-quick.yaml"
+    writers = (["train", str(recipe), "--no-progress"], ["export", "--run-id", "0" * 32])
     state = tmp_path / "archived"
     _new_store(state)
     database = state / "mlflow.db"
-    database.chmod(0o444)
     before = database.read_bytes()
+
+    def refusal(read_only: Path) -> str:
+        return (
+            f"error: MEDSCREEN_STATE_DIR: the tracking store {database} is read-only for this "
+            f"user ({read_only} cannot be written); this command writes to it: make it "
+            "writable, or point the setting at another store"
+        )
+
+    def reads() -> None:  # an auditor's archived copy still reads
+        environment = {**os.environ, "MEDSCREEN_STATE_DIR": str(state)}
+        environment.pop("MLFLOW_TRACKING_URI", None)
+        for command in (["models", "list"], ["runs", "show", "0" * 32]):
+            completed = subprocess.run(
+                [*prefix, *medscreen_command(), *command],
+                env=environment,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert "not found in sqlite" in completed.stderr or completed.returncode == 0, (
+                command,
+                completed.stderr,
+            )
+
     env = {"MEDSCREEN_STATE_DIR": str(state)}
-    environment = {**os.environ, **env}
-    environment.pop("MLFLOW_TRACKING_URI", None)
-    listed = subprocess.run(
-        [*prefix, *medscreen_command(), "models", "list"],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert listed.returncode == 0, listed.stderr  # an auditor's archived copy still reads
-    refusal = (
-        f"error: MEDSCREEN_STATE_DIR: the tracking store {database} is read-only for this "
-        "user; this command writes to it: make it writable, or point the setting at another "
-        "store"
-    )
-    recipe = Path(__file__).parents[1] / "training" / "recipes" / "pneumonia-quick.yaml"
-    for command in (
-        ["train", str(recipe), "--no-progress"],
-        ["export", "--run-id", "0" * 32],
-    ):
-        assert _error_line(*command, env=env, prefix=prefix) == refusal, command
+    database.chmod(0o444)  # the file
+    reads()
+    for command in writers:
+        assert _error_line(*command, env=env, prefix=prefix) == refusal(database), command
+    database.chmod(0o644)
+    state.chmod(0o555)  # its directory, where sqlite writes its journal (the lock file exists)
+    try:
+        reads()
+        for command in writers:
+            assert _error_line(*command, env=env, prefix=prefix) == refusal(state), command
+        (state / "mlflow.db.lock").chmod(0o444)  # no lock to take either: reads go on without
+        reads()
+    finally:
+        state.chmod(0o755)
     assert database.read_bytes() == before

@@ -115,21 +115,34 @@ def _open_embedded_store(uri: str, database: Path, *, writes: bool) -> str | Non
     if database.is_dir():  # said before a lock file is made beside it
         return sqlite_store_problem(database, create=False)
     database.parent.mkdir(parents=True, exist_ok=True)
-    with database.with_name(f"{database.name}.lock").open("a") as lock:
+    try:
+        lock = database.with_name(f"{database.name}.lock").open("a")
+    except OSError:
+        # An archived copy in a read-only directory: its tables exist, and reading them needs
+        # no lock (it guards their creation).
+        if writes or not database.is_file():
+            raise
+        return sqlite_store_problem(database, create=False)
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if problem := sqlite_store_problem(database, create=True):
             return problem
-        # sqlite opens a write-protected file read-only without a word; the first write of a
-        # training or an approval would fail with a traceback.
-        if writes and not os.access(database, os.W_OK):
+        # sqlite opens a write-protected file read-only without a word, and writes its journal
+        # beside it: the first write of a training or an approval was a traceback.
+        if writes and (read_only := _first_read_only(database, database.parent)):
             return (
-                f"the tracking store {database} is read-only for this user; this command "
-                "writes to it: make it writable, or point the setting at another store"
+                f"the tracking store {database} is read-only for this user ({read_only} cannot "
+                "be written); this command writes to it: make it writable, or point the "
+                "setting at another store"
             )
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         client.search_experiments(max_results=1)  # the tracking tables
         client.search_registered_models(max_results=1)  # the registry tables
     return None
+
+
+def _first_read_only(*paths: Path) -> Path | None:
+    return next((path for path in paths if not os.access(path, os.W_OK)), None)
 
 
 def ensure_experiment(name: str) -> str:
