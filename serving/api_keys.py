@@ -48,9 +48,13 @@ _ISSUE_HINT = "keys are issued with `medscreen keys create`"
 MAX_STORE_BYTES = 64 << 20
 
 
-def is_bearer(authorization: str | None) -> bool:
-    """Whether an ``Authorization`` header value uses the Bearer scheme (a medscreen key)."""
-    return bool(authorization and _BEARER.match(authorization.strip()))
+def is_medscreen_authorization(authorization: str | None) -> bool:
+    """Whether an ``Authorization`` value is meant for medscreen: Bearer, or a bare key.
+
+    Another scheme (a proxy's ``Basic``) is not, and must not hide an ``X-API-Key``.
+    """
+    value = (authorization or "").strip()
+    return bool(_BEARER.match(value) or value.startswith(KEY_PREFIX))
 
 
 class AuthError(Exception):
@@ -495,8 +499,6 @@ class KeyStore:
         """
         if key.grants(model_name):
             return
-        from serving.errors import shown  # imports the decoders: only a refusal needs it
-
         requested = shown(model_name)  # the client's text: cut, and quoted for the log's mask
         raise AuthError(
             HTTPStatus.FORBIDDEN,

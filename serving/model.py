@@ -71,7 +71,7 @@ class ModelReference:
 
 
 def onnxruntime_threads() -> int:
-    """Intra-op threads per session: ``$MEDSCREEN_ORT_THREADS``, else the cores per worker less one.
+    """Intra-op threads per session: ``$MEDSCREEN_ORT_THREADS``, else usable cores per worker - 1.
 
     Each server worker runs one batch at a time, and its event loop (HTTP, decoding, the log)
     keeps about two thirds of a core busy under load. onnxruntime's threads wait for each other

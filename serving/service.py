@@ -9,10 +9,12 @@ Routes (mounted on the BentoML server, which keeps ``/readyz``, ``/livez`` and `
 - ``POST /v1/monitor``: JSON ``{"samples": [...], "sampling_rate_hz": ..., "lead": ...}`` ECG.
 - ``POST /v1/monitor/dicom``: multipart ``file`` with a DICOM ECG waveform, optional ``lead``.
 
-Every request needs ``Authorization: Bearer <key>`` (``medscreen keys create``). Every answer
-names the model version and threshold behind it, and every prediction request, answered or
-refused (and every refused model listing), is written to the hash-chained prediction log before
-the response leaves; a model listing that is answered and a path that is no route are not.
+Every request needs ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` (``medscreen keys
+create``); an ``Authorization`` of another scheme (a proxy's) leaves ``X-API-Key`` to be read.
+Every answer names the model version and threshold behind it, and every prediction request,
+answered or refused (and every refused model listing), is written to the hash-chained prediction
+log before the response leaves; a model listing that is answered and a path that is no route are
+not.
 Requests are parsed here rather than by BentoML's typed IO so that every client mistake gets a
 4xx in one JSON form; ``/v1/openapi.json`` publishes the bodies and answers that
 :mod:`serving.schemas` describes.
@@ -53,7 +55,13 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
 
-from serving.api_keys import ApiKey, AuthError, KeyStore, KeyStoreError, is_bearer
+from serving.api_keys import (
+    ApiKey,
+    AuthError,
+    KeyStore,
+    KeyStoreError,
+    is_medscreen_authorization,
+)
 from serving.batching import FairLock, MicroBatcher
 from serving.decode_memory import DecodeMemory, Reservation
 from serving.errors import InputError, RequestError, shown
@@ -963,7 +971,7 @@ class Screening:
         authorization = request.headers.get("authorization")
         api_key = request.headers.get("x-api-key")
         # A proxy's own Authorization (Basic, another scheme) must not hide the hospital's key.
-        if api_key and not is_bearer(authorization):
+        if api_key and not is_medscreen_authorization(authorization):
             presented = api_key
         else:
             presented = authorization or api_key

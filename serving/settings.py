@@ -79,25 +79,45 @@ def max_batch_size() -> int:
     return configured or DEFAULT_MAX_BATCH
 
 
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
-    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota.
+def _own_cgroup() -> str:
+    """This process's cgroup v2 path: ``/`` in a container with a cgroup namespace of its own."""
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                return line.removeprefix("0::")
+    except OSError:
+        pass
+    return "/"
+
+
+def usable_cores(cgroup_root: Path = CGROUP_ROOT, own_cgroup: str | None = None) -> int:
+    """CPUs this process may use: its affinity, capped by any cgroup v2 CPU quota above it.
 
     ``os.cpu_count()`` is the host's: a pod limited to 2 CPUs on a 64-core node would start 63
     onnxruntime threads that take turns on 2.
 
     Args:
-        cpu_max: The cgroup's ``cpu.max`` (``QUOTA PERIOD`` or ``max PERIOD``).
+        cgroup_root: Where the cgroup v2 hierarchy is mounted.
+        own_cgroup: The process's cgroup path under it (default: read from ``/proc``).
     """
-    cores = len(os.sched_getaffinity(0))
     try:
-        quota, period = cpu_max.read_text().split()
-        if quota != "max":
-            cores = min(cores, max(1, -(-int(quota) // int(period))))  # a part core counts as one
-    except (OSError, ValueError):
-        pass  # no cgroup v2 quota here: the affinity is the limit
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux: no affinity, and no cgroups
+        return os.cpu_count() or 1
+    group = cgroup_root / (own_cgroup or _own_cgroup()).strip("/")
+    # A quota on the process's own cgroup or on any above it (a pod's, a systemd slice's).
+    for directory in (group, *group.parents):
+        if not directory.is_relative_to(cgroup_root):
+            break
+        try:
+            quota, period = (directory / "cpu.max").read_text().split()
+            if quota != "max":
+                cores = min(cores, max(1, -(-int(quota) // int(period))))  # part cores count
+        except (OSError, ValueError):
+            continue  # no quota file here, or none set
     return cores
 
 

@@ -722,6 +722,17 @@ def test_keys_are_required_and_bound_to_their_models(
         url, files=files, data=data, headers={"Authorization": "Basic cHJveHk6c2VjcmV0"}, timeout=30
     )
     assert proxy_only.status_code == 401 and "malformed API key" in proxy_only.json()["error"]
+    # A key in Authorization, bare or Bearer, is the one checked: a revoked one is not passed
+    # over for another in X-API-Key.
+    for authorization in (service_keys.revoked, f"Bearer {service_keys.revoked}"):
+        both = requests.post(
+            url,
+            files=files,
+            data=data,
+            headers={"Authorization": authorization, "X-API-Key": service_keys.all_models},
+            timeout=30,
+        )
+        assert both.status_code == 401 and "revoked" in both.json()["error"], both.text
     forbidden = requests.post(
         url,
         files=files,
@@ -1010,16 +1021,18 @@ def test_the_default_threads_follow_the_cores_this_process_may_use(tmp_path: Pat
     from serving.settings import usable_cores
 
     affinity = len(os.sched_getaffinity(0))
-    cpu_max = tmp_path / "cpu.max"
+    pod = tmp_path / "kubepods" / "pod1"
+    (pod / "container").mkdir(parents=True)
     for written, cores in (
         ("50000 100000\n", 1),  # half a core: one
         ("150000 100000\n", min(2, affinity)),
         ("max 100000\n", affinity),
         ("not a quota\n", affinity),
     ):
-        cpu_max.write_text(written)
-        assert usable_cores(cpu_max) == cores, written
-    assert usable_cores(tmp_path / "absent") == affinity
+        (pod / "cpu.max").write_text(written)  # the pod's quota, one level above the process
+        (pod / "container" / "cpu.max").write_text("max 100000\n")
+        assert usable_cores(tmp_path, "/kubepods/pod1/container") == cores, written
+    assert usable_cores(tmp_path / "absent", "/") == affinity
     taskset = shutil.which("taskset")
     if taskset is None or affinity < 2:
         pytest.skip("taskset, and 2 CPUs, are needed to pin the command to one")
