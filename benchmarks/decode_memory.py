@@ -156,6 +156,10 @@ def main(
     data_dir: Annotated[
         Path, typer.Option(help="Local MedMNIST directory (to train a model if needed).")
     ] = serving_benchmark.DEFAULT_DATA_DIR,
+    output: Annotated[
+        Path | None,
+        typer.Option(help="Where to write the JSON result (default: results/decode_memory_KIND)."),
+    ] = None,
 ) -> None:
     """Measure the worker's peak memory under large uploads at once."""
     upload_kind = upload.value
@@ -182,7 +186,10 @@ def main(
         **({"side": side} if upload_kind == "dicom" else {}),
         "runs": results,
     }
-    output = RESULTS / f"decode_memory_{upload_kind}.json"
+    refused = sorted({status for result in results for status in result["statuses"]} - {200})
+    if refused:  # a refused upload is not decoded: its figures would measure nothing
+        raise SystemExit(f"error: the service answered {refused}, not 200: nothing was measured")
+    output = output or RESULTS / f"decode_memory_{upload_kind}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(summary, indent=2) + "\n")
     what = f"DICOM, {side} x {side}" if upload_kind == "dicom" else "JSON body of nested lists"
@@ -198,9 +205,6 @@ def main(
             f"{result['worker_peak_growth_mib']:,} MiB",
         )
     Console().print(table)
-    refused = sorted({status for result in results for status in result["statuses"]} - {200})
-    if refused:  # a refused upload is not decoded: the figures would measure nothing
-        raise SystemExit(f"error: the service answered {refused}, not 200: nothing was measured")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,9 @@ def main(
     pieces: Annotated[str, typer.Option(help="Batch sizes to compare, comma-separated.")] = (
         "64,256,12000"
     ),
+    output: Annotated[Path, typer.Option(help="Where to write the JSON result.")] = (
+        RESULTS / "ecg_batch_memory.json"
+    ),
 ) -> None:
     """Measure each batch size in a fresh process; print a table and save it as JSON."""
     results = []
@@ -91,8 +94,8 @@ def main(
             str(result["piece"]), f"{result['seconds']:.2f}", f"{result['peak_growth_mib']:.0f}"
         )
     Console().print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ecg_batch_memory.json").write_text(json.dumps(results, indent=2) + "\n")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

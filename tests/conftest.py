@@ -190,8 +190,17 @@ def medscreen_error_line(*args: str, env: dict[str, str] | None = None) -> str:
 
 
 def check_recorded_commit(commit: str, dirty: str) -> None:
-    """A recorded commit is one of this checkout's, whenever the checkout is a git one."""
-    if not (PROJECT_ROOT / ".git").exists():  # a copy without its history: nothing to name
+    """A recorded commit is one of this checkout's, whenever git can read the checkout."""
+    try:
+        readable = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, timeout=30
+            ).returncode
+            == 0
+        )
+    except OSError:  # no git at all
+        readable = False
+    if not readable:  # a copy without its history, or one git refuses: nothing to name
         assert (commit, dirty) == ("unknown", "unknown")
         return
     assert re.fullmatch(r"[0-9a-f]{40}", commit), commit
