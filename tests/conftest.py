@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import os
@@ -206,6 +207,24 @@ def check_recorded_commit(commit: str, dirty: str) -> None:
     assert re.fullmatch(r"[0-9a-f]{40}", commit), commit
     subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=PROJECT_ROOT, check=True)
     assert dirty in ("true", "false")
+
+
+def logged_refusal(error: Exception, directory: Path, route: str = "/x") -> str:
+    """The prediction log's text once the service has refused a request with ``error``.
+
+    Through the service's own refusal path and a real log, without a server.
+    """
+    from serving.prediction_log import PredictionLog
+    from serving.service import Screening, _Exchange
+
+    screening = object.__new__(Screening.inner)  # only its log is needed to refuse
+    screening.log = PredictionLog(directory / "predictions.jsonl")
+    try:
+        response = asyncio.run(screening._refuse(_Exchange(route), error))
+    finally:
+        screening.log.close()
+    assert response.status_code == error.status
+    return (directory / "predictions.jsonl").read_text()
 
 
 @dataclass

@@ -13,18 +13,16 @@ from starlette.requests import Request
 
 from serving.decode_memory import DecodeMemory
 from serving.errors import InputError, RequestError
-from serving.prediction_log import PredictionLog
 from serving.service import (
     _ARRAY_FIELDS,
     _MONITOR_FIELDS,
     _SCREEN_FIELDS,
-    Screening,
-    _Exchange,
     _json_object,
     _multipart,
     _read_body,
     _read_json_body,
 )
+from tests.conftest import logged_refusal
 
 
 def _request(messages: list[dict]) -> Request:
@@ -158,18 +156,6 @@ def test_a_file_part_given_twice_is_named_like_any_field():
     assert str(error) == "field 'file' is given twice; send each field once"
 
 
-def _logged_refusal(error: RequestError | InputError, directory: Path) -> str:
-    """The prediction log's text once the service has refused a request with ``error``."""
-    screening = object.__new__(Screening.inner)  # only its log is needed to refuse
-    screening.log = PredictionLog(directory / "predictions.jsonl")
-    try:
-        response = asyncio.run(screening._refuse(_Exchange("/x"), error))
-    finally:
-        screening.log.close()
-    assert response.status_code == error.status
-    return (directory / "predictions.jsonl").read_text()
-
-
 def test_a_boundary_is_masked_in_the_log_whatever_quotes_it_holds(tmp_path: Path):
     boundary = "x' MRN4711 DOE JOHN '--"
     body = f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\na\r\n'
@@ -179,7 +165,7 @@ def test_a_boundary_is_masked_in_the_log_whatever_quotes_it_holds(tmp_path: Path
         )
     )
     assert "no closing boundary" in str(error) and "MRN4711" in str(error)  # the client's
-    line = _logged_refusal(error, tmp_path)
+    line = logged_refusal(error, tmp_path)
     assert "MRN4711" not in line and "DOE" not in line
     assert json.loads(line)["error"].startswith(
         "the multipart body is incomplete: it has no closing boundary ('…') after 78 bytes"
@@ -261,7 +247,7 @@ def test_the_log_masks_quoted_values_not_apostrophes(tmp_path: Path):
         "the image is 10000 x 10 pixels; cropped to the model's 28 x 28 input it would keep "
         "0.1% of itself; model 'MRN4711' and bytes b'DOE' are the client's"
     )
-    line = _logged_refusal(InputError(message, HTTPStatus.UNPROCESSABLE_ENTITY), tmp_path)
+    line = logged_refusal(InputError(message, HTTPStatus.UNPROCESSABLE_ENTITY), tmp_path)
     assert "MRN4711" not in line and "DOE" not in line
     assert json.loads(line)["error"] == (
         "the image is 10000 x 10 pixels; cropped to the model's 28 x 28 input it would keep "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import logging
@@ -22,6 +21,7 @@ from pydicom.uid import UID
 
 from datasets.arrays import decode_array
 from datasets.images import ImageDecodeError, decode_image, dicom_ends_early
+from tests.conftest import logged_refusal
 
 INPUT_28 = {"channels": 1, "height": 28, "width": 28}
 GRAY, VOLUME = (1, 28, 28), (1, 28, 28, 28)
@@ -328,21 +328,11 @@ def _dicom_with_identifying_uid(shared_datasets: Path) -> bytes:
 def test_an_unknown_transfer_syntax_is_quoted_and_masked_in_the_prediction_log(
     shared_datasets: Path, tmp_path: Path
 ):
-    from serving.prediction_log import PredictionLog
-    from serving.service import Screening, _Exchange
-
     data = _dicom_with_identifying_uid(shared_datasets)
     error = _refused(lambda: decode_image(data, **INPUT_28))
     assert error.status == HTTPStatus.UNSUPPORTED_MEDIA_TYPE
     assert f"'{IDENTIFYING_UID}' (unknown)" in str(error)  # the client sees what it sent
-    screening = object.__new__(Screening.inner)  # only its log is needed to refuse
-    screening.log = PredictionLog(tmp_path / "predictions.jsonl")
-    try:
-        response = asyncio.run(screening._refuse(_Exchange("/v1/screen"), error))
-    finally:
-        screening.log.close()
-    assert response.status_code == HTTPStatus.UNSUPPORTED_MEDIA_TYPE
-    line = (tmp_path / "predictions.jsonl").read_text()
+    line = logged_refusal(error, tmp_path, "/v1/screen")
     assert "DOE" not in line
     assert "DICOM transfer syntax '…' (unknown)" in json.loads(line)["error"]
 
